@@ -1,0 +1,149 @@
+"""Model configuration read from a DiffusionGemma checkpoint's config.json."""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+DEFAULT_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {
+        "rope_type": "proportional",
+        "partial_rotary_factor": 0.25,
+        "rope_theta": 1_000_000.0,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config.json that is not a usable DiffusionGemma configuration."""
+
+
+@dataclass
+class ModelArgs:
+    """The text model of DiffusionGemma (encoder and decoder share it).
+
+    Built with `ModelArgs.from_config(config_json_dict)`; per-layer attention shapes are resolved
+    once here so the modules never look at raw config keys.
+    """
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 1024
+    layer_types: List[str] = field(default_factory=list)
+    rope_parameters: Dict[str, Dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_ROPE))
+    final_logit_softcapping: Optional[float] = 30.0
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    max_position_embeddings: int = 262_144
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: Optional[int] = 0
+    canvas_length: int = 256
+    eos_token_id: Any = None
+    # Per-layer (head_dim, num_key_value_heads); filled by __post_init__.
+    layer_head_dims: List[int] = field(default_factory=list)
+    layer_kv_heads: List[int] = field(default_factory=list)
+    quantization: Optional[Dict[str, Any]] = None
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = [
+                "sliding_attention" if (i + 1) % 6 else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        # As the reference: the last layer is always full attention.
+        self.layer_types = list(self.layer_types)
+        self.layer_types[-1] = "full_attention"
+        for t in self.layer_types:
+            if t not in ("sliding_attention", "full_attention"):
+                raise ConfigError(f"unknown layer type {t!r} in layer_types")
+        if not self.layer_head_dims:
+            self.layer_head_dims = [self.head_dim] * self.num_hidden_layers
+        if not self.layer_kv_heads:
+            self.layer_kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
+        for i, kv in enumerate(self.layer_kv_heads):
+            if self.num_attention_heads % kv:
+                raise ConfigError(
+                    f"layer {i}: {self.num_attention_heads} attention heads is not a multiple "
+                    f"of {kv} key/value heads"
+                )
+        if self.top_k_experts > self.num_experts:
+            raise ConfigError(f"top_k_experts {self.top_k_experts} > num_experts {self.num_experts}")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "ModelArgs":
+        """Reads the top-level `diffusion_gemma` config (or a bare text config)."""
+        model_type = config.get("model_type")
+        if model_type != "diffusion_gemma":
+            raise ConfigError(
+                f"model_type is {model_type!r}, expected 'diffusion_gemma' "
+                "(a DiffusionGemma checkpoint such as google/diffusiongemma-26B-A4B-it)"
+            )
+        text = dict(config.get("text_config") or {})
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError("use_bidirectional_attention='all' (bidirectional encoder) is not supported")
+        known = set(cls.__dataclass_fields__) - {"layer_head_dims", "layer_kv_heads", "quantization"}
+        kwargs = {k: v for k, v in text.items() if k in known and v is not None}
+        kwargs["canvas_length"] = config.get("canvas_length") or 256
+        if "tie_word_embeddings" in config:
+            kwargs["tie_word_embeddings"] = config["tie_word_embeddings"]
+        rope = dict(DEFAULT_ROPE)
+        rope.update(text.get("rope_parameters") or {})
+        kwargs["rope_parameters"] = rope
+        if kwargs.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ConfigError(f"hidden_activation {kwargs['hidden_activation']!r} is not supported")
+        args = cls(**kwargs)
+        args.quantization = config.get("quantization") or config.get("quantization_config") or None
+        if args.quantization is not None and "bits" not in args.quantization:
+            args.quantization = None  # e.g. a transformers-side config we cannot apply
+        args._resolve_full_attention_shapes(text)
+        return args
+
+    def _resolve_full_attention_shapes(self, text: Dict[str, Any]):
+        """Head dims and kv heads of each layer, from `per_layer_config` (what transformers 5.23
+        writes) or from `global_head_dim` / `num_global_key_value_heads` (the released checkpoint)."""
+        per_layer = text.get("per_layer_config")
+        head_dims = [self.head_dim] * self.num_hidden_layers
+        kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
+        if per_layer:
+            for key, overrides in per_layer.items():
+                try:
+                    idx = int(key)
+                except (TypeError, ValueError):
+                    idx = None
+                targets = (
+                    [idx]
+                    if idx is not None
+                    else [i for i, t in enumerate(self.layer_types) if t == key]
+                )
+                for i in targets:
+                    if not 0 <= i < self.num_hidden_layers:
+                        raise ConfigError(f"per_layer_config names layer {key}, out of range")
+                    head_dims[i] = overrides.get("head_dim", head_dims[i])
+                    kv_heads[i] = overrides.get("num_key_value_heads", kv_heads[i])
+        else:
+            global_head_dim = text.get("global_head_dim") or 512
+            global_kv = text.get("num_global_key_value_heads")
+            k_eq_v = text.get("attention_k_eq_v", True)
+            for i, t in enumerate(self.layer_types):
+                if t == "full_attention":
+                    head_dims[i] = global_head_dim
+                    if global_kv is not None and k_eq_v:
+                        kv_heads[i] = global_kv
+        self.layer_head_dims = head_dims
+        self.layer_kv_heads = kv_heads
+        self.__post_init__()

@@ -1,0 +1,201 @@
+"""Finding, checking and loading DiffusionGemma checkpoints (Hugging Face or MLX layout)."""
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelArgs
+from .model import Model
+from .safetensors_check import CheckpointError, read_header
+
+WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "*.safetensors.index.json"]
+TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model"]
+SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id, downloading only what is needed."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is not a folder")
+        return path
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path {name!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = WEIGHT_PATTERNS + (TOKENIZER_PATTERNS if tokenizer else [])
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # hub errors come in many classes; all mean "not available"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local folder and could not be fetched from the Hugging Face hub ({reason})"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ConfigError(f"{path} has no config.json: not a model folder")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file} is not valid JSON ({e})") from None
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors files of a checkpoint; with an index, every shard it names must exist."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index.name} is not a valid index ({e})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise CheckpointError(f"missing shard(s) named in {index.name}: {', '.join(missing)}")
+        return [path / n for n in names]
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise CheckpointError(f"{path} holds only pickle weights; only safetensors are loaded")
+        raise CheckpointError(f"{path} has no model*.safetensors files")
+    return files
+
+
+def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
+    """Maps checkpoint keys onto this model's parameter names. The encoder's text weights are
+    the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith(SKIPPED_PREFIXES) or "rotary_emb" in key:
+            continue
+        if key.startswith("model.encoder.language_model."):
+            if key.endswith(".layer_scalar"):
+                out[key] = value
+            continue
+        if key == "lm_head.weight" and args.tie_word_embeddings:
+            continue
+        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            key += ".weight"
+        out[key] = value
+    return out
+
+
+def _quantize(model: Model, args: ModelArgs, keys):
+    q = args.quantization
+
+    def predicate(path, module):
+        if path in q:
+            return q[path]
+        if not hasattr(module, "to_quantized"):
+            return False
+        return f"{path}.scales" in keys
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+                class_predicate=predicate)
+
+
+def check_weights(model: Model, weights: Dict[str, mx.array]):
+    expected = dict(tree_flatten(model.parameters()))
+    # transformers fills absent layer_scalar buffers with 1.0; so does the model's init.
+    missing = [k for k in expected if k not in weights and not k.endswith(".layer_scalar")]
+    unexpected = [k for k in weights if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_names(unexpected)}")
+    for k, v in weights.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            problems.append(f"{k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+            break
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def _names(keys, n=6):
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_weights_lazily(path: Path) -> Dict[str, mx.array]:
+    """Every tensor of the checkpoint as a lazy MLX array (nothing is read until evaluated),
+    after checking each file's header; tensors named in two shards are an error."""
+    weights = {}
+    for f in weight_files(path):
+        header = read_header(f)
+        wanted = [k for k in header if not k.startswith(SKIPPED_PREFIXES)]
+        if not wanted:
+            continue
+        arrays = mx.load(str(f))
+        for k in wanted:
+            if k in weights:
+                raise CheckpointError(f"tensor {k} appears in more than one shard")
+            weights[k] = arrays[k]
+    return weights
+
+
+def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
+    """Loads a DiffusionGemma checkpoint (local folder or hub id) into an MLX `Model`.
+
+    `dtype` casts floating-point weights (e.g. `mx.float32` for CPU work); quantized weights keep
+    their packing. The shared encoder/decoder weights exist once in memory."""
+    path = resolve_path(path_or_hub_id)
+    config = read_config(path)
+    args = ModelArgs.from_config(config)
+    weights = sanitize(load_weights_lazily(path), args)
+    model = Model(args)
+    if args.quantization:
+        _quantize(model, args, weights.keys())
+    check_weights(model, weights)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    model.path = path
+    return model
+
+
+def load_generation_config(path: Path) -> dict:
+    """generation_config.json with `null` fields dropped (null means unset)."""
+    f = Path(path) / "generation_config.json"
+    if not f.exists():
+        return {}
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f} is not valid JSON ({e})") from None
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, "TokenizerWrapper"]:
+    """(model, tokenizer) like `mlx_lm.load`: the tokenizer is mlx-lm's TokenizerWrapper with
+    every EOS id from generation_config.json."""
+    path = resolve_path(path_or_hub_id, tokenizer=True)
+    model = load_model(path, dtype=dtype)
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    gen = load_generation_config(path)
+    eos = gen.get("eos_token_id", model.args.eos_token_id)
+    if isinstance(eos, int):
+        eos = [eos]
+    tokenizer = load_tokenizer(path, eos_token_ids=eos)
+    return model, tokenizer

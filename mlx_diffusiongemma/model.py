@@ -1,0 +1,350 @@
+"""DiffusionGemma in MLX: one set of Gemma 4 MoE weights used as a causal encoder (writing the
+prompt KV cache) and as a bidirectional decoder (denoising a canvas against that cache).
+
+Mirrors transformers' `modeling_diffusion_gemma.py` (5.23); module paths equal the checkpoint's
+key names so Hugging Face and mlx-community files load without renaming.
+"""
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+from .cache import PromptCache
+from .config import ModelArgs
+
+
+class RMSNormNoScale(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
+def rope_periods(head_dim: int, params: dict) -> mx.array:
+    """Per-pair rotation periods (1 / inv_freq) for `mx.fast.rope`, as the reference builds
+    inv_freq: `default` rotates int(head_dim * partial_rotary_factor) dims; `proportional`
+    spreads its frequencies over the whole head dim and leaves the rest unrotated (period inf)."""
+    rope_type = params.get("rope_type", "default")
+    base = params["rope_theta"]
+    factor = params.get("factor", 1.0)
+    prf = params.get("partial_rotary_factor", 1.0)
+    if rope_type == "default":
+        dim = int(head_dim * prf)
+        if dim != head_dim:
+            raise ValueError("default RoPE with partial_rotary_factor < 1 is not supported")
+        exps = mx.arange(0, dim, 2, dtype=mx.float32) / dim
+        return base**exps
+    if rope_type == "proportional":
+        angles = int(prf * head_dim // 2)
+        exps = mx.arange(0, 2 * angles, 2, dtype=mx.float32) / head_dim
+        rotated = factor * base**exps
+        return mx.concatenate([rotated, mx.full((head_dim // 2 - angles,), mx.inf)])
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.is_sliding = args.is_sliding(layer)
+        self.n_heads = args.num_attention_heads
+        self.head_dim = args.layer_head_dims[layer]
+        self.n_kv_heads = args.layer_kv_heads[layer]
+        dim, bias = args.hidden_size, args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        # Full-attention layers have no v_proj: their values are the raw keys (k_eq_v).
+        if self.is_sliding:
+            self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.v_norm = RMSNormNoScale(args.rms_norm_eps)
+        kind = "sliding_attention" if self.is_sliding else "full_attention"
+        self._periods = rope_periods(self.head_dim, args.rope_parameters[kind])
+
+    def rope(self, x, offset):
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
+            freqs=self._periods,
+        )
+
+    def __call__(self, x, offset, prefix, mask):
+        """x: (B, L, D). prefix: cached (keys, values) to attend to, or None. Returns the output
+        and this call's own (keys, values) so the encoder can cache them."""
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
+        v = self.v_norm(v).transpose(0, 2, 1, 3)
+        q = self.rope(q.transpose(0, 2, 1, 3), offset)
+        keys, values = k, v
+        if prefix is not None and prefix[0] is not None:
+            keys = mx.concatenate([prefix[0], k], axis=2)
+            values = mx.concatenate([prefix[1], v], axis=2)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o_proj(out), (keys, values)
+
+
+def gelu_tanh(x):
+    return nn.gelu_approx(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.root = args.hidden_size**-0.5
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+
+    def __call__(self, x):
+        x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
+        probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
+        k = self.top_k
+        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        w = w * self.per_expert_scale[idx].astype(mx.float32)
+        return mx.stop_gradient(idx), w
+
+
+class Experts(nn.Module):
+    """All experts as two stacked (gathered) matmuls: fused gate|up, then down."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.inter = args.moe_intermediate_size
+        self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * self.inter, args.num_experts, bias=False)
+        self.down_proj = SwitchLinear(self.inter, args.hidden_size, args.num_experts, bias=False)
+
+    def __call__(self, x, idx, weights):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx = idx.reshape(-1, idx.shape[-1])
+        x = mx.expand_dims(x, (-2, -3))
+        # Sorting rows by expert makes the gathered matmul read each expert's weights once.
+        do_sort = idx.size >= 64
+        inv = None
+        sidx = idx
+        if do_sort:
+            x, sidx, inv = _gather_sort(x, idx)
+        h = self.gate_up_proj(x, sidx, sorted_indices=do_sort)
+        h = gelu_tanh(h[..., : self.inter]) * h[..., self.inter :]
+        y = self.down_proj(h, sidx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv, idx.shape)
+        y = y.squeeze(-2)  # (N, k, D)
+        w = weights.reshape(-1, weights.shape[-1], 1).astype(y.dtype)
+        return (y * w).sum(axis=-2).reshape(shape)
+
+
+class Layer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        D, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(D, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        for name in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2",
+        ):
+            setattr(self, name, nn.RMSNorm(D, eps=eps))
+        # The decoder's scalar; the encoder passes its own (see EncoderLayerScalar).
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, offset, prefix, mask, layer_scalar, kv_only=False):
+        h, kv = self.self_attn(self.input_layernorm(x), offset, prefix, mask)
+        if kv_only:  # the encoder's last layer: only its K/V are ever read
+            return None, kv
+        h = x + self.post_attention_layernorm(h)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        # The router reads the raw residual, the experts its pre_feedforward_layernorm_2 view.
+        idx, w = self.router(h)
+        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(h), idx, w))
+        h = h + self.post_feedforward_layernorm(dense + moe)
+        return h * layer_scalar.astype(h.dtype), kv
+
+
+class SelfConditioning(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D = args.hidden_size
+        self.pre_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
+        self.post_norm = RMSNormNoScale(args.rms_norm_eps)
+        self.gate_proj = nn.Linear(D, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(D, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, D, bias=False)
+
+    def __call__(self, embeds, soft_embeds):
+        # With no signal (first step) the MLP of zeros is exactly zero: skip it.
+        if soft_embeds is not None:
+            n = self.pre_norm(soft_embeds)
+            embeds = embeds + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n))
+        return self.post_norm(embeds)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Layer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class EncoderLayerScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    """The encoder shares every weight with the decoder except its per-layer scalars."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [EncoderLayerScalar() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(args)
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.decoder = Decoder(args)
+        self.encoder = Encoder(args)
+
+
+def embed_dtype(embed) -> mx.Dtype:
+    return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+
+
+class Model(nn.Module):
+    """`DiffusionGemmaForBlockDiffusion` (text). `model(input_ids, decoder_input_ids)` is the
+    reference forward; `encode` / `decode` / `soft_embeddings` are the pieces the sampler uses."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.embed_scale = math.sqrt(args.hidden_size)
+
+    @property
+    def layers(self):
+        return self.model.decoder.layers
+
+    def make_cache(self) -> PromptCache:
+        return PromptCache([self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window)
+
+    def _embed(self, ids):
+        emb = self.model.decoder.embed_tokens
+        return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
+
+    # ---- encoder -------------------------------------------------------------------------
+    def encode(self, input_ids: mx.array, cache: PromptCache, step: int = 2048) -> PromptCache:
+        """Causally encodes `input_ids` (B, L) after what `cache` holds, appending their K/V.
+        Long inputs go in chunks of `step`; sliding layers keep `window - 1` positions, which is
+        all any later query can see, so chunking gives the same cache as one pass."""
+        L = input_ids.shape[1]
+        for start in range(0, L, step):
+            self._encode_chunk(input_ids[:, start : start + step], cache)
+            mx.eval(cache.state())
+        return cache
+
+    def _encode_chunk(self, ids, cache: PromptCache):
+        T, L = cache.offset, ids.shape[1]
+        h = self._embed(ids)
+        scalars = self.model.encoder.language_model.layers
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            mask = self._causal_mask(T, L, cache.layer_len(i), cache.is_sliding[i])
+            h, kv = layer(h, T, cache.fetch(i), mask, scalars[i].layer_scalar, kv_only=i == last)
+            cache.store(i, *kv)
+        cache.offset = T + L
+
+    def _causal_mask(self, T, L, P, sliding):
+        """Queries at T..T+L-1 over keys at T-P..T+L-1: causal, and within the window for
+        sliding layers (key > query - window, as transformers' sliding_window_overlay)."""
+        q = mx.arange(T, T + L)[:, None]
+        k = mx.arange(T - P, T + L)[None, :]
+        mask = k <= q
+        if sliding:
+            mask = mask & (k > q - self.args.sliding_window)
+        return mask
+
+    # ---- decoder -------------------------------------------------------------------------
+    def soft_embeddings(self, logits: mx.array) -> mx.array:
+        """softmax(logits) @ embedding * embed_scale: the self-conditioning signal, hidden-sized."""
+        emb = self.model.decoder.embed_tokens
+        dt = embed_dtype(emb)
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt)
+        if hasattr(emb, "scales"):
+            soft = mx.quantized_matmul(
+                probs, emb.weight, emb.scales, getattr(emb, "biases", None), transpose=False,
+                group_size=emb.group_size, bits=emb.bits, mode=getattr(emb, "mode", "affine"),
+            )
+        else:
+            soft = probs @ emb.weight
+        return soft * mx.array(self.embed_scale, dtype=dt)
+
+    def decode_hidden(self, canvas: mx.array, cache: PromptCache, soft_embeds=None) -> mx.array:
+        """Bidirectional pass of the canvas over the cached prefix; the cache is not written.
+        Sliding layers see the last `window - 1` cached positions (what the reference's sliding
+        cache layer holds) plus the whole canvas; full layers see the whole prefix."""
+        dec = self.model.decoder
+        h = dec.self_conditioning(self._embed(canvas), soft_embeds)
+        T = cache.offset
+        for i, layer in enumerate(dec.layers):
+            h, _ = layer(h, T, cache.fetch(i), None, layer.layer_scalar)
+        return dec.norm(h)
+
+    def lm_logits(self, h: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            logits = self.model.decoder.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        logits = logits.astype(mx.float32)
+        cap = self.args.final_logit_softcapping
+        if cap:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None) -> mx.array:
+        if self_conditioning_logits is not None:
+            soft_embeds = self.soft_embeddings(self_conditioning_logits)
+        return self.lm_logits(self.decode_hidden(canvas, cache, soft_embeds))
+
+    def __call__(self, input_ids, decoder_input_ids, self_conditioning_logits=None):
+        """Same call as the reference forward: encodes `input_ids` into a fresh cache and returns
+        float32 logits (batch, canvas, vocab) for `decoder_input_ids`."""
+        cache = self.encode(mx.array(input_ids), self.make_cache())
+        return self.decode(mx.array(decoder_input_ids), cache, self_conditioning_logits)

@@ -1,0 +1,60 @@
+"""Writes tiny random DiffusionGemma checkpoints with the transformers reference.
+
+Used by the tests (and runnable by hand: `python tests/make_checkpoints.py OUT_DIR`). Norm
+weights, router scales and layer scalars are randomised so that none of them is a silent 1.0.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+TINY_TEXT = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+    num_global_key_value_heads=1, sliding_window=8, num_experts=8, top_k_experts=2,
+    moe_intermediate_size=32, max_position_embeddings=4096, attention_k_eq_v=True,
+    use_bidirectional_attention="vision", final_logit_softcapping=30.0,
+)
+TINY_VISION = dict(
+    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+)
+
+
+def build_reference(seed=0, canvas_length=16, sharpen=1.0, **text_overrides):
+    text = dict(TINY_TEXT, **text_overrides)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=TINY_VISION, canvas_length=canvas_length)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision" in name:
+                continue
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.7 + 0.6 * torch.rand(b.shape, generator=g))
+        if sharpen != 1.0:  # larger embeddings give peaked logits (near-greedy generation tests)
+            model.model.decoder.embed_tokens.weight.mul_(sharpen)
+    return model
+
+
+def write_checkpoint(out_dir, seed=0, canvas_length=16, sharpen=1.0, generation=None, **text_overrides):
+    model = build_reference(seed, canvas_length, sharpen, **text_overrides)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    if generation is not None:
+        gen_file = out / "generation_config.json"
+        cfg = json.loads(gen_file.read_text())
+        cfg.update(generation)
+        gen_file.write_text(json.dumps(cfg, indent=2))
+    return model
+
+
+if __name__ == "__main__":
+    write_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "tiny-diffusiongemma")

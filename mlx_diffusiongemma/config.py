@@ -119,7 +119,7 @@ class ModelArgs:
         per_layer = text.get("per_layer_config")
         head_dims = [self.head_dim] * self.num_hidden_layers
         kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
-        if per_layer:
+        if per_layer is not None:  # present, even empty, means: no other overrides
             for key, overrides in per_layer.items():
                 try:
                     idx = int(key)

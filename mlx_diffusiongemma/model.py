@@ -128,6 +128,17 @@ class Router(nn.Module):
         return mx.stop_gradient(idx), w
 
 
+def switch_matmul(linear, x, idx, sorted_indices):
+    """mlx-lm's (quantized) SwitchLinear, except that unquantized non-float32 weights on the CPU
+    run in float32: MLX's CPU gathered matmul takes float32 only (Metal and CUDA run natively)."""
+    w = getattr(linear, "weight", None)
+    if hasattr(linear, "scales") or w.dtype == mx.float32 or mx.default_device() != mx.cpu:
+        return linear(x, idx, sorted_indices=sorted_indices)
+    y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
+                     rhs_indices=idx, sorted_indices=sorted_indices)
+    return y.astype(x.dtype)
+
+
 class Experts(nn.Module):
     """All experts as two stacked (gathered) matmuls: fused gate|up, then down."""
 
@@ -148,9 +159,9 @@ class Experts(nn.Module):
         sidx = idx
         if do_sort:
             x, sidx, inv = _gather_sort(x, idx)
-        h = self.gate_up_proj(x, sidx, sorted_indices=do_sort)
+        h = switch_matmul(self.gate_up_proj, x, sidx, do_sort)
         h = gelu_tanh(h[..., : self.inter]) * h[..., self.inter :]
-        y = self.down_proj(h, sidx, sorted_indices=do_sort)
+        y = switch_matmul(self.down_proj, h, sidx, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
         y = y.squeeze(-2)  # (N, k, D)

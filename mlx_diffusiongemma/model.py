@@ -315,9 +315,13 @@ class Model(nn.Module):
     # ---- decoder -------------------------------------------------------------------------
     def soft_embeddings(self, logits: mx.array) -> mx.array:
         """softmax(logits) @ embedding * embed_scale: the self-conditioning signal, hidden-sized."""
+        dt = embed_dtype(self.model.decoder.embed_tokens)
+        return self.soft_embeddings_from_probs(mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt))
+
+    def soft_embeddings_from_probs(self, probs: mx.array) -> mx.array:
         emb = self.model.decoder.embed_tokens
         dt = embed_dtype(emb)
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt)
+        probs = probs.astype(dt)
         if hasattr(emb, "scales"):
             soft = mx.quantized_matmul(
                 probs, emb.weight, emb.scales, getattr(emb, "biases", None), transpose=False,
@@ -326,6 +330,10 @@ class Model(nn.Module):
         else:
             soft = probs @ emb.weight
         return soft * mx.array(self.embed_scale, dtype=dt)
+
+    @property
+    def embed_dtype(self):
+        return embed_dtype(self.model.decoder.embed_tokens)
 
     def decode_hidden(self, canvas: mx.array, cache: PromptCache, soft_embeds=None) -> mx.array:
         """Bidirectional pass of the canvas over the cached prefix; the cache is not written.

@@ -1,0 +1,238 @@
+"""Block-diffusion generation with the reference sampler: `generate` and `stream_generate`."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .loader import load_generation_config
+from .model import Model
+from .sampler import SamplerSettings, denoise_sample, stop_update, temperature
+
+
+@dataclass
+class GenerationResponse:
+    """One committed canvas."""
+
+    text: str  # the new text this canvas adds
+    tokens: List[int]  # its tokens, cut before the first EOS
+    canvas: int  # index of the canvas, from 0
+    steps: int  # denoising steps it took
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int  # tokens generated so far
+    generation_tps: float
+    decoder_forwards: int  # denoising steps so far, all canvases
+    tokens_per_forward: float  # generated tokens / decoder forwards, so far
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop" (EOS), "length", or None while going on
+
+
+@dataclass
+class Draft:
+    """One denoising step of a canvas, for live views (see `draft_callback`)."""
+
+    canvas: int
+    step: int
+    tokens: List[int]  # argmax canvas of this step (row 0)
+    accepted: List[bool]  # positions the sampler kept (the rest were re-noised)
+    mean_entropy: float
+
+
+def init_canvas(key, batch: int, length: int, vocab: int) -> mx.array:
+    """Uniform-random tokens, as the reference's `initialize_canvas`."""
+    return mx.random.randint(0, vocab, (batch, length), dtype=mx.int32, key=key)
+
+
+def prepare_prompt(tokenizer, prompt, system_prompt=None, enable_thinking=False,
+                   apply_chat_template=True) -> List[int]:
+    """Token ids for a string (through the chat template where the tokenizer has one, as the
+    mlx-lm CLI does) or for a list of ids as given."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer (pass token ids with tokenizer=None)")
+        if apply_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages.append({"role": "user", "content": prompt})
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+            )
+            return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(prompt))
+    ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
+    if eos_token_ids is None:
+        gen = load_generation_config(getattr(model, "path", ".")) if getattr(model, "path", None) else {}
+        eos_token_ids = gen.get("eos_token_id", model.args.eos_token_id)
+        if eos_token_ids is None and tokenizer is not None:
+            eos_token_ids = list(getattr(tokenizer, "eos_token_ids", []) or [])
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    return sorted(set(int(e) for e in (eos_token_ids or [])))
+
+
+def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSettings, key,
+                   on_step: Optional[Callable] = None):
+    """Runs the sampler on one canvas against `cache`; returns (committed argmax canvas, steps).
+
+    Per step: decoder forward, then one compiled sampler graph, then one host sync for the
+    stable-and-confident stop test. Self-conditioning is carried as probabilities and turned
+    into hidden-size embeddings only when another step follows."""
+    B, C = canvas.shape
+    S, N = settings.stability_threshold, settings.max_denoising_steps
+    bound = mx.array(settings.entropy_bound, dtype=mx.float32)
+    history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
+    finished = mx.zeros((B,), dtype=mx.bool_)
+    argmax, probs, steps = canvas, None, 0
+    for remaining in range(N, 0, -1):
+        soft = model.soft_embeddings_from_probs(probs) if probs is not None else None
+        logits = model.decode(canvas, cache, soft_embeds=soft)
+        key, sub = mx.random.split(key)
+        temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
+        new_canvas, new_argmax, entropy, accepted, new_probs = denoise_sample(
+            logits, temp, bound, sub, model.embed_dtype
+        )
+        if B > 1:  # rows that already stopped keep their state, as in the reference
+            fin = finished[:, None]
+            new_argmax = mx.where(fin, argmax, new_argmax)
+            new_canvas = mx.where(fin, canvas, new_canvas)
+            if probs is not None:
+                new_probs = mx.where(fin[..., None], probs, new_probs)
+        stop, history = stop_update(history, new_argmax, entropy, settings.confidence_threshold)
+        finished = finished | stop
+        canvas, argmax, probs = new_canvas, new_argmax, new_probs
+        steps += 1
+        done = finished.all()
+        mx.eval(canvas, argmax, probs, done, *(() if history is None else (history,)))
+        if on_step is not None:
+            on_step(steps, argmax, accepted, entropy)
+        if done.item():
+            break
+    return argmax, steps
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    prompt: Union[str, Sequence[int]],
+    max_tokens: Optional[int] = None,
+    max_denoising_steps: Optional[int] = None,
+    entropy_bound: Optional[float] = None,
+    t_min: Optional[float] = None,
+    t_max: Optional[float] = None,
+    stability_threshold: Optional[int] = None,
+    confidence_threshold: Optional[float] = None,
+    seed: Optional[int] = None,
+    initial_canvas=None,
+    eos_token_ids=None,
+    draft_callback: Optional[Callable[[Draft], None]] = None,
+    system_prompt: Optional[str] = None,
+    enable_thinking: bool = False,
+    apply_chat_template: bool = True,
+    prefill_step_size: int = 2048,
+) -> Iterator[GenerationResponse]:
+    """Yields one `GenerationResponse` per committed canvas.
+
+    Defaults come from the checkpoint's generation_config.json, then the reference's globals.
+    `initial_canvas` gives the first canvas's starting tokens (the reference's
+    `decoder_input_ids`); `draft_callback(Draft)` sees every denoising step."""
+    gen_cfg = load_generation_config(model.path) if getattr(model, "path", None) else {}
+    settings = SamplerSettings.resolve(
+        gen_cfg, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
+        entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
+        stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+    )
+    ids = prepare_prompt(tokenizer, prompt, system_prompt, enable_thinking, apply_chat_template)
+    args = model.args
+    C, V = args.canvas_length, args.vocab_size
+    n_canvases = -(-settings.max_tokens // C)
+    if len(ids) + n_canvases * C > args.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({len(ids)} tokens) plus {n_canvases * C} generated tokens exceeds the "
+            f"model's context of {args.max_position_embeddings}"
+        )
+    if max(ids) >= V or min(ids) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, {V})")
+    eos = eos_ids_for(model, tokenizer, eos_token_ids)
+    key = mx.random.key(seed if seed is not None else time.time_ns() % (2**63))
+    first = None
+    if initial_canvas is not None:
+        first = mx.array(initial_canvas, dtype=mx.int32).reshape(1, -1)
+        if first.shape[1] != C:
+            raise ValueError(f"initial_canvas must have {C} tokens (got {first.shape[1]})")
+
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    cache = model.encode(mx.array([ids], dtype=mx.int32), model.make_cache(), step=prefill_step_size)
+    prompt_time = max(time.perf_counter() - tic, 1e-9)
+    prompt_tps = len(ids) / prompt_time
+
+    tic = time.perf_counter()
+    all_tokens: List[int] = []
+    forwards, text_so_far, committed = 0, "", None
+    for c in range(n_canvases):
+        if committed is not None:  # the previous canvas joins the prompt cache
+            model.encode(committed, cache, step=prefill_step_size)
+        key, k_init, k_run = mx.random.split(key, 3)
+        canvas = first if (c == 0 and first is not None) else init_canvas(k_init, 1, C, V)
+        on_step = None
+        if draft_callback is not None:
+            def on_step(step, argmax, accepted, entropy, _c=c):
+                draft_callback(Draft(_c, step, argmax[0].tolist(), accepted[0].tolist(),
+                                     entropy[0].mean().item()))
+        committed, steps = denoise_canvas(model, cache, canvas, settings, k_run, on_step)
+        forwards += steps
+        tokens = committed[0].tolist()
+        hit = next((i for i, t in enumerate(tokens) if t in eos), None)
+        if hit is not None:
+            tokens = tokens[:hit]
+        all_tokens += tokens
+        finish = "stop" if hit is not None else ("length" if c == n_canvases - 1 else None)
+        text = ""
+        if tokenizer is not None:
+            full = tokenizer.decode(all_tokens)
+            text, text_so_far = full[len(text_so_far):], full
+        elapsed = max(time.perf_counter() - tic, 1e-9)
+        yield GenerationResponse(
+            text=text, tokens=tokens, canvas=c, steps=steps, prompt_tokens=len(ids),
+            prompt_tps=prompt_tps, generation_tokens=len(all_tokens),
+            generation_tps=len(all_tokens) / elapsed,
+            decoder_forwards=forwards, tokens_per_forward=len(all_tokens) / max(forwards, 1),
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+        )
+        if finish is not None:
+            return
+
+
+def generate(model: Model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose and last is not None:
+        print()
+        print_stats(last)
+    return text
+
+
+def print_stats(r: GenerationResponse, file=None):
+    import sys
+
+    out = file or sys.stdout
+    print("=" * 10, file=out)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=out)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=out)
+    n = r.canvas + 1
+    print(f"Denoising: {n} canvases, {r.decoder_forwards / n:.1f} steps per canvas, "
+          f"{r.tokens_per_forward:.3f} tokens per forward", file=out)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=out)

@@ -1,0 +1,136 @@
+"""The reference's entropy-bound sampler (transformers `generation_diffusion_gemma.py`), as pure
+MLX functions. One compiled graph per denoising step does all the vocabulary-sized work: one
+tempered pass gives the argmax, the entropy, the Gumbel-max sample and the self-conditioning
+probabilities; everything after that is canvas-sized."""
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+
+# The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
+DEFAULTS = dict(
+    max_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+    stability_threshold=1, confidence_threshold=0.005,
+)
+
+
+@dataclass
+class SamplerSettings:
+    max_tokens: int = DEFAULTS["max_tokens"]
+    max_denoising_steps: int = DEFAULTS["max_denoising_steps"]
+    entropy_bound: float = DEFAULTS["entropy_bound"]
+    t_min: float = DEFAULTS["t_min"]
+    t_max: float = DEFAULTS["t_max"]
+    stability_threshold: int = DEFAULTS["stability_threshold"]
+    confidence_threshold: float = DEFAULTS["confidence_threshold"]
+
+    @classmethod
+    def resolve(cls, generation_config: Optional[dict] = None, **overrides) -> "SamplerSettings":
+        """Explicit arguments > the checkpoint's generation_config.json (null = unset) > the
+        reference's global defaults."""
+        gen = {k: v for k, v in (generation_config or {}).items() if v is not None}
+        values = dict(DEFAULTS)
+        if "max_new_tokens" in gen:
+            values["max_tokens"] = gen["max_new_tokens"]
+        sampler_cfg = gen.get("sampler_config")
+        if isinstance(sampler_cfg, dict) and sampler_cfg.get("entropy_bound") is not None:
+            values["entropy_bound"] = sampler_cfg["entropy_bound"]
+        for f in fields(cls):
+            if f.name in gen and f.name != "max_tokens":
+                values[f.name] = gen[f.name]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self):
+        def bad(msg):
+            raise ValueError(msg)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            bad(f"max_tokens must be a positive integer (got {self.max_tokens})")
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            bad(f"max_denoising_steps must be a positive integer (got {self.max_denoising_steps})")
+        if not self.entropy_bound > 0:
+            bad(f"entropy_bound must be > 0 (got {self.entropy_bound})")
+        if self.t_min < 0 or self.t_max < 0:
+            bad(f"temperatures must be >= 0 (got t_min={self.t_min}, t_max={self.t_max})")
+        if self.t_max <= self.t_min:
+            bad(f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            bad(f"stability_threshold must be an integer >= 0 (got {self.stability_threshold})")
+        if not self.confidence_threshold > 0:
+            bad(f"confidence_threshold must be > 0 (got {self.confidence_threshold})")
+
+
+def temperature(steps_remaining: int, settings: SamplerSettings) -> float:
+    """The reference's LinearTemperatureScheduleLogitsProcessor: steps count down N..1, so the
+    first step runs at t_max and the last at t_min + (t_max - t_min) / N."""
+    n = settings.max_denoising_steps
+    return settings.t_min + (settings.t_max - settings.t_min) * (steps_remaining / n)
+
+
+def entropy_accept(entropy: mx.array, bound) -> mx.array:
+    """Accept the lowest-entropy positions while sum(entropy) - max(entropy) <= bound
+    (EntropyBoundSampler.accept_canvas). entropy: (B, C) -> bool mask (B, C)."""
+    order = mx.argsort(entropy, axis=-1)
+    sorted_h = mx.take_along_axis(entropy, order, axis=-1)
+    selected = (mx.cumsum(sorted_h, axis=-1) - sorted_h) <= bound
+    rank = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(selected, rank, axis=-1)
+
+
+def tempered_stats(logits: mx.array, temp):
+    """Tempered logits x = logits / t and, from one log-sum-exp, the probabilities and the
+    per-position entropy H = -sum(p * log p), with log p = x - lse taken per element (lse minus
+    sum(p * x) would cancel catastrophically for peaked rows)."""
+    x = logits.astype(mx.float32) / temp
+    logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    p = mx.exp(logp)
+    entropy = -(p * logp).sum(axis=-1)
+    return x, p, entropy
+
+
+def _step(logits, temp, bound, key, probs_dtype):
+    x, p, entropy = tempered_stats(logits, temp)
+    k_sample, k_noise = mx.random.split(key)
+    # Gumbel-max draws exactly from softmax(x), as torch.multinomial does.
+    sample = mx.argmax(x + mx.random.gumbel(x.shape, key=k_sample), axis=-1).astype(mx.int32)
+    argmax = mx.argmax(x, axis=-1).astype(mx.int32)
+    accept = entropy_accept(entropy, bound)
+    noise = mx.random.randint(0, x.shape[-1], accept.shape, dtype=mx.int32, key=k_noise)
+    next_canvas = mx.where(accept, sample, noise)
+    # Self-conditioning input of the next step: the reference casts the tempered logits to the
+    # embedding dtype, then takes a float32 softmax and casts again.
+    if probs_dtype != mx.float32:
+        p = mx.softmax(x.astype(probs_dtype).astype(mx.float32), axis=-1)
+    return next_canvas, argmax, entropy, accept, p.astype(probs_dtype)
+
+
+_compiled = {}
+
+
+def denoise_sample(logits, temp, bound, key, probs_dtype=mx.float32):
+    """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
+    samples, fresh noise elsewhere), the argmax canvas, per-position entropy, the acceptance
+    mask and the self-conditioning probabilities. `temp` and `bound` are scalar arrays so the
+    compiled graph is reused across steps."""
+    fn = _compiled.get(probs_dtype)
+    if fn is None:
+        fn = _compiled[probs_dtype] = mx.compile(partial(_step, probs_dtype=probs_dtype))
+    return fn(logits, temp, bound, key)
+
+
+def stop_update(history, argmax, entropy, confidence_threshold):
+    """StableAndConfidentStoppingCriteria: stable when the argmax canvas equals each of the last
+    `stability_threshold` ones (history: (S, B, C), -1 before any; S = 0 means always stable),
+    confident when the mean entropy of the tempered logits is below the threshold.
+    Returns (stop per row, updated history)."""
+    if history is None or history.shape[0] == 0:
+        stable = mx.ones(argmax.shape[:1], dtype=mx.bool_)
+    else:
+        stable = (history == argmax[None]).all(axis=(0, 2))
+        history = mx.concatenate([history[1:], argmax[None]], axis=0)
+    return stable & (entropy.mean(axis=-1) < confidence_threshold), history

@@ -1,0 +1,112 @@
+"""The sampler's pieces against the reference's own functions, on the same logits."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+)
+
+from mlx_diffusiongemma.sampler import (
+    SamplerSettings,
+    denoise_sample,
+    entropy_accept,
+    stop_update,
+    tempered_stats,
+    temperature,
+)
+
+
+def test_temperature_schedule_matches_reference():
+    s = SamplerSettings(max_denoising_steps=16, t_min=0.4, t_max=0.8)
+    proc = LinearTemperatureScheduleLogitsProcessor(0.4, 0.8, 16)
+    scores = torch.ones(1, 1, 4)
+    for step in range(16, 0, -1):
+        want = 1.0 / proc(None, scores, cur_step=step)[0, 0, 0].item()
+        assert abs(temperature(step, s) - want) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_entropy_matches_reference(scale):
+    logits = np.random.default_rng(1).standard_normal((2, 12, 50)).astype(np.float32) * scale
+    _, p, h = tempered_stats(mx.array(logits), 0.7)
+    want = torch.distributions.Categorical(logits=torch.tensor(logits) / 0.7).entropy().numpy()
+    np.testing.assert_allclose(np.array(h), want, atol=2e-5)
+    np.testing.assert_allclose(np.array(p), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bound", [1e-3, 0.1, 1.0, 10.0])
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_acceptance_and_renoise_match_reference(bound, scale):
+    rng = np.random.default_rng(int(bound * 1000) + int(scale))
+    logits = (rng.standard_normal((3, 20, 40)) * scale).astype(np.float32)
+    ref = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 20, 40, 8)
+    current = torch.tensor(rng.integers(0, 40, (3, 20)))
+    denoised = torch.tensor(rng.integers(0, 40, (3, 20)))
+    accepted = ref.accept_canvas(current, denoised, torch.tensor(logits), 1)
+    want_mask = ref.accepted_token_mask.numpy()
+    _, _, h = tempered_stats(mx.array(logits), 1.0)
+    mask = np.array(entropy_accept(h, bound))
+    np.testing.assert_array_equal(mask, want_mask)
+    assert mask.sum(axis=-1).min() >= 1  # the lowest-entropy token is always accepted
+    # Re-noising keeps exactly the accepted tokens (the reference's renoise_canvas).
+    renoised = ref.renoise_canvas(accepted, 1).numpy()
+    np.testing.assert_array_equal(renoised[want_mask], denoised.numpy()[want_mask])
+    # Ours: accepted positions carry the sample; the others fresh uniform noise.
+    nxt, argmax, _, acc, _ = denoise_sample(mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0))
+    np.testing.assert_array_equal(np.array(acc), want_mask)
+    np.testing.assert_array_equal(np.array(argmax), logits.argmax(-1))
+
+
+def test_samples_follow_the_tempered_distribution():
+    logits = np.array([[[2.0, 1.0, 0.0, -1.0, 0.5]]], np.float32)
+    big = mx.array(np.repeat(logits, 4000, axis=1))
+    counts = np.zeros(5)
+    for i in range(5):  # bound large: every position accepted, so the canvas is the sample
+        nxt, *_ = denoise_sample(big, mx.array(0.8), mx.array(1e9), mx.random.key(i))
+        counts += np.bincount(np.array(nxt).ravel(), minlength=5)
+    freq = counts / counts.sum()
+    want = torch.softmax(torch.tensor(logits[0, 0]) / 0.8, -1).numpy()
+    np.testing.assert_allclose(freq, want, atol=0.01)
+
+
+@pytest.mark.parametrize("stability", [0, 1, 2])
+def test_stop_rule_matches_reference(stability):
+    rng = np.random.default_rng(stability)
+    ref = StableAndConfidentStoppingCriteria(stability, 0.05)
+    history = mx.full((stability, 2, 6), -1, dtype=mx.int32) if stability else None
+    base = rng.integers(0, 9, (2, 6))
+    for step in range(8):
+        argmax = base.copy()
+        if step < 3:
+            argmax[step % 2, step] += 1  # unstable early on, row by row
+        scale = 1.0 if step < 2 else 60.0  # then confident
+        logits = (rng.standard_normal((2, 6, 9)) * scale).astype(np.float32)
+        want = ref(torch.tensor(argmax), torch.tensor(logits)).numpy()
+        _, _, h = tempered_stats(mx.array(logits), 1.0)
+        got, history = stop_update(history, mx.array(argmax, dtype=mx.int32), h, 0.05)
+        np.testing.assert_array_equal(np.array(got), want)
+
+
+def test_settings_from_generation_config():
+    gen = {"max_new_tokens": 64, "max_denoising_steps": None, "sampler_config": {"entropy_bound": 0.3,
+           "_cls_name": "EntropyBoundSamplerConfig"}, "t_min": None, "t_max": 0.9,
+           "confidence_threshold": 0.01}
+    s = SamplerSettings.resolve(gen, t_min=0.2)
+    assert (s.max_tokens, s.max_denoising_steps, s.entropy_bound, s.t_min, s.t_max) == (64, 48, 0.3, 0.2, 0.9)
+    assert (s.stability_threshold, s.confidence_threshold) == (1, 0.01)
+    assert SamplerSettings.resolve(None) == SamplerSettings()
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_denoising_steps=-1), "max_denoising_steps"),
+    (dict(t_min=0.5, t_max=0.5), "t_max must be greater"), (dict(entropy_bound=0.0), "entropy_bound"),
+    (dict(stability_threshold=-1), "stability_threshold"), (dict(confidence_threshold=0), "confidence"),
+])
+def test_bad_settings(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplerSettings.resolve(None, **bad)

@@ -1,0 +1,6 @@
+"""Thin entry point: `python generate.py --model PATH --prompt "..."` (see mlx_diffusiongemma.generate)."""
+
+from mlx_diffusiongemma.generate import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Command line: `python -m mlx_diffusiongemma.generate --model PATH --prompt "..."`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).parent / "demo"
+REAL_MODEL = "google/diffusiongemma-26B-A4B-it"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="mlx_diffusiongemma.generate",
+        description="Generate text with DiffusionGemma (block text diffusion) on MLX.",
+    )
+    p.add_argument("--model", default=None,
+                   help=f"local folder or Hugging Face id (e.g. {REAL_MODEL}); default: the bundled demo checkpoint")
+    p.add_argument("--prompt", "-p", default="hello", help="the prompt, or '-' to read it from stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=None, help="tokens to generate (whole canvases)")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt without the chat template")
+    p.add_argument("--enable-thinking", action="store_true", help="turn on the chat template's thinking mode")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
+    p.add_argument("--entropy-bound", type=float, default=None)
+    p.add_argument("--t-min", type=float, default=None, help="temperature at the last step")
+    p.add_argument("--t-max", type=float, default=None, help="temperature at the first step")
+    p.add_argument("--stability-threshold", type=int, default=None)
+    p.add_argument("--confidence-threshold", type=float, default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast unquantized weights (CPU runs want float32)")
+    p.add_argument("--visualize", action="store_true", help="show the canvas denoising live (needs a terminal)")
+    p.add_argument("--verbose", action="store_true", help="print speed and memory figures at the end")
+    return p
+
+
+def run(args):
+    import mlx.core as mx
+
+    from .generation import print_stats, stream_generate
+    from .loader import load
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.model is None:
+        print(f"Using the bundled demo checkpoint: random weights for trying the pipeline (its text is noise). "
+              f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
+    model, tokenizer = load(args.model or DEMO_MODEL, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    view = None
+    if args.visualize and sys.stdout.isatty():
+        from .visualize import CanvasView
+
+        from .sampler import SamplerSettings
+        from .loader import load_generation_config
+
+        steps = args.steps or SamplerSettings.resolve(load_generation_config(model.path)).max_denoising_steps
+        view = CanvasView(tokenizer, steps)
+    last = None
+    for last in stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, max_denoising_steps=args.steps,
+        entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
+        stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
+        seed=args.seed, system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
+        apply_chat_template=not args.ignore_chat_template,
+        draft_callback=view.draft if view else None,
+    ):
+        if view:
+            view.commit(last.text)
+        else:
+            print(last.text, end="", flush=True)
+    print()
+    if args.verbose and last is not None:
+        print_stats(last)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .loader import ModelNotFoundError
+    from .safetensors_check import CheckpointError
+
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from .loader import load_generation_config
 from .model import Model
-from .sampler import SamplerSettings, denoise_sample, stop_update, temperature
+from .sampler import SamplerSettings, denoise_sample, self_conditioning_probs, stop_update, temperature
 
 
 @dataclass
@@ -83,39 +83,38 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
                    on_step: Optional[Callable] = None):
     """Runs the sampler on one canvas against `cache`; returns (committed argmax canvas, steps).
 
-    Per step: decoder forward, then one compiled sampler graph, then one host sync for the
-    stable-and-confident stop test. Self-conditioning is carried as probabilities and turned
-    into hidden-size embeddings only when another step follows."""
+    Per step: decoder forward and one compiled sampler graph, then one host sync for the
+    stable-and-confident stop test. The self-conditioning signal of the next step is built only
+    when a next step follows, and is carried at hidden size."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
     bound = mx.array(settings.entropy_bound, dtype=mx.float32)
     history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
     finished = mx.zeros((B,), dtype=mx.bool_)
-    argmax, probs, steps = canvas, None, 0
+    argmax, soft, steps = canvas, None, 0
     for remaining in range(N, 0, -1):
-        soft = model.soft_embeddings_from_probs(probs) if probs is not None else None
         logits = model.decode(canvas, cache, soft_embeds=soft)
         key, sub = mx.random.split(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
-        new_canvas, new_argmax, entropy, accepted, new_probs = denoise_sample(
-            logits, temp, bound, sub, model.embed_dtype
-        )
+        new_canvas, new_argmax, entropy, accepted = denoise_sample(logits, temp, bound, sub)
+        was_finished = finished
         if B > 1:  # rows that already stopped keep their state, as in the reference
-            fin = finished[:, None]
-            new_argmax = mx.where(fin, argmax, new_argmax)
-            new_canvas = mx.where(fin, canvas, new_canvas)
-            if probs is not None:
-                new_probs = mx.where(fin[..., None], probs, new_probs)
+            new_argmax = mx.where(was_finished[:, None], argmax, new_argmax)
+            new_canvas = mx.where(was_finished[:, None], canvas, new_canvas)
         stop, history = stop_update(history, new_argmax, entropy, settings.confidence_threshold)
         finished = finished | stop
-        canvas, argmax, probs = new_canvas, new_argmax, new_probs
+        canvas, argmax = new_canvas, new_argmax
         steps += 1
         done = finished.all()
-        mx.eval(canvas, argmax, probs, done, *(() if history is None else (history,)))
+        mx.eval(canvas, argmax, finished, done, *(() if history is None else (history,)))
         if on_step is not None:
             on_step(steps, argmax, accepted, entropy)
-        if done.item():
+        if done.item() or remaining == 1:
             break
+        new_soft = model.soft_embeddings_from_probs(self_conditioning_probs(logits, temp, model.embed_dtype))
+        if B > 1 and soft is not None:
+            new_soft = mx.where(was_finished[:, None, None], soft, new_soft)
+        soft = new_soft
     return argmax, steps
 
 

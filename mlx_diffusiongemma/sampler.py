@@ -4,7 +4,6 @@ tempered pass gives the argmax, the entropy, the Gumbel-max sample and the self-
 probabilities; everything after that is canvas-sized."""
 
 from dataclasses import dataclass, fields
-from functools import partial
 from typing import Optional
 
 import mlx.core as mx
@@ -93,34 +92,33 @@ def tempered_stats(logits: mx.array, temp):
     return x, p, entropy
 
 
-def _step(logits, temp, bound, key, probs_dtype):
-    x, p, entropy = tempered_stats(logits, temp)
+def _step(logits, temp, bound, key):
+    x, _, entropy = tempered_stats(logits, temp)
     k_sample, k_noise = mx.random.split(key)
     # Gumbel-max draws exactly from softmax(x), as torch.multinomial does.
     sample = mx.argmax(x + mx.random.gumbel(x.shape, key=k_sample), axis=-1).astype(mx.int32)
     argmax = mx.argmax(x, axis=-1).astype(mx.int32)
     accept = entropy_accept(entropy, bound)
     noise = mx.random.randint(0, x.shape[-1], accept.shape, dtype=mx.int32, key=k_noise)
-    next_canvas = mx.where(accept, sample, noise)
-    # Self-conditioning input of the next step: the reference casts the tempered logits to the
-    # embedding dtype, then takes a float32 softmax and casts again.
-    if probs_dtype != mx.float32:
-        p = mx.softmax(x.astype(probs_dtype).astype(mx.float32), axis=-1)
-    return next_canvas, argmax, entropy, accept, p.astype(probs_dtype)
+    return mx.where(accept, sample, noise), argmax, entropy, accept
 
 
-_compiled = {}
+_step_compiled = mx.compile(_step)
 
 
-def denoise_sample(logits, temp, bound, key, probs_dtype=mx.float32):
+def denoise_sample(logits, temp, bound, key):
     """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
-    samples, fresh noise elsewhere), the argmax canvas, per-position entropy, the acceptance
-    mask and the self-conditioning probabilities. `temp` and `bound` are scalar arrays so the
-    compiled graph is reused across steps."""
-    fn = _compiled.get(probs_dtype)
-    if fn is None:
-        fn = _compiled[probs_dtype] = mx.compile(partial(_step, probs_dtype=probs_dtype))
-    return fn(logits, temp, bound, key)
+    samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
+    tempered logits and the acceptance mask. Only canvas-sized arrays leave the compiled graph;
+    `temp` and `bound` are scalar arrays so the graph is reused across steps."""
+    return _step_compiled(logits, temp, bound, key)
+
+
+def self_conditioning_probs(logits, temp, dtype):
+    """softmax of the tempered logits in `dtype`, the reference's self-conditioning input: it
+    casts the tempered logits to the embedding dtype, softmaxes in float32 and casts again."""
+    x = (logits.astype(mx.float32) / temp).astype(dtype)
+    return mx.softmax(x.astype(mx.float32), axis=-1).astype(dtype)
 
 
 def stop_update(history, argmax, entropy, confidence_threshold):

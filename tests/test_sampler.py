@@ -57,7 +57,7 @@ def test_acceptance_and_renoise_match_reference(bound, scale):
     renoised = ref.renoise_canvas(accepted, 1).numpy()
     np.testing.assert_array_equal(renoised[want_mask], denoised.numpy()[want_mask])
     # Ours: accepted positions carry the sample; the others fresh uniform noise.
-    nxt, argmax, _, acc, _ = denoise_sample(mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0))
+    nxt, argmax, _, acc = denoise_sample(mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0))
     np.testing.assert_array_equal(np.array(acc), want_mask)
     np.testing.assert_array_equal(np.array(argmax), logits.argmax(-1))
 

@@ -20,6 +20,8 @@ class PromptCache:
         self.keys: List[Optional[mx.array]] = [None] * len(layer_is_sliding)
         self.values: List[Optional[mx.array]] = [None] * len(layer_is_sliding)
         self.offset = 0  # total positions encoded so far
+        # (B, offset) bool: which positions are real tokens. None while nothing was padded.
+        self.valid: Optional[mx.array] = None
 
     def __len__(self):
         return self.offset
@@ -41,8 +43,35 @@ class PromptCache:
         self.keys[layer] = keys
         self.values[layer] = values
 
+    def add_validity(self, shape, mask: Optional[mx.array]):
+        """Records which of the (B, L) positions being appended are real tokens: `mask`, or
+        all of them when None. Costs nothing until some position is padding."""
+        if mask is None:
+            if self.valid is None:
+                return
+            mask = mx.ones(shape, dtype=mx.bool_)
+        if self.valid is None:
+            self.valid = mx.ones((shape[0], self.offset), dtype=mx.bool_)
+        self.valid = mx.concatenate([self.valid, mask.astype(mx.bool_)], axis=1)
+
+    def key_validity(self, layer: int) -> Optional[mx.array]:
+        """(B, layer_len) validity of the positions a layer holds, or None when all are real."""
+        if self.valid is None:
+            return None
+        n = self.layer_len(layer)
+        return self.valid[:, self.valid.shape[1] - n :]
+
+    def select_rows(self, rows):
+        """Keeps only the given batch rows (finished rows leave the batch between canvases)."""
+        idx = mx.array(rows, dtype=mx.int32)
+        self.keys = [None if k is None else k[idx] for k in self.keys]
+        self.values = [None if v is None else v[idx] for v in self.values]
+        if self.valid is not None:
+            self.valid = self.valid[idx]
+
     def state(self):
-        return [a for a in self.keys + self.values if a is not None]
+        extra = [] if self.valid is None else [self.valid]
+        return [a for a in self.keys + self.values if a is not None] + extra
 
     @property
     def nbytes(self) -> int:

@@ -40,6 +40,15 @@ class Draft:
     mean_entropy: float
 
 
+@dataclass
+class Pins:
+    """Canvas positions held fixed while the rest is denoised (infilling): a (B, C) mask and
+    the tokens at those positions."""
+
+    mask: mx.array
+    tokens: mx.array
+
+
 def init_canvas(key, batch: int, length: int, vocab: int) -> mx.array:
     """Uniform-random tokens, as the reference's `initialize_canvas`."""
     return mx.random.randint(0, vocab, (batch, length), dtype=mx.int32, key=key)
@@ -80,15 +89,21 @@ def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
 
 
 def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSettings, key,
-                   on_step: Optional[Callable] = None):
-    """Runs the sampler on one canvas against `cache`; returns (committed argmax canvas, steps).
+                   on_step: Optional[Callable] = None, pins: Optional[Pins] = None):
+    """Runs the sampler on one canvas (B, C) against `cache`; returns (committed argmax canvas,
+    steps taken).
 
     Per step: decoder forward and one compiled sampler graph, then one host sync for the
     stable-and-confident stop test. The self-conditioning signal of the next step is built only
-    when a next step follows, and is carried at hidden size."""
+    when a next step follows, and is carried at hidden size. Rows that stop early keep their
+    state while the others go on, as in the reference."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
     bound = mx.array(settings.entropy_bound, dtype=mx.float32)
+    pin_mask = pin_tokens = None
+    if pins is not None:
+        pin_mask, pin_tokens = pins.mask, pins.tokens.astype(mx.int32)
+        canvas = mx.where(pin_mask, pin_tokens, canvas)
     history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
     finished = mx.zeros((B,), dtype=mx.bool_)
     argmax, soft, steps = canvas, None, 0
@@ -96,9 +111,9 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         logits = model.decode(canvas, cache, soft_embeds=soft)
         key, sub = mx.random.split(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
-        new_canvas, new_argmax, entropy, accepted = denoise_sample(logits, temp, bound, sub)
+        new_canvas, new_argmax, entropy, accepted = denoise_sample(logits, temp, bound, sub, pin_mask, pin_tokens)
         was_finished = finished
-        if B > 1:  # rows that already stopped keep their state, as in the reference
+        if B > 1:
             new_argmax = mx.where(was_finished[:, None], argmax, new_argmax)
             new_canvas = mx.where(was_finished[:, None], canvas, new_canvas)
         stop, history = stop_update(history, new_argmax, entropy, settings.confidence_threshold)
@@ -116,6 +131,68 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
             new_soft = mx.where(was_finished[:, None, None], soft, new_soft)
         soft = new_soft
     return argmax, steps
+
+
+def _cut_at_eos(tokens: List[int], eos) -> tuple:
+    """(tokens before the first EOS, that EOS id or None)."""
+    hit = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return (tokens, None) if hit is None else (tokens[:hit], tokens[hit])
+
+
+def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, key, eos: Sequence[int],
+                   first_canvas: Optional[mx.array] = None, pins: Optional[Pins] = None,
+                   on_step: Optional[Callable] = None, prefill_step_size: int = 2048):
+    """The block-autoregressive loop over `rows` prompts already in `cache`. Yields, per canvas,
+    (canvas index, steps, {row: (tokens cut at EOS, the EOS id or None)}) for the rows still
+    going. A row that hits EOS leaves the batch (its cache rows are dropped) before the next
+    canvas; the committed canvas of the others joins the cache. `first_canvas` / `pins` apply to
+    the first canvas."""
+    C, V = model.args.canvas_length, model.args.vocab_size
+    n_canvases = -(-settings.max_tokens // C)
+    active = list(range(rows))
+    committed = None
+    for c in range(n_canvases):
+        if committed is not None:
+            model.encode(committed, cache, step=prefill_step_size)
+        key, k_init, k_run = mx.random.split(key, 3)
+        canvas = first_canvas if (c == 0 and first_canvas is not None) else init_canvas(k_init, len(active), C, V)
+        step_cb = None if on_step is None else (lambda *a, _c=c: on_step(_c, *a))
+        committed, steps = denoise_canvas(model, cache, canvas, settings, k_run, step_cb,
+                                          pins if c == 0 else None)
+        out, keep = {}, []
+        for j, toks in enumerate(committed.tolist()):
+            toks, hit = _cut_at_eos(toks, eos)
+            out[active[j]] = (toks, hit)
+            if hit is None:
+                keep.append(j)
+        yield c, steps, out
+        if not keep or c == n_canvases - 1:
+            return
+        if len(keep) < len(active):
+            cache.select_rows(keep)
+            committed = committed[mx.array(keep, dtype=mx.int32)]
+            active = [active[j] for j in keep]
+
+
+def resolve_settings(model: Model, **kw) -> SamplerSettings:
+    gen_cfg = load_generation_config(model.path) if getattr(model, "path", None) else {}
+    return SamplerSettings.resolve(gen_cfg, **kw)
+
+
+def _check_context(model: Model, n_prompt: int, cache_len: int, settings: SamplerSettings):
+    args = model.args
+    total = cache_len + n_prompt + -(-settings.max_tokens // args.canvas_length) * args.canvas_length
+    if total > args.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({cache_len + n_prompt} tokens) plus {total - cache_len - n_prompt} generated tokens "
+            f"exceeds the model's context of {args.max_position_embeddings}"
+        )
+
+
+def _check_ids(model: Model, ids: Sequence[int]):
+    V = model.args.vocab_size
+    if max(ids) >= V or min(ids) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, {V})")
 
 
 def stream_generate(
@@ -136,32 +213,30 @@ def stream_generate(
     system_prompt: Optional[str] = None,
     enable_thinking: bool = False,
     apply_chat_template: bool = True,
+    prompt_cache=None,
+    pins: Optional[Pins] = None,
     prefill_step_size: int = 2048,
 ) -> Iterator[GenerationResponse]:
     """Yields one `GenerationResponse` per committed canvas.
 
     Defaults come from the checkpoint's generation_config.json, then the reference's globals.
     `initial_canvas` gives the first canvas's starting tokens (the reference's
-    `decoder_input_ids`); `draft_callback(Draft)` sees every denoising step."""
-    gen_cfg = load_generation_config(model.path) if getattr(model, "path", None) else {}
-    settings = SamplerSettings.resolve(
-        gen_cfg, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
+    `decoder_input_ids`); `draft_callback(Draft)` sees every denoising step. With a
+    `prompt_cache` (from `make_prompt_cache`), `prompt` holds only the new tokens: they are
+    encoded after what the cache holds, and when generation ends the response (up to and with
+    its EOS) is encoded too, so the cache holds the whole conversation for the next turn."""
+    settings = resolve_settings(
+        model, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )
     ids = prepare_prompt(tokenizer, prompt, system_prompt, enable_thinking, apply_chat_template)
-    args = model.args
-    C, V = args.canvas_length, args.vocab_size
-    n_canvases = -(-settings.max_tokens // C)
-    if len(ids) + n_canvases * C > args.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({len(ids)} tokens) plus {n_canvases * C} generated tokens exceeds the "
-            f"model's context of {args.max_position_embeddings}"
-        )
-    if max(ids) >= V or min(ids) < 0:
-        raise ValueError(f"prompt token ids must lie in [0, {V})")
+    _check_ids(model, ids)
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    _check_context(model, len(ids), cache.offset, settings)
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
     key = mx.random.key(seed if seed is not None else time.time_ns() % (2**63))
+    C = model.args.canvas_length
     first = None
     if initial_canvas is not None:
         first = mx.array(initial_canvas, dtype=mx.int32).reshape(1, -1)
@@ -170,31 +245,27 @@ def stream_generate(
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    cache = model.encode(mx.array([ids], dtype=mx.int32), model.make_cache(), step=prefill_step_size)
-    prompt_time = max(time.perf_counter() - tic, 1e-9)
-    prompt_tps = len(ids) / prompt_time
+    model.encode(mx.array([ids], dtype=mx.int32), cache, step=prefill_step_size)
+    prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
+
+    on_step = None
+    if draft_callback is not None:
+        def on_step(c, step, argmax, accepted, entropy):
+            draft_callback(Draft(c, step, argmax[0].tolist(), accepted[0].tolist(), entropy[0].mean().item()))
 
     tic = time.perf_counter()
     all_tokens: List[int] = []
-    forwards, text_so_far, committed = 0, "", None
-    for c in range(n_canvases):
-        if committed is not None:  # the previous canvas joins the prompt cache
-            model.encode(committed, cache, step=prefill_step_size)
-        key, k_init, k_run = mx.random.split(key, 3)
-        canvas = first if (c == 0 and first is not None) else init_canvas(k_init, 1, C, V)
-        on_step = None
-        if draft_callback is not None:
-            def on_step(step, argmax, accepted, entropy, _c=c):
-                draft_callback(Draft(_c, step, argmax[0].tolist(), accepted[0].tolist(),
-                                     entropy[0].mean().item()))
-        committed, steps = denoise_canvas(model, cache, canvas, settings, k_run, on_step)
+    forwards, text_so_far = 0, ""
+    n_canvases = -(-settings.max_tokens // C)
+    for c, steps, rows in block_generate(model, cache, 1, settings, key, eos, first, pins, on_step, prefill_step_size):
         forwards += steps
-        tokens = committed[0].tolist()
-        hit = next((i for i, t in enumerate(tokens) if t in eos), None)
-        if hit is not None:
-            tokens = tokens[:hit]
+        tokens, hit = rows[0]
         all_tokens += tokens
         finish = "stop" if hit is not None else ("length" if c == n_canvases - 1 else None)
+        if finish is not None and prompt_cache is not None:  # the reply joins the conversation
+            reply = tokens + ([hit] if hit is not None else [])
+            if reply:
+                model.encode(mx.array([reply], dtype=mx.int32), cache, step=prefill_step_size)
         text = ""
         if tokenizer is not None:
             full = tokenizer.decode(all_tokens)
@@ -207,9 +278,6 @@ def stream_generate(
             decoder_forwards=forwards, tokens_per_forward=len(all_tokens) / max(forwards, 1),
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
         )
-        if finish is not None:
-            return
-
 
 def generate(model: Model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
     """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats."""

@@ -281,23 +281,33 @@ class Model(nn.Module):
         return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
 
     # ---- encoder -------------------------------------------------------------------------
-    def encode(self, input_ids: mx.array, cache: PromptCache, step: int = 2048) -> PromptCache:
+    def encode(self, input_ids: mx.array, cache: PromptCache, step: int = 2048,
+               mask: Optional[mx.array] = None) -> PromptCache:
         """Causally encodes `input_ids` (B, L) after what `cache` holds, appending their K/V.
+        `mask` (B, L) marks real tokens (False = padding, masked from every later query).
         Long inputs go in chunks of `step`; sliding layers keep `window - 1` positions, which is
         all any later query can see, so chunking gives the same cache as one pass."""
         L = input_ids.shape[1]
         for start in range(0, L, step):
-            self._encode_chunk(input_ids[:, start : start + step], cache)
+            chunk_mask = None if mask is None else mask[:, start : start + step]
+            self._encode_chunk(input_ids[:, start : start + step], cache, chunk_mask)
             mx.eval(cache.state())
         return cache
 
-    def _encode_chunk(self, ids, cache: PromptCache):
+    def _encode_chunk(self, ids, cache: PromptCache, pad_mask):
         T, L = cache.offset, ids.shape[1]
         h = self._embed(ids)
+        cache.add_validity(ids.shape, pad_mask)
         scalars = self.model.encoder.language_model.layers
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            mask = self._causal_mask(T, L, cache.layer_len(i), cache.is_sliding[i])
+            P = cache.layer_len(i)
+            mask = self._causal_mask(T, L, P, cache.is_sliding[i])
+            if cache.valid is not None:
+                # padded keys are hidden from every query but their own (no empty softmax rows)
+                keys_valid = cache.valid[:, cache.valid.shape[1] - (P + L) :, None]
+                own = mx.arange(T - P, T + L)[None, :] == mx.arange(T, T + L)[:, None]
+                mask = mask & (keys_valid.swapaxes(1, 2)[:, None] | own)
             h, kv = layer(h, T, cache.fetch(i), mask, scalars[i].layer_scalar, kv_only=i == last)
             cache.store(i, *kv)
         cache.offset = T + L
@@ -341,9 +351,13 @@ class Model(nn.Module):
         cache layer holds) plus the whole canvas; full layers see the whole prefix."""
         dec = self.model.decoder
         h = dec.self_conditioning(self._embed(canvas), soft_embeds)
-        T = cache.offset
+        T, (B, C) = cache.offset, canvas.shape
         for i, layer in enumerate(dec.layers):
-            h, _ = layer(h, T, cache.fetch(i), None, layer.layer_scalar)
+            mask = None
+            prefix_valid = cache.key_validity(i)
+            if prefix_valid is not None:  # padded prompt positions stay hidden
+                mask = mx.concatenate([prefix_valid, mx.ones((B, C), dtype=mx.bool_)], axis=1)[:, None, None, :]
+            h, _ = layer(h, T, cache.fetch(i), mask, layer.layer_scalar)
         return dec.norm(h)
 
     def lm_logits(self, h: mx.array) -> mx.array:

@@ -92,26 +92,33 @@ def tempered_stats(logits: mx.array, temp):
     return x, p, entropy
 
 
-def _step(logits, temp, bound, key):
+def _step(logits, temp, bound, key, pin_mask, pin_tokens):
     x, _, entropy = tempered_stats(logits, temp)
+    # Pinned positions (infilling) are known: zero entropy, so they spend none of the bound.
+    entropy = mx.where(pin_mask, 0.0, entropy)
     k_sample, k_noise = mx.random.split(key)
     # Gumbel-max draws exactly from softmax(x), as torch.multinomial does.
     sample = mx.argmax(x + mx.random.gumbel(x.shape, key=k_sample), axis=-1).astype(mx.int32)
-    argmax = mx.argmax(x, axis=-1).astype(mx.int32)
-    accept = entropy_accept(entropy, bound)
+    argmax = mx.where(pin_mask, pin_tokens, mx.argmax(x, axis=-1).astype(mx.int32))
+    accept = entropy_accept(entropy, bound) | pin_mask
     noise = mx.random.randint(0, x.shape[-1], accept.shape, dtype=mx.int32, key=k_noise)
-    return mx.where(accept, sample, noise), argmax, entropy, accept
+    canvas = mx.where(pin_mask, pin_tokens, mx.where(accept, sample, noise))
+    return canvas, argmax, entropy, accept
 
 
 _step_compiled = mx.compile(_step)
 
 
-def denoise_sample(logits, temp, bound, key):
+def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None):
     """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
     samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
     tempered logits and the acceptance mask. Only canvas-sized arrays leave the compiled graph;
-    `temp` and `bound` are scalar arrays so the graph is reused across steps."""
-    return _step_compiled(logits, temp, bound, key)
+    `temp` and `bound` are scalar arrays so the graph is reused across steps. `pin_mask` /
+    `pin_tokens` (B, C) hold positions fixed (infilling); by default none are."""
+    if pin_mask is None:
+        pin_mask = mx.zeros(logits.shape[:2], dtype=mx.bool_)
+        pin_tokens = mx.zeros(logits.shape[:2], dtype=mx.int32)
+    return _step_compiled(logits, temp, bound, key, pin_mask, pin_tokens)
 
 
 def self_conditioning_probs(logits, temp, dtype):

@@ -121,3 +121,46 @@ def test_bad_arguments(tiny, kwargs, msg):
     kwargs = {"prompt": [1, 2, 3], **kwargs}
     with pytest.raises(ValueError, match=msg):
         generate(model, None, **kwargs)
+
+
+def test_batch_rows_equal_single_runs(checkpoint_factory, same_canvases):
+    """Prompts of different lengths (one longer than the window) together, near-greedy, over
+    two canvases: each row's tokens equal a single run of that prompt."""
+    from mlx_diffusiongemma.batch import batch_generate
+
+    path, _ = checkpoint_factory("sharp0", seed=0, sharpen=20.0)
+    model = load_model(path)
+    rng = np.random.default_rng(4)
+    V, C = model.args.vocab_size, model.args.canvas_length
+    prompts = [rng.integers(3, V, n).tolist() for n in (4, 19, 11)]
+    canvases = rng.integers(0, V, (2, 3, C))
+    kw = dict(NEAR_GREEDY, max_denoising_steps=8, max_tokens=2 * C, eos_token_ids=[], seed=0)
+    same_canvases([canvases[1]])  # the second canvas of every row; the first is given
+    batch = batch_generate(model, None, prompts, initial_canvases=canvases[0], **kw)
+    for i, p in enumerate(prompts):
+        same_canvases([canvases[1][i : i + 1]])
+        single = sum((r.tokens for r in stream_generate(model, None, p, initial_canvas=canvases[0][i], **kw)), [])
+        assert batch.tokens[i] == single, i
+        assert len(single) == 2 * C
+
+
+def test_batch_row_leaves_at_eos(checkpoint_factory, monkeypatch):
+    from mlx_diffusiongemma.batch import batch_generate
+    from mlx_diffusiongemma.cache import PromptCache
+
+    path, _ = checkpoint_factory("sharp0", seed=0, sharpen=20.0)
+    model = load_model(path)
+    rng = np.random.default_rng(9)
+    first = rng.integers(0, 384, (2, 16))
+    kw = dict(NEAR_GREEDY, max_denoising_steps=6, max_tokens=32, seed=2, initial_canvases=first)
+    free = batch_generate(model, None, [[5, 6], [9, 10, 11]], eos_token_ids=[], **kw)
+    eos = next(t for t in free.tokens[0][:16] if t not in free.tokens[1])
+    kept = []
+    orig = PromptCache.select_rows
+    monkeypatch.setattr(PromptCache, "select_rows", lambda self, rows: (kept.append(list(rows)), orig(self, rows)))
+    res = batch_generate(model, None, [[5, 6], [9, 10, 11]], eos_token_ids=[eos], **kw)
+    assert res.finish_reasons == ["stop", "length"] and kept == [[1]]
+    assert res.tokens[0] == free.tokens[0][: free.tokens[0].index(eos)]
+    # the remaining row goes on (its second canvas starts from other noise, so only the first
+    # is compared)
+    assert res.tokens[1][:16] == free.tokens[1][:16] and len(res.tokens[1]) == 32

@@ -29,6 +29,11 @@ def build_parser():
     p.add_argument("--confidence-threshold", type=float, default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast unquantized weights (CPU runs want float32)")
+    p.add_argument("--suffix", default=None,
+                   help="infill: text after the gap; the prompt is the text before it (no chat template)")
+    p.add_argument("--gap-length", type=int, default=None, help="infill: tokens in the gap (default: rest of the canvas)")
+    p.add_argument("--infill-file", default=None,
+                   help="infill: a text file with <|gap|> or <|gap:N|> markers; prints it with the gaps filled")
     p.add_argument("--visualize", action="store_true", help="show the canvas denoising live (needs a terminal)")
     p.add_argument("--verbose", action="store_true", help="print speed and memory figures at the end")
     return p
@@ -45,6 +50,18 @@ def run(args):
         print(f"Using the bundled demo checkpoint: random weights for trying the pipeline (its text is noise). "
               f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
     model, tokenizer = load(args.model or DEMO_MODEL, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    sampler_kw = dict(max_denoising_steps=args.steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
+                      t_max=args.t_max, stability_threshold=args.stability_threshold,
+                      confidence_threshold=args.confidence_threshold, seed=args.seed)
+    if args.infill_file is not None or args.suffix is not None:
+        from .infill import Gap, infill
+
+        if args.infill_file is not None:
+            text = Path(args.infill_file).read_text()
+        else:
+            text = [prompt, Gap(args.gap_length), args.suffix]
+        print(infill(model, tokenizer, text, **sampler_kw).text)
+        return
     view = None
     if args.visualize and sys.stdout.isatty():
         from .visualize import CanvasView
@@ -56,10 +73,8 @@ def run(args):
         view = CanvasView(tokenizer, steps)
     last = None
     for last in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, max_denoising_steps=args.steps,
-        entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
-        stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold,
-        seed=args.seed, system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
+        model, tokenizer, prompt, max_tokens=args.max_tokens, **sampler_kw,
+        system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
         apply_chat_template=not args.ignore_chat_template,
         draft_callback=view.draft if view else None,
     ):

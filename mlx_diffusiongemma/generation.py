@@ -27,6 +27,7 @@ class GenerationResponse:
     tokens_per_forward: float  # generated tokens / decoder forwards, so far
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" (EOS), "length", or None while going on
+    stop_token: Optional[int] = None  # the EOS id that ended the response
 
 
 @dataclass
@@ -174,6 +175,11 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
             active = [active[j] for j in keep]
 
 
+def make_prompt_cache(model: Model):
+    """A prompt cache to reuse across calls (chat sessions): pass it as `prompt_cache`."""
+    return model.make_cache()
+
+
 def resolve_settings(model: Model, **kw) -> SamplerSettings:
     gen_cfg = load_generation_config(model.path) if getattr(model, "path", None) else {}
     return SamplerSettings.resolve(gen_cfg, **kw)
@@ -276,11 +282,23 @@ def stream_generate(
             prompt_tps=prompt_tps, generation_tokens=len(all_tokens),
             generation_tps=len(all_tokens) / elapsed,
             decoder_forwards=forwards, tokens_per_forward=len(all_tokens) / max(forwards, 1),
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, stop_token=hit,
         )
 
-def generate(model: Model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
-    """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats."""
+def generate(model: Model, tokenizer, prompt, verbose: bool = False, suffix=None, gap_length=None,
+             **kwargs) -> str:
+    """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats.
+    With `suffix`, fills the gap between `prompt` and `suffix` instead (raw text, no chat
+    template; `gap_length` tokens, default: the rest of the canvas) and returns the fill."""
+    if suffix is not None:
+        from .infill import Gap, infill
+
+        for k in ("apply_chat_template", "system_prompt", "enable_thinking"):
+            kwargs.pop(k, None)
+        result = infill(model, tokenizer, [prompt, Gap(gap_length), suffix], **kwargs)
+        if verbose:
+            print(result.text)
+        return result.fills[0]
     text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, **kwargs):
         if verbose:

@@ -254,7 +254,11 @@ class Backbone(nn.Module):
 
 
 def embed_dtype(embed) -> mx.Dtype:
-    return embed.scales.dtype if hasattr(embed, "scales") else embed.weight.dtype
+    """The compute dtype of the (maybe quantized) embedding: mx-format modes (mxfp4, ...) keep
+    uint8 scales, and their dequantized values come out in bfloat16."""
+    if hasattr(embed, "scales"):
+        return embed.scales.dtype if mx.issubdtype(embed.scales.dtype, mx.floating) else mx.bfloat16
+    return embed.weight.dtype
 
 
 class Model(nn.Module):

@@ -19,7 +19,8 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel
 VOCAB = 512
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for m in messages %}<|turn>{{ m['role'] }}\n{{ m['content'] | trim }}<turn|>\n{% endfor %}"
+    "{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<turn|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|turn>model\n"
     "{% if enable_thinking is defined and enable_thinking %}<|channel>thought\n{% endif %}"
     "{% endif %}"

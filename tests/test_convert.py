@@ -225,8 +225,6 @@ def test_group_size_misfit_stays_unquantized(tiny_src, ref_logits, tmp_path, cap
     assert mx.all(mx.isfinite(logits(model))).item()
 
 
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="model.embed_dtype returns the uint8 scale dtype of an mx-mode quantized embedding")
 def test_self_conditioning_with_mx_mode_embeddings(quant_src, ref_logits, tmp_path, capsys):
     out = tmp_path / "mxemb"
     assert cli(["--hf-path", quant_src, "--mlx-path", out, "-q", "--q-mode", "mxfp4",

@@ -1,0 +1,100 @@
+"""Interactive chat that keeps the prompt KV cache across turns: each turn encodes only its new
+tokens. `python -m mlx_diffusiongemma.chat [--model PATH]`."""
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .generation import make_prompt_cache, stream_generate
+
+
+class ChatSession:
+    """A conversation with its prompt cache. `send(text)` streams the reply's responses."""
+
+    def __init__(self, model, tokenizer, system_prompt: Optional[str] = None, enable_thinking: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt, self.enable_thinking = system_prompt, enable_thinking
+        self.reset()
+
+    def reset(self):
+        self.cache = make_prompt_cache(self.model)
+        self.messages: List[dict] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.history: List[int] = []  # every token the cache holds
+
+    def new_tokens(self, text: str) -> List[int]:
+        """Tokens the next user turn adds after the cached conversation: the chat template of the
+        whole conversation, minus the text the cache already holds."""
+        tok = self.tokenizer
+        messages = self.messages + [{"role": "user", "content": text}]
+        full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                       enable_thinking=self.enable_thinking)
+        done = tok.decode(self.history) if self.history else ""
+        if full.startswith(done):
+            new = full[len(done):]
+        else:  # a template that renders past replies differently: this turn's part alone
+            new = tok.apply_chat_template(messages[-1:], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=self.enable_thinking)
+            bos = getattr(tok, "bos_token", None)
+            if bos and new.startswith(bos):
+                new = new[len(bos):]
+        return list(tok.encode(new, add_special_tokens=False))
+
+    def send(self, text: str, **kwargs):
+        if not text.strip():
+            raise ValueError("the message is empty")
+        ids = self.new_tokens(text)
+        reply, tokens, last = "", [], None
+        for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **kwargs):
+            reply += last.text
+            tokens += last.tokens
+            yield last
+        self.history += ids + tokens + ([last.stop_token] if last is not None and last.stop_token is not None else [])
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+def main(argv=None):
+    from .generate import DEMO_MODEL, REAL_MODEL
+
+    p = argparse.ArgumentParser(prog="mlx_diffusiongemma.chat", description="Chat with DiffusionGemma.")
+    p.add_argument("--model", default=None, help=f"local folder or hub id (e.g. {REAL_MODEL}); default: demo")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--enable-thinking", action="store_true")
+    args = p.parse_args(argv)
+    from .config import ConfigError
+    from .loader import ModelNotFoundError, load
+    from .safetensors_check import CheckpointError
+
+    try:
+        if args.model is None:
+            print(f"Using the bundled demo checkpoint: random weights for trying the pipeline. "
+                  f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
+        model, tokenizer = load(args.model or DEMO_MODEL)
+        session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
+        print("Type a message; 'r' resets the conversation, 'q' (or end of input) quits.")
+        while True:
+            try:
+                text = input(">> ")
+            except EOFError:
+                break
+            if text.strip() == "q":
+                break
+            if text.strip() == "r":
+                session.reset()
+                continue
+            if not text.strip():
+                continue
+            for r in session.send(text, max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed):
+                print(r.text, end="", flush=True)
+            print()
+    except KeyboardInterrupt:
+        print()
+    except (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

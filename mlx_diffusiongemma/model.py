@@ -66,6 +66,7 @@ class Attention(nn.Module):
         self.v_norm = RMSNormNoScale(args.rms_norm_eps)
         kind = "sliding_attention" if self.is_sliding else "full_attention"
         self._periods = rope_periods(self.head_dim, args.rope_parameters[kind])
+        mx.eval(self._periods)  # materialized now: a lazy array is tied to its thread's stream
 
     def rope(self, x, offset):
         return mx.fast.rope(

@@ -2,7 +2,6 @@
 tokens. `python -m mlx_diffusiongemma.chat [--model PATH]`."""
 
 import argparse
-import sys
 from typing import List, Optional
 
 from .generation import make_prompt_cache, stream_generate
@@ -53,25 +52,18 @@ class ChatSession:
 
 
 def main(argv=None):
-    from .generate import DEMO_MODEL, REAL_MODEL
+    from .cli import add_model_argument, load_for_cli, one_line_errors
 
     p = argparse.ArgumentParser(prog="mlx_diffusiongemma.chat", description="Chat with DiffusionGemma.")
-    p.add_argument("--model", default=None, help=f"local folder or hub id (e.g. {REAL_MODEL}); default: demo")
+    add_model_argument(p)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--max-tokens", "-m", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--enable-thinking", action="store_true")
     args = p.parse_args(argv)
-    from .config import ConfigError
-    from .loader import ModelNotFoundError, load
-    from .safetensors_check import CheckpointError
-
-    try:
-        if args.model is None:
-            print(f"Using the bundled demo checkpoint: random weights for trying the pipeline. "
-                  f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
-        model, tokenizer = load(args.model or DEMO_MODEL)
+    with one_line_errors():
+        model, tokenizer = load_for_cli(args.model)
         session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
         print("Type a message; 'r' resets the conversation, 'q' (or end of input) quits.")
         while True:
@@ -89,11 +81,6 @@ def main(argv=None):
             for r in session.send(text, max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed):
                 print(r.text, end="", flush=True)
             print()
-    except KeyboardInterrupt:
-        print()
-    except (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

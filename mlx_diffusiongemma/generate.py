@@ -4,8 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo"
-REAL_MODEL = "google/diffusiongemma-26B-A4B-it"
+from .cli import REAL_MODEL, add_model_argument, load_for_cli, one_line_errors
 
 
 def build_parser():
@@ -13,8 +12,7 @@ def build_parser():
         prog="mlx_diffusiongemma.generate",
         description="Generate text with DiffusionGemma (block text diffusion) on MLX.",
     )
-    p.add_argument("--model", default=None,
-                   help=f"local folder or Hugging Face id (e.g. {REAL_MODEL}); default: the bundled demo checkpoint")
+    add_model_argument(p)
     p.add_argument("--prompt", "-p", default="hello", help="the prompt, or '-' to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=None, help="tokens to generate (whole canvases)")
     p.add_argument("--system-prompt", default=None)
@@ -43,13 +41,9 @@ def run(args):
     import mlx.core as mx
 
     from .generation import print_stats, stream_generate
-    from .loader import load
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.model is None:
-        print(f"Using the bundled demo checkpoint: random weights for trying the pipeline (its text is noise). "
-              f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
-    model, tokenizer = load(args.model or DEMO_MODEL, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    model, tokenizer = load_for_cli(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
     sampler_kw = dict(max_denoising_steps=args.steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
                       t_max=args.t_max, stability_threshold=args.stability_threshold,
                       confidence_threshold=args.confidence_threshold, seed=args.seed)
@@ -89,18 +83,8 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .loader import ModelNotFoundError
-    from .safetensors_check import CheckpointError
-
-    try:
+    with one_line_errors():
         run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

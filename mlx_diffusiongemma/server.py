@@ -338,29 +338,19 @@ def make_server(model, tokenizer, name, host="127.0.0.1", port=8080, max_tokens_
 
 
 def main(argv=None):
-    from .generate import DEMO_MODEL, REAL_MODEL
+    from .cli import add_model_argument, load_for_cli, one_line_errors
 
     p = argparse.ArgumentParser(prog="mlx_diffusiongemma.server", description="OpenAI-compatible DiffusionGemma server.")
-    p.add_argument("--model", default=None, help=f"local folder or hub id (e.g. {REAL_MODEL}); default: demo")
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-tokens-limit", type=int, default=32768, help="largest max_tokens a request may ask")
     p.add_argument("--verbose", action="store_true", help="log requests")
     args = p.parse_args(argv)
-    from .config import ConfigError
-    from .loader import ModelNotFoundError, load
-    from .safetensors_check import CheckpointError
-
-    try:
-        if args.model is None:
-            print(f"Using the bundled demo checkpoint: random weights for trying the pipeline. "
-                  f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
-        model, tokenizer = load(args.model or DEMO_MODEL)
-        name = args.model or "diffusiongemma-demo"
+    name = args.model or "diffusiongemma-demo"
+    with one_line_errors():
+        model, tokenizer = load_for_cli(args.model)
         server = make_server(model, tokenizer, name, args.host, args.port, args.max_tokens_limit)
-    except (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     server.verbose = args.verbose
     print(f"Serving {name} on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)
     try:

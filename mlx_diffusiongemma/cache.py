@@ -1,5 +1,6 @@
 """The prompt KV cache: the encoder appends to it, the decoder only reads it."""
 
+import copy
 from typing import List, Optional
 
 import mlx.core as mx
@@ -68,6 +69,12 @@ class PromptCache:
         self.values = [None if v is None else v[idx] for v in self.values]
         if self.valid is not None:
             self.valid = self.valid[idx]
+
+    def subset(self, rows) -> "PromptCache":
+        """A new cache holding only the given batch rows; this one is left as it is."""
+        sub = copy.copy(self)
+        sub.select_rows(rows)
+        return sub
 
     def state(self):
         extra = [] if self.valid is None else [self.valid]

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import REAL_MODEL, add_model_argument, load_for_cli, one_line_errors
+from .cli import add_model_argument, load_for_cli, one_line_errors
 
 
 def build_parser():

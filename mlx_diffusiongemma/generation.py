@@ -96,8 +96,8 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
 
     Per step: decoder forward and one compiled sampler graph, then one host sync for the
     stable-and-confident stop test. The self-conditioning signal of the next step is built only
-    when a next step follows, and is carried at hidden size. Rows that stop early keep their
-    state while the others go on, as in the reference."""
+    when a next step follows, and is carried at hidden size. A row that stops early keeps its
+    result and leaves the batch (the reference freezes it and keeps computing it)."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
     bound = mx.array(settings.entropy_bound, dtype=mx.float32)
@@ -106,32 +106,39 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         pin_mask, pin_tokens = pins.mask, pins.tokens.astype(mx.int32)
         canvas = mx.where(pin_mask, pin_tokens, canvas)
     history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
-    finished = mx.zeros((B,), dtype=mx.bool_)
+    alive = list(range(B))  # original rows still denoising
+    final = [None] * B
     argmax, soft, steps = canvas, None, 0
     for remaining in range(N, 0, -1):
         logits = model.decode(canvas, cache, soft_embeds=soft)
         key, sub = mx.random.split(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
-        new_canvas, new_argmax, entropy, accepted = denoise_sample(logits, temp, bound, sub, pin_mask, pin_tokens)
-        was_finished = finished
-        if B > 1:
-            new_argmax = mx.where(was_finished[:, None], argmax, new_argmax)
-            new_canvas = mx.where(was_finished[:, None], canvas, new_canvas)
-        stop, history = stop_update(history, new_argmax, entropy, settings.confidence_threshold)
-        finished = finished | stop
-        canvas, argmax = new_canvas, new_argmax
+        canvas, argmax, entropy, accepted = denoise_sample(logits, temp, bound, sub, pin_mask, pin_tokens)
+        finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
         steps += 1
-        done = finished.all()
-        mx.eval(canvas, argmax, finished, done, *(() if history is None else (history,)))
+        mx.eval(canvas, argmax, finished, *(() if history is None else (history,)))
         if on_step is not None:
             on_step(steps, argmax, accepted, entropy)
-        if done.item() or remaining == 1:
+        stopped = finished.tolist()
+        if all(stopped) or remaining == 1:
             break
-        new_soft = model.soft_embeddings_from_probs(self_conditioning_probs(logits, temp, model.embed_dtype))
-        if B > 1 and soft is not None:
-            new_soft = mx.where(was_finished[:, None, None], soft, new_soft)
-        soft = new_soft
-    return argmax, steps
+        keep = [j for j, f in enumerate(stopped) if not f]
+        if len(keep) < len(alive):  # finished rows leave: they cost no more work
+            for j, f in enumerate(stopped):
+                if f:
+                    final[alive[j]] = argmax[j]
+            idx = mx.array(keep, dtype=mx.int32)
+            canvas, argmax, logits = canvas[idx], argmax[idx], logits[idx]
+            history = None if history is None else history[:, idx]
+            soft = None if soft is None else soft[idx]
+            if pin_mask is not None:
+                pin_mask, pin_tokens = pin_mask[idx], pin_tokens[idx]
+            cache = cache.subset(keep)
+            alive = [alive[j] for j in keep]
+        soft = model.soft_embeddings_from_probs(self_conditioning_probs(logits, temp, model.embed_dtype))
+    for j, r in enumerate(alive):
+        final[r] = argmax[j]
+    return mx.stack(final), steps
 
 
 def _cut_at_eos(tokens: List[int], eos) -> tuple:

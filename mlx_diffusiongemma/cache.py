@@ -83,3 +83,42 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state())
+
+
+class CanvasKV:
+    """Per-canvas attention buffers for the decoder: each layer's visible prefix K/V copied once,
+    followed by room for the canvas's own K/V, which every denoising step writes in place. The
+    prefix is thus not concatenated again at every step; the prompt cache stays untouched."""
+
+    def __init__(self, cache: PromptCache, canvas_len: int):
+        self.offset = cache.offset
+        self.keys, self.values, self.prefix_len, self.masks = [], [], [], []
+        for i in range(len(cache.keys)):
+            k, v = cache.fetch(i)
+            P = 0 if k is None else k.shape[2]
+            self.prefix_len.append(P)
+            self.keys.append(None if k is None else mx.pad(k, [(0, 0), (0, 0), (0, canvas_len), (0, 0)]))
+            self.values.append(None if v is None else mx.pad(v, [(0, 0), (0, 0), (0, canvas_len), (0, 0)]))
+            valid = cache.key_validity(i)
+            if valid is not None:  # padded prompt positions stay hidden from the canvas
+                ones = mx.ones((valid.shape[0], canvas_len), dtype=mx.bool_)
+                valid = mx.concatenate([valid, ones], axis=1)[:, None, None, :]
+            self.masks.append(valid)
+        mx.eval([a for a in self.keys + self.values + self.masks if a is not None])
+
+    def attend(self, layer: int, k: mx.array, v: mx.array):
+        """Writes this step's canvas K/V after the prefix; returns what the canvas attends to."""
+        if self.keys[layer] is None:
+            return k, v
+        P = self.prefix_len[layer]
+        self.keys[layer][:, :, P:, :] = k
+        self.values[layer][:, :, P:, :] = v
+        return self.keys[layer], self.values[layer]
+
+    def subset(self, rows) -> "CanvasKV":
+        idx = mx.array(rows, dtype=mx.int32)
+        sub = copy.copy(self)
+        sub.keys = [None if a is None else a[idx] for a in self.keys]
+        sub.values = [None if a is None else a[idx] for a in self.values]
+        sub.masks = [None if a is None else a[idx] for a in self.masks]
+        return sub

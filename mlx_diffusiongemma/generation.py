@@ -7,6 +7,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .loader import load_generation_config
+from .cache import CanvasKV
 from .model import Model
 from .sampler import SamplerSettings, denoise_sample, self_conditioning_probs, stop_update, temperature
 
@@ -108,6 +109,7 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
     alive = list(range(B))  # original rows still denoising
     final = [None] * B
+    cache = CanvasKV(cache, C)  # the prefix K/V, copied once for all steps of this canvas
     argmax, soft, steps = canvas, None, 0
     for remaining in range(N, 0, -1):
         logits = model.decode(canvas, cache, soft_embeds=soft)

@@ -6,13 +6,14 @@ key names so Hugging Face and mlx-community files load without renaming.
 """
 
 import math
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .cache import PromptCache
+from .cache import CanvasKV, PromptCache
 from .config import ModelArgs
 
 
@@ -75,8 +76,9 @@ class Attention(nn.Module):
         )
 
     def __call__(self, x, offset, prefix, mask):
-        """x: (B, L, D). prefix: cached (keys, values) to attend to, or None. Returns the output
-        and this call's own (keys, values) so the encoder can cache them."""
+        """x: (B, L, D). prefix: cached (keys, values) to attend to before this call's own, or
+        a function (keys, values) -> what to attend to (the decoder's CanvasKV). Returns the
+        output and the attended (keys, values), which the encoder caches."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
@@ -85,7 +87,9 @@ class Attention(nn.Module):
         v = self.v_norm(v).transpose(0, 2, 1, 3)
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
         keys, values = k, v
-        if prefix is not None and prefix[0] is not None:
+        if callable(prefix):
+            keys, values = prefix(k, v)
+        elif prefix is not None and prefix[0] is not None:
             keys = mx.concatenate([prefix[0], k], axis=2)
             values = mx.concatenate([prefix[1], v], axis=2)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
@@ -398,19 +402,18 @@ class Model(nn.Module):
     def embed_dtype(self):
         return embed_dtype(self.model.decoder.embed_tokens)
 
-    def decode_hidden(self, canvas: mx.array, cache: PromptCache, soft_embeds=None) -> mx.array:
+    def decode_hidden(self, canvas: mx.array, cache, soft_embeds=None) -> mx.array:
         """Bidirectional pass of the canvas over the cached prefix; the cache is not written.
         Sliding layers see the last `window - 1` cached positions (what the reference's sliding
-        cache layer holds) plus the whole canvas; full layers see the whole prefix."""
+        cache layer holds) plus the whole canvas; full layers see the whole prefix. `cache` is a
+        PromptCache, or a CanvasKV made from one to reuse across the steps of a canvas."""
+        if isinstance(cache, PromptCache):
+            cache = CanvasKV(cache, canvas.shape[1])
         dec = self.model.decoder
         h = dec.self_conditioning(self._embed(canvas), soft_embeds)
-        T, (B, C) = cache.offset, canvas.shape
         for i, layer in enumerate(dec.layers):
-            mask = None
-            prefix_valid = cache.key_validity(i)
-            if prefix_valid is not None:  # padded prompt positions stay hidden
-                mask = mx.concatenate([prefix_valid, mx.ones((B, C), dtype=mx.bool_)], axis=1)[:, None, None, :]
-            h, _ = layer(h, T, cache.fetch(i), mask, layer.layer_scalar)
+            attend = partial(cache.attend, i)
+            h, _ = layer(h, cache.offset, attend, cache.masks[i], layer.layer_scalar)
         return dec.norm(h)
 
     def lm_logits(self, h: mx.array) -> mx.array:

@@ -58,12 +58,10 @@ def run(args):
         return
     view = None
     if args.visualize and sys.stdout.isatty():
+        from .generation import resolve_settings
         from .visualize import CanvasView
 
-        from .sampler import SamplerSettings
-        from .loader import load_generation_config
-
-        steps = args.steps or SamplerSettings.resolve(load_generation_config(model.path)).max_denoising_steps
+        steps = args.steps or resolve_settings(model).max_denoising_steps
         view = CanvasView(tokenizer, steps)
     last = None
     for last in stream_generate(

@@ -1,12 +1,11 @@
 """Block-diffusion generation with the reference sampler: `generate` and `stream_generate`."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .loader import load_generation_config
 from .cache import CanvasKV
 from .model import Model
 from .sampler import SamplerSettings, denoise_sample, self_conditioning_probs, stop_update, temperature
@@ -81,8 +80,7 @@ def prepare_prompt(tokenizer, prompt, system_prompt=None, enable_thinking=False,
 
 def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
     if eos_token_ids is None:
-        gen = load_generation_config(getattr(model, "path", ".")) if getattr(model, "path", None) else {}
-        eos_token_ids = gen.get("eos_token_id", model.args.eos_token_id)
+        eos_token_ids = model.generation_config.get("eos_token_id", model.args.eos_token_id)
         if eos_token_ids is None and tokenizer is not None:
             eos_token_ids = list(getattr(tokenizer, "eos_token_ids", []) or [])
     if isinstance(eos_token_ids, int):
@@ -190,8 +188,7 @@ def make_prompt_cache(model: Model):
 
 
 def resolve_settings(model: Model, **kw) -> SamplerSettings:
-    gen_cfg = load_generation_config(model.path) if getattr(model, "path", None) else {}
-    return SamplerSettings.resolve(gen_cfg, **kw)
+    return SamplerSettings.resolve(model.generation_config, **kw)
 
 
 def _check_context(model: Model, n_prompt: int, cache_len: int, settings: SamplerSettings):

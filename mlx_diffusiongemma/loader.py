@@ -171,6 +171,7 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     if not lazy:
         mx.eval(model.parameters())
     model.path = path
+    model.generation_config = load_generation_config(path)
     return model
 
 
@@ -193,8 +194,7 @@ def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, "Toke
     model = load_model(path, dtype=dtype)
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    gen = load_generation_config(path)
-    eos = gen.get("eos_token_id", model.args.eos_token_id)
+    eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     if isinstance(eos, int):
         eos = [eos]
     tokenizer = load_tokenizer(path, eos_token_ids=eos)

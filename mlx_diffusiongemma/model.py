@@ -325,6 +325,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.embed_scale = math.sqrt(args.hidden_size)
+        self.generation_config = {}  # the checkpoint's generation_config.json, set by load_model
 
     @property
     def layers(self):

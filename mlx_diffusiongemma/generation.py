@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from .cache import CanvasKV
 from .model import Model
-from .sampler import SamplerSettings, denoise_sample, self_conditioning_probs, stop_update, temperature
+from .sampler import SamplerSettings, denoise_sample, stop_update, temperature
 
 
 @dataclass
@@ -94,8 +94,8 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     steps taken).
 
     Per step: decoder forward and one compiled sampler graph, then one host sync for the
-    stable-and-confident stop test. The self-conditioning signal of the next step is built only
-    when a next step follows, and is carried at hidden size. A row that stops early keeps its
+    stable-and-confident stop test. The sampler's probabilities become the next step's
+    self-conditioning signal (hidden-sized) only when a next step follows. A row that stops early keeps its
     result and leaves the batch (the reference freezes it and keeps computing it)."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
@@ -113,7 +113,8 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         logits = model.decode(canvas, cache, soft_embeds=soft)
         key, sub = mx.random.split(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
-        canvas, argmax, entropy, accepted = denoise_sample(logits, temp, bound, sub, pin_mask, pin_tokens)
+        canvas, argmax, entropy, accepted, probs = denoise_sample(
+            logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype)
         finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
         steps += 1
         mx.eval(canvas, argmax, finished, *(() if history is None else (history,)))
@@ -128,14 +129,14 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
                 if f:
                     final[alive[j]] = argmax[j]
             idx = mx.array(keep, dtype=mx.int32)
-            canvas, argmax, logits = canvas[idx], argmax[idx], logits[idx]
+            canvas, argmax, probs = canvas[idx], argmax[idx], probs[idx]
             history = None if history is None else history[:, idx]
             soft = None if soft is None else soft[idx]
             if pin_mask is not None:
                 pin_mask, pin_tokens = pin_mask[idx], pin_tokens[idx]
             cache = cache.subset(keep)
             alive = [alive[j] for j in keep]
-        soft = model.soft_embeddings_from_probs(self_conditioning_probs(logits, temp, model.embed_dtype))
+        soft = model.soft_embeddings_from_probs(probs)
     for j, r in enumerate(alive):
         final[r] = argmax[j]
     return mx.stack(final), steps

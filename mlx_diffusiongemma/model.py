@@ -144,22 +144,6 @@ def switch_matmul(linear, x, idx, sorted_indices):
     return y.astype(x.dtype)
 
 
-def _fast_cpu_blas() -> bool:
-    """Whether MLX's CPU matmuls run on an optimized BLAS: Accelerate on macOS, or an OpenBLAS /
-    MKL / BLIS library loaded into this process (e.g. with LD_PRELOAD) on Linux. The Linux
-    wheel's own reference BLAS is ~75x slower than OpenBLAS for float32 matmuls."""
-    import sys
-
-    if sys.platform == "darwin":
-        return True
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        return False
-    return any(lib in maps for lib in ("libopenblas", "libmkl", "libblis"))
-
-
 class Experts(nn.Module):
     """All experts as two stacked (gathered) matmuls: fused gate|up, then down."""
 
@@ -174,8 +158,6 @@ class Experts(nn.Module):
         x = x.reshape(-1, shape[-1])
         idx = idx.reshape(-1, idx.shape[-1])
         weights = weights.reshape(idx.shape)
-        if self._dense_on_cpu(x.shape[0], idx.shape[-1]):
-            return self._all_experts(x, idx, weights).reshape(shape)
         x = mx.expand_dims(x, (-2, -3))
         # Sorting rows by expert makes the gathered matmul read each expert's weights once.
         do_sort = idx.size >= 64
@@ -190,36 +172,6 @@ class Experts(nn.Module):
             y = _scatter_unsort(y, inv, idx.shape)
         y = y.squeeze(-2)  # (N, k, D)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(shape)
-
-    # MLX's CPU gathered matmul is slow (measured ~9 GFLOP/s) while a dense float32 matmul on an
-    # optimized BLAS runs at ~150. So on the CPU, with such a BLAS, computing every expert densely
-    # (weighting the unchosen ones by zero) is faster while num_experts / top_k stays below
-    # ~12 (measured: 1.5x faster at 64 experts top-8) and the intermediate fits. Metal and CUDA
-    # always take the gathered path.
-    DENSE_CPU_MAX_RATIO = 12
-    DENSE_CPU_MAX_ELEMENTS = 1 << 26
-    _fast_blas = None
-
-    def _dense_on_cpu(self, n_tokens, top_k):
-        w = self.gate_up_proj
-        if mx.default_device() != mx.cpu or hasattr(w, "scales") or w.weight.dtype != mx.float32:
-            return False
-        E = w.weight.shape[0]
-        if E > self.DENSE_CPU_MAX_RATIO * top_k or n_tokens * E * 2 * self.inter > self.DENSE_CPU_MAX_ELEMENTS:
-            return False
-        if Experts._fast_blas is None:
-            Experts._fast_blas = _fast_cpu_blas()
-        return Experts._fast_blas
-
-    def _all_experts(self, x, idx, weights):
-        N, D = x.shape
-        gu = self.gate_up_proj.weight  # (E, 2I, D)
-        E = gu.shape[0]
-        h = (x @ gu.reshape(-1, D).T).reshape(N, E, 2 * self.inter)
-        h = gelu_tanh(h[..., : self.inter]) * h[..., self.inter :]  # (N, E, I)
-        y = h.transpose(1, 0, 2) @ self.down_proj.weight.swapaxes(-1, -2)  # (E, N, D)
-        dense_w = mx.put_along_axis(mx.zeros((N, E), dtype=y.dtype), idx, weights.astype(y.dtype), axis=-1)
-        return (dense_w.T[:, :, None] * y).sum(axis=0)
 
 
 class Layer(nn.Module):

@@ -4,6 +4,7 @@ tempered pass gives the argmax, the entropy, the Gumbel-max sample and the self-
 probabilities; everything after that is canvas-sized."""
 
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
@@ -82,43 +83,38 @@ def entropy_accept(entropy: mx.array, bound) -> mx.array:
 
 
 def tempered_stats(logits: mx.array, temp):
-    """Tempered logits x = logits / t and, from one log-sum-exp, the probabilities and the
-    per-position entropy H = -sum(p * log p), with log p = x - lse taken per element (lse minus
-    sum(p * x) would cancel catastrophically for peaked rows)."""
+    """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
+    e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
+    where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
+    catastrophically there). Returns (x, e, s, entropy)."""
     x = logits.astype(mx.float32) / temp
-    logp = x - mx.logsumexp(x, axis=-1, keepdims=True)
-    p = mx.exp(logp)
-    entropy = -(p * logp).sum(axis=-1)
-    return x, p, entropy
+    z = x - mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(z)
+    s = e.sum(axis=-1, keepdims=True)
+    entropy = mx.log(s[..., 0]) - (e * z).sum(axis=-1) / s[..., 0]
+    return x, e, s, entropy
 
 
-def _step(logits, temp, bound, key, pin_mask, pin_tokens):
-    x, _, entropy = tempered_stats(logits, temp)
+def _step(logits, temp, bound, key, pin_mask, pin_tokens, probs_dtype):
+    x, e, s, entropy = tempered_stats(logits, temp)
     # Pinned positions (infilling) are known: zero entropy, so they spend none of the bound.
     entropy = mx.where(pin_mask, 0.0, entropy)
     k_sample, k_noise = mx.random.split(key)
-    # Gumbel-max draws exactly from softmax(x), as torch.multinomial does.
-    sample = mx.argmax(x + mx.random.gumbel(x.shape, key=k_sample), axis=-1).astype(mx.int32)
+    # Inverse-CDF sampling from the same exp pass: one uniform draw per position (not one per
+    # vocabulary entry), exact for the categorical softmax(x) as torch.multinomial is.
+    u = mx.random.uniform(shape=(*x.shape[:-1], 1), key=k_sample) * s
+    sample = mx.minimum((mx.cumsum(e, axis=-1) < u).sum(axis=-1), x.shape[-1] - 1).astype(mx.int32)
     argmax = mx.where(pin_mask, pin_tokens, mx.argmax(x, axis=-1).astype(mx.int32))
     accept = entropy_accept(entropy, bound) | pin_mask
     noise = mx.random.randint(0, x.shape[-1], accept.shape, dtype=mx.int32, key=k_noise)
     canvas = mx.where(pin_mask, pin_tokens, mx.where(accept, sample, noise))
-    return canvas, argmax, entropy, accept
+    # The next step's self-conditioning input. The reference casts the tempered logits to the
+    # embedding dtype before its float32 softmax; with float32 embeddings that is these probs.
+    probs = e / s if probs_dtype == mx.float32 else self_conditioning_probs(x, 1.0, probs_dtype)
+    return canvas, argmax, entropy, accept, probs
 
 
-_step_compiled = mx.compile(_step)
-
-
-def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None):
-    """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
-    samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
-    tempered logits and the acceptance mask. Only canvas-sized arrays leave the compiled graph;
-    `temp` and `bound` are scalar arrays so the graph is reused across steps. `pin_mask` /
-    `pin_tokens` (B, C) hold positions fixed (infilling); by default none are."""
-    if pin_mask is None:
-        pin_mask = mx.zeros(logits.shape[:2], dtype=mx.bool_)
-        pin_tokens = mx.zeros(logits.shape[:2], dtype=mx.int32)
-    return _step_compiled(logits, temp, bound, key, pin_mask, pin_tokens)
+_compiled = {}
 
 
 def self_conditioning_probs(logits, temp, dtype):
@@ -126,6 +122,21 @@ def self_conditioning_probs(logits, temp, dtype):
     casts the tempered logits to the embedding dtype, softmaxes in float32 and casts again."""
     x = (logits.astype(mx.float32) / temp).astype(dtype)
     return mx.softmax(x.astype(mx.float32), axis=-1).astype(dtype)
+
+
+def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32):
+    """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
+    samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
+    tempered logits, the acceptance mask and the self-conditioning probabilities (in
+    `probs_dtype`). `temp` and `bound` are scalar arrays so the compiled graph is reused across
+    steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling); by default none."""
+    if pin_mask is None:
+        pin_mask = mx.zeros(logits.shape[:2], dtype=mx.bool_)
+        pin_tokens = mx.zeros(logits.shape[:2], dtype=mx.int32)
+    fn = _compiled.get(probs_dtype)
+    if fn is None:
+        fn = _compiled[probs_dtype] = mx.compile(partial(_step, probs_dtype=probs_dtype))
+    return fn(logits, temp, bound, key, pin_mask, pin_tokens)
 
 
 def stop_update(history, argmax, entropy, confidence_threshold):

@@ -33,10 +33,10 @@ def test_temperature_schedule_matches_reference():
 @pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
 def test_entropy_matches_reference(scale):
     logits = np.random.default_rng(1).standard_normal((2, 12, 50)).astype(np.float32) * scale
-    _, p, h = tempered_stats(mx.array(logits), 0.7)
+    _, e, s, h = tempered_stats(mx.array(logits), 0.7)
     want = torch.distributions.Categorical(logits=torch.tensor(logits) / 0.7).entropy().numpy()
     np.testing.assert_allclose(np.array(h), want, atol=2e-5)
-    np.testing.assert_allclose(np.array(p), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(e / s), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bound", [1e-3, 0.1, 1.0, 10.0])
@@ -49,7 +49,7 @@ def test_acceptance_and_renoise_match_reference(bound, scale):
     denoised = torch.tensor(rng.integers(0, 40, (3, 20)))
     accepted = ref.accept_canvas(current, denoised, torch.tensor(logits), 1)
     want_mask = ref.accepted_token_mask.numpy()
-    _, _, h = tempered_stats(mx.array(logits), 1.0)
+    _, _, _, h = tempered_stats(mx.array(logits), 1.0)
     mask = np.array(entropy_accept(h, bound))
     np.testing.assert_array_equal(mask, want_mask)
     assert mask.sum(axis=-1).min() >= 1  # the lowest-entropy token is always accepted
@@ -57,9 +57,10 @@ def test_acceptance_and_renoise_match_reference(bound, scale):
     renoised = ref.renoise_canvas(accepted, 1).numpy()
     np.testing.assert_array_equal(renoised[want_mask], denoised.numpy()[want_mask])
     # Ours: accepted positions carry the sample; the others fresh uniform noise.
-    nxt, argmax, _, acc = denoise_sample(mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0))
+    nxt, argmax, _, acc, probs = denoise_sample(mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0))
     np.testing.assert_array_equal(np.array(acc), want_mask)
     np.testing.assert_array_equal(np.array(argmax), logits.argmax(-1))
+    np.testing.assert_allclose(np.array(probs), torch.softmax(torch.tensor(logits), -1).numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_samples_follow_the_tempered_distribution():
@@ -87,7 +88,7 @@ def test_stop_rule_matches_reference(stability):
         scale = 1.0 if step < 2 else 60.0  # then confident
         logits = (rng.standard_normal((2, 6, 9)) * scale).astype(np.float32)
         want = ref(torch.tensor(argmax), torch.tensor(logits)).numpy()
-        _, _, h = tempered_stats(mx.array(logits), 1.0)
+        _, _, _, h = tempered_stats(mx.array(logits), 1.0)
         got, history = stop_update(history, mx.array(argmax, dtype=mx.int32), h, 0.05)
         np.testing.assert_array_equal(np.array(got), want)
 

@@ -95,26 +95,34 @@ def tempered_stats(logits: mx.array, temp):
     return x, e, s, entropy
 
 
-def _step(logits, temp, bound, key, pin_mask, pin_tokens, probs_dtype):
+def _position_pass(logits, temp, u, probs_dtype):
+    """The vocabulary-sized work for some canvas positions: entropy, an inverse-CDF sample (one
+    uniform draw `u` per position, not one per vocabulary entry; exact for softmax(x), as
+    torch.multinomial is), the argmax and the next step's self-conditioning probabilities, all
+    from one max and one exp pass."""
     x, e, s, entropy = tempered_stats(logits, temp)
-    # Pinned positions (infilling) are known: zero entropy, so they spend none of the bound.
-    entropy = mx.where(pin_mask, 0.0, entropy)
-    k_sample, k_noise = mx.random.split(key)
-    # Inverse-CDF sampling from the same exp pass: one uniform draw per position (not one per
-    # vocabulary entry), exact for the categorical softmax(x) as torch.multinomial is.
-    u = mx.random.uniform(shape=(*x.shape[:-1], 1), key=k_sample) * s
-    sample = mx.minimum((mx.cumsum(e, axis=-1) < u).sum(axis=-1), x.shape[-1] - 1).astype(mx.int32)
-    argmax = mx.where(pin_mask, pin_tokens, mx.argmax(x, axis=-1).astype(mx.int32))
-    accept = entropy_accept(entropy, bound) | pin_mask
-    noise = mx.random.randint(0, x.shape[-1], accept.shape, dtype=mx.int32, key=k_noise)
-    canvas = mx.where(pin_mask, pin_tokens, mx.where(accept, sample, noise))
-    # The next step's self-conditioning input. The reference casts the tempered logits to the
-    # embedding dtype before its float32 softmax; with float32 embeddings that is these probs.
+    sample = mx.minimum((mx.cumsum(e, axis=-1) < u * s).sum(axis=-1), x.shape[-1] - 1).astype(mx.int32)
+    argmax = mx.argmax(x, axis=-1).astype(mx.int32)
+    # The reference casts the tempered logits to the embedding dtype before its float32
+    # softmax; with float32 embeddings that is e / s.
     probs = e / s if probs_dtype == mx.float32 else self_conditioning_probs(x, 1.0, probs_dtype)
-    return canvas, argmax, entropy, accept, probs
+    return entropy, sample, argmax, probs
 
 
-_compiled = {}
+def _accept_pass(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens):
+    """Canvas-sized: acceptance, re-noising, pinned positions (zero entropy, so they spend none
+    of the bound, and always kept)."""
+    entropy = mx.where(pin_mask, 0.0, entropy)
+    accept = entropy_accept(entropy, bound) | pin_mask
+    canvas = mx.where(pin_mask, pin_tokens, mx.where(accept, sample, noise))
+    return canvas, mx.where(pin_mask, pin_tokens, argmax), entropy, accept
+
+
+_accept_compiled = mx.compile(_accept_pass)
+_position_compiled = {}
+# Vocabulary-sized temporaries are bounded by running the position pass over slices of the
+# canvas of at most this many logits (64 positions at the real 262144 vocabulary).
+CHUNK_ELEMENTS = 1 << 24
 
 
 def self_conditioning_probs(logits, temp, dtype):
@@ -128,15 +136,22 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
     samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
     tempered logits, the acceptance mask and the self-conditioning probabilities (in
-    `probs_dtype`). `temp` and `bound` are scalar arrays so the compiled graph is reused across
-    steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling); by default none."""
+    `probs_dtype`). `temp` and `bound` are scalar arrays so the compiled graphs are reused
+    across steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling)."""
+    B, C, V = logits.shape
     if pin_mask is None:
-        pin_mask = mx.zeros(logits.shape[:2], dtype=mx.bool_)
-        pin_tokens = mx.zeros(logits.shape[:2], dtype=mx.int32)
-    fn = _compiled.get(probs_dtype)
+        pin_mask = mx.zeros((B, C), dtype=mx.bool_)
+        pin_tokens = mx.zeros((B, C), dtype=mx.int32)
+    k_sample, k_noise = mx.random.split(key)
+    u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
+    noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
+    fn = _position_compiled.get(probs_dtype)
     if fn is None:
-        fn = _compiled[probs_dtype] = mx.compile(partial(_step, probs_dtype=probs_dtype))
-    return fn(logits, temp, bound, key, pin_mask, pin_tokens)
+        fn = _position_compiled[probs_dtype] = mx.compile(partial(_position_pass, probs_dtype=probs_dtype))
+    step = max(1, CHUNK_ELEMENTS // (B * V))
+    parts = [fn(logits[:, i : i + step], temp, u[:, i : i + step]) for i in range(0, C, step)]
+    entropy, sample, argmax, probs = (mx.concatenate(p, axis=1) if len(parts) > 1 else p[0] for p in zip(*parts))
+    return (*_accept_compiled(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens), probs)
 
 
 def stop_update(history, argmax, entropy, confidence_threshold):

@@ -39,8 +39,9 @@ class PromptCache:
         if self.is_sliding[layer]:
             keep = self.sliding_window - 1
             if keys.shape[2] > keep:
-                keys = keys[:, :, keys.shape[2] - keep :]
-                values = values[:, :, values.shape[2] - keep :]
+                # copies: a sliced view would keep the whole untrimmed buffer alive
+                keys = mx.contiguous(keys[:, :, keys.shape[2] - keep :])
+                values = mx.contiguous(values[:, :, values.shape[2] - keep :])
         self.keys[layer] = keys
         self.values[layer] = values
 

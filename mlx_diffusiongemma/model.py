@@ -97,6 +97,12 @@ class Attention(nn.Module):
         return self.o_proj(out), (keys, values)
 
 
+@partial(mx.compile, shapeless=True)
+def softcap_fp32(logits, cap):
+    """The final softcap in float32, as the reference: one fused pass over the vocabulary."""
+    return mx.tanh(logits.astype(mx.float32) / cap) * cap
+
+
 def gelu_tanh(x):
     return nn.gelu_approx(x)
 
@@ -374,11 +380,10 @@ class Model(nn.Module):
             logits = self.model.decoder.embed_tokens.as_linear(h)
         else:
             logits = self.lm_head(h)
-        logits = logits.astype(mx.float32)
         cap = self.args.final_logit_softcapping
         if cap:
-            logits = mx.tanh(logits / cap) * cap
-        return logits
+            return softcap_fp32(logits, mx.array(cap, dtype=mx.float32))
+        return logits.astype(mx.float32)
 
     def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None) -> mx.array:
         if self_conditioning_logits is not None:

@@ -1,0 +1,74 @@
+"""Arguments and dispatch of `python -m mlx_diffusiongemma.benchmark SECTION`."""
+
+import argparse
+import os
+import sys
+import time
+
+from . import __doc__ as DOC
+from .common import CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
+from .fullshape import section_build, section_fullwidth, section_gpu, section_weights
+from .peers import reference_main, section_peers
+from .profile import section_profile
+from .shapes import SHAPES
+
+SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
+            "peers": section_peers, "profile": section_profile, "gpu": section_gpu}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m mlx_diffusiongemma.benchmark",
+                                description=DOC.split("\n\n")[0])
+    p.add_argument("section", choices=[*SECTIONS, "_reference"])
+    p.add_argument("--json", help="append each section's figures to this file as JSON lines")
+    p.add_argument("--workdir", default=os.environ.get("DG_BENCH_WORKDIR", "/tmp/dg-bench"),
+                   help="where the mid-size checkpoint is written (default /tmp/dg-bench)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (fullwidth: 2; build, gpu: 30)")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (fullwidth, gpu: 4096; peers, profile: 512)")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (encode step)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="fullwidth weights (bfloat16 on a CPU: expert weights are cast to float32 per call, which inflates the transients)")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
+    p.add_argument("--max-tokens", type=int, default=512, help="new tokens (peers, gpu)")
+    p.add_argument("--ar-tokens", type=int, default=256, help="autoregressive tokens (peers)")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference"], help="peers to leave out")
+    p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run)")
+    p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
+    p.add_argument("--force", action="store_true", help="build: ignore the free-memory check")
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--wait-idle", type=float, default=300,
+                   help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)")
+    p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
+    o = p.parse_args(argv)
+    defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
+                "profile": (None, 512), "weights": (None, None), "_reference": (None, 512)}
+    dl, dp = defaults[o.section]
+    if o.section == "gpu" and o.shape != "full":
+        dl = SHAPES[o.shape]["num_hidden_layers"]
+    o.layers = o.layers if o.layers is not None else dl
+    o.prompt = o.prompt if o.prompt is not None else dp
+    if o.section == "fullwidth" and o.repeat == 3:
+        o.repeat = 2
+    return o
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "_reference" not in argv:
+        maybe_reexec_with_openblas(argv)
+    opts = parse(argv)
+    if opts.section == "_reference":
+        return reference_main(opts)
+    rep = Report(opts.json)
+    if opts.wait_idle and opts.section not in ("weights",):
+        wait_idle(opts.wait_idle)
+    meter = CpuMeter()
+    t = time.perf_counter()
+    SECTIONS[opts.section](opts, rep)
+    share = meter.others_share()
+    busy = "" if share is None else f"; other processes used {share:.1%} of the CPUs meanwhile"
+    say(f"  ({time.perf_counter() - t:.0f} s wall{busy})")
+    rep.save(opts.section + ":run", {"wall_s": time.perf_counter() - t, "others_cpu_share": share})

@@ -1,0 +1,81 @@
+"""Smoke test of `python -m mlx_diffusiongemma.benchmark`: the analytic weights section and a tiny
+CPU dry run of the GPU section, as subprocesses (through the entry point and its OpenBLAS re-exec),
+checking that they exit 0, print their key figure lines and write their JSON lines. The long
+sections (build, fullwidth, peers, profile) are only checked to parse their arguments."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args, timeout=180):
+    p = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.benchmark", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+def assert_lines(out, *patterns):
+    for pat in patterns:
+        assert re.search(pat, out, re.MULTILINE), f"no line matches {pat!r} in:\n{out}"
+
+
+def json_lines(path):
+    return {d["section"]: d for d in map(json.loads, path.read_text().splitlines())}
+
+
+def test_weights(tmp_path):
+    out = bench("weights", "--json", str(tmp_path / "w.jsonl"))
+    row = r"\s+[\d,]+\s+\d+\.\d\d\s+\d+\.\d\d$"
+    assert_lines(
+        out,
+        r"^== weights: resident text-model weight bytes, full shape .* \| MLX .* \| BLAS: .* \| commit ",
+        r"^  mixed 4-bit \(default: 8-bit embeddings/attention/dense MLP/router, 4-bit experts\)" + row,
+        r"^  uniform 4-bit" + row, r"^  8-bit" + row, r"^  bf16" + row,
+        r"^  mixed 4-bit by part: experts \d+\.\d{3} GB, embeddings \d+\.\d{3} GB",
+        r"^  target <= 16 GB resident at 4 bits: mixed \d+\.\d\d GB \((met|missed) by \d+\.\d\d GB\)",
+        r"^  \(\d+ s wall",
+    )
+    figures = json_lines(tmp_path / "w.jsonl")
+    assert set(figures) == {"weights", "weights:run"}
+    recipes = figures["weights"]["recipes"]
+    assert len(recipes) == 4
+    for r in recipes.values():
+        assert r["bytes"] == sum(r["by_category"].values()) > 0
+
+
+def test_gpu_dry_run(tmp_path):
+    # the tiny shape at one layer and a small vocabulary: quantized matmuls are slow on a CPU
+    out = bench("gpu", "--allow-cpu", "--shape", "tiny", "--layers", "1", "--vocab", "256", "--prompt", "64",
+                "--chunk", "64", "--max-tokens", "256", "--steps", "2", "--repeat", "1", "--wait-idle", "0",
+                "--json", str(tmp_path / "g.jsonl"))
+    assert_lines(
+        out,
+        r"^== gpu: tiny shape, 1 layers, vocab 256, mixed 4-bit, 64-token prompt, 2 fixed steps \| ",
+        r"^  weights \d+\.\d{3} GB, built in \d+ s$",
+        r"^  prefill: 64 tokens in \d+ ms = \d+ tok/s$",
+        r"^  decoder step latency \(forward, logits\) [\d.]+ ms; full step with sampler and self-conditioning "
+        r"[\d.]+ ms \(sampler [\d.]+ ms, self-conditioning [\d.]+ ms: [\d.]+% of the step\)$",
+        r"^  generation: 256 tokens, 2 decoder forwards, [\d.]+ tok/s, [\d.]+ ms per 256-token canvas",
+        r"^  vLLM H100 FP8",
+        r"^  \(\d+ s wall",
+    )
+    figures = json_lines(tmp_path / "g.jsonl")
+    assert set(figures) == {"gpu", "gpu:run"}
+    g = figures["gpu"]
+    assert (g["layers"], g["vocab"], g["tokens"], g["forwards"]) == (1, 256, 256, 2)
+    assert g["decode_step_s"] > 0 and g["generation_tps"] > 0
+
+
+@pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference"])
+def test_long_sections_parse(section):
+    from mlx_diffusiongemma.bench.cli import parse
+
+    o = parse([section])
+    assert o.section == section

@@ -1,0 +1,82 @@
+"""The CPU's expert strategy: gathered matmuls over tiles of rows that share one expert.
+
+MLX's CPU `gather_mm` runs one GEMM per gathered batch element. mlx-lm's sorted layout makes
+every (token, expert) row its own 1-row element, so each row re-reads its expert's weights: a
+matrix-vector product per row, memory-bound, 10-23 GFLOP/s on a 2-core Xeon where BLAS runs 250.
+Here the rows, sorted by expert, are packed into tiles of TILE rows that all use one expert (an
+expert's last tile is padded), and the gathered matmul runs one TILE-row GEMM per tile: each tile
+reads its expert's weights once. Measured on that Xeon (OpenBLAS, float32, 256 tokens, top-8):
+full shape (128 experts, 2816 -> 704) 2478 -> 457 ms per MoE block; mid shape (64 experts,
+1024 -> 256) 155 -> 42 ms. Same ops, same order of summation per output: the results equal the
+sorted gathered matmul's to float32 rounding.
+
+Metal and CUDA have real gathered-matmul kernels, so this runs on the CPU only (see Experts).
+It is still one graph of MLX ops, no Python loop over experts.
+"""
+
+import mlx.core as mx
+
+MAX_TILE = 32
+
+
+def tile_rows(rows: int, num_experts: int) -> int:
+    """Rows per tile for `rows` (token, expert) rows, or 0 to keep mlx-lm's row layout.
+
+    Measured on the 2-core Xeon at both shapes above for 8 to 2048 tokens: with a = rows /
+    experts, tiles win from a = 2, and the best tile is about 2a rows (small tiles waste less
+    padding, large ones read the weights fewer times), up to 32."""
+    a = rows // num_experts
+    if a < 2:
+        return 0
+    return min(MAX_TILE, 1 << (2 * a - 1).bit_length())
+
+
+def tile_layout(idx, num_experts: int, tile: int):
+    """Place the flat (token, k) assignments of `idx` (N, k) into expert-pure tiles.
+
+    Returns (src, tile_expert, dest): padded row r takes assignment src[r] (padding rows take
+    assignment 0: computed, never read), tile b uses expert tile_expert[b], and assignment a's
+    result sits in padded row dest[a].
+    """
+    flat = idx.reshape(-1).astype(mx.int32)
+    A = flat.size
+    order = mx.argsort(flat)
+    se = flat[order]
+    counts = mx.zeros((num_experts,), mx.int32).at[se].add(mx.ones_like(se))
+    start = mx.cumsum(counts) - counts  # first sorted row of each expert
+    tiles = (counts + tile - 1) // tile
+    tile_end = mx.cumsum(tiles)
+    n_tiles = _tile_count(tiles, A, num_experts, tile)
+    rank = mx.arange(A, dtype=mx.int32) - start[se]
+    dest_sorted = (tile_end - tiles)[se] * tile + rank
+    src = mx.zeros((n_tiles * tile,), mx.int32).at[dest_sorted].add(order.astype(mx.int32))
+    dest = mx.zeros((A,), mx.int32).at[order].add(dest_sorted)
+    b = mx.arange(n_tiles, dtype=mx.int32)
+    # Tile b belongs to the first expert whose tiles end after it (bound-size dummies: the last).
+    tile_expert = (b[:, None] >= tile_end[None, :]).astype(mx.int32).sum(axis=-1)
+    tile_expert = mx.minimum(tile_expert, num_experts - 1).astype(mx.uint32)
+    return src, tile_expert, dest
+
+
+def _tile_count(tiles, A: int, num_experts: int, tile: int) -> int:
+    """The exact tile count (one host sync), or under mx.compile/vmap, where nothing may be
+    evaluated, the most there can be: sum(ceil(c/T)) <= (A + H(T-1)) / T for H hit experts.
+    Exact saves ~25% (the dummy tiles' GEMMs) at the shapes above."""
+    try:
+        return max(int(tiles.sum().item()), 1)
+    except ValueError:
+        H = min(num_experts, A)
+        return (A + H * (tile - 1)) // tile
+
+
+def tiled_experts(x, idx, gate_up, down, act, num_experts: int, tile: int):
+    """x (N, D), idx (N, k) -> per-assignment outputs (N, k, D).
+
+    gate_up(x, experts) and down(h, experts) are gathered matmuls over (tiles, tile, .) rows;
+    act maps the gate|up halves to the down projection's input."""
+    N, k = idx.shape
+    src, tile_expert, dest = tile_layout(idx, num_experts, tile)
+    xp = x[src // k].reshape(-1, tile, x.shape[-1])
+    h = act(gate_up(xp, tile_expert))
+    y = down(h, tile_expert)
+    return y.reshape(-1, y.shape[-1])[dest].reshape(N, k, -1)

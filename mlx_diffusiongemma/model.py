@@ -15,6 +15,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from .cache import CanvasKV, PromptCache
 from .config import ModelArgs
+from .cpu_streams import row_parallel
 from .expert_tiles import tile_rows, tiled_experts
 
 
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         elif prefix is not None and prefix[0] is not None:
             keys = mx.concatenate([prefix[0], k], axis=2)
             values = mx.concatenate([prefix[1], v], axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        out = attention(q, keys, values, mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out), (keys, values)
 
@@ -104,8 +105,25 @@ def softcap_fp32(logits, cap):
     return mx.tanh(logits.astype(mx.float32) / cap) * cap
 
 
-def gelu_tanh(x):
-    return nn.gelu_approx(x)
+def _gelu_glu(gate, up):
+    return nn.gelu_approx(gate) * up
+
+
+def gelu_glu(gate, up):
+    """gelu(gate, tanh approximation) * up, row-parallel on the CPU (its tanh is scalar there: cpu_streams.py)."""
+    return row_parallel(_gelu_glu, (gate, up), (-2, -2))
+
+
+def attention(q, keys, values, mask):
+    """Scaled dot-product attention (scale 1: the q/k norms take its place); on the CPU the
+    queries are split across cores (cpu_streams.py): there the softmax's exp is scalar."""
+    L = q.shape[2]
+    mask_axis = -2 if isinstance(mask, mx.array) and mask.ndim >= 2 and mask.shape[-2] == L else None
+    return row_parallel(_sdpa, (q, keys, values, mask), (2, None, None, mask_axis))
+
+
+def _sdpa(q, keys, values, mask):
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
 
 
 class MLP(nn.Module):
@@ -116,7 +134,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_glu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -184,7 +202,7 @@ class Experts(nn.Module):
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(shape)
 
     def _act(self, h):
-        return gelu_tanh(h[..., : self.inter]) * h[..., self.inter :]
+        return gelu_glu(h[..., : self.inter], h[..., self.inter :])
 
     def _sorted_rows(self, x, idx):
         """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively."""
@@ -246,7 +264,7 @@ class SelfConditioning(nn.Module):
         # With no signal (first step) the MLP of zeros is exactly zero: skip it.
         if soft_embeds is not None:
             n = self.pre_norm(soft_embeds)
-            embeds = embeds + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n))
+            embeds = embeds + self.down_proj(gelu_glu(self.gate_proj(n), self.up_proj(n)))
         return self.post_norm(embeds)
 
 
@@ -403,8 +421,8 @@ class Model(nn.Module):
         else:
             logits = self.lm_head(h)
         cap = self.args.final_logit_softcapping
-        if cap:
-            return softcap_fp32(logits, mx.array(cap, dtype=mx.float32))
+        if cap:  # row-parallel on the CPU: a tanh per logit (cpu_streams.py)
+            return row_parallel(softcap_fp32, (logits, mx.array(cap, dtype=mx.float32)), (-2, None))
         return logits.astype(mx.float32)
 
     def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None) -> mx.array:

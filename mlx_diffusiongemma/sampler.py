@@ -9,6 +9,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .cpu_streams import row_parallel
+
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = dict(
     max_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
@@ -148,9 +150,8 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     fn = _position_compiled.get(probs_dtype)
     if fn is None:
         fn = _position_compiled[probs_dtype] = mx.compile(partial(_position_pass, probs_dtype=probs_dtype))
-    step = max(1, CHUNK_ELEMENTS // (B * V))
-    parts = [fn(logits[:, i : i + step], temp, u[:, i : i + step]) for i in range(0, C, step)]
-    entropy, sample, argmax, probs = (mx.concatenate(p, axis=1) if len(parts) > 1 else p[0] for p in zip(*parts))
+    chunks = -(-B * C * V // CHUNK_ELEMENTS)
+    entropy, sample, argmax, probs = row_parallel(fn, (logits, temp, u), (1, None, 1), min_parts=chunks)
     return (*_accept_compiled(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens), probs)
 
 

@@ -88,26 +88,64 @@ def tempered_stats(logits: mx.array, temp):
     """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
     e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
     where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
-    catastrophically there). Returns (x, e, s, entropy)."""
-    x = logits.astype(mx.float32) / temp
-    z = x - mx.max(x, axis=-1, keepdims=True)
+    catastrophically there). Returns (argmax, e, s, entropy)."""
+    argmax, e, s, _, entropy = _tempered(logits, temp)
+    return argmax, e, s, entropy
+
+
+def _tempered(logits, temp):
+    logits = logits.astype(mx.float32)
+    argmax = mx.argmax(logits, axis=-1)
+    # max(x) is x at the argmax (t > 0): one pass over the vocabulary gives both.
+    z = (logits - mx.take_along_axis(logits, argmax[..., None], axis=-1)) / temp
     e = mx.exp(z)
-    s = e.sum(axis=-1, keepdims=True)
+    s, blocks = _sum_with_blocks(e)
     entropy = mx.log(s[..., 0]) - (e * z).sum(axis=-1) / s[..., 0]
-    return x, e, s, entropy
+    return argmax.astype(mx.int32), e, s, blocks, entropy
+
+
+def _block_size(V: int) -> int:
+    """Vocabulary block for the two-level inverse CDF: a power of two dividing V (0: none)."""
+    return next((b for b in (256, 128, 64, 32, 16, 8) if V % b == 0 and V > b), 0)
+
+
+def _sum_with_blocks(e):
+    """sum(e) over the vocabulary, and the per-block sums it is made of (None when the
+    vocabulary has no block size): one pass serves the normalizer and the sampler."""
+    b = _block_size(e.shape[-1])
+    if not b:
+        return e.sum(axis=-1, keepdims=True), None
+    blocks = e.reshape(*e.shape[:-1], -1, b).sum(axis=-1)
+    return blocks.sum(axis=-1, keepdims=True), blocks
+
+
+def inverse_cdf_sample(e, blocks, target):
+    """The first index whose running sum of e reaches `target` (u * s): an exact categorical
+    draw from e / s with one uniform per position. Two levels (which block, then where in it)
+    so that only one block per position is scanned, not a cumsum of the whole vocabulary."""
+    V = e.shape[-1]
+    if blocks is None:
+        return mx.minimum((mx.cumsum(e, axis=-1) < target).sum(axis=-1), V - 1).astype(mx.int32)
+    nb = blocks.shape[-1]
+    b = V // nb
+    cum = mx.cumsum(blocks, axis=-1)
+    j = mx.minimum((cum < target).sum(axis=-1, keepdims=True), nb - 1)  # (..., 1)
+    before = mx.take_along_axis(cum, j, axis=-1) - mx.take_along_axis(blocks, j, axis=-1)
+    inside = mx.take_along_axis(e.reshape(*e.shape[:-1], nb, b), j[..., None], axis=-2)[..., 0, :]
+    k = ((before + mx.cumsum(inside, axis=-1)) < target).sum(axis=-1, keepdims=True)
+    return (j * b + mx.minimum(k, b - 1))[..., 0].astype(mx.int32)
 
 
 def _position_pass(logits, temp, u, probs_dtype):
     """The vocabulary-sized work for some canvas positions: entropy, an inverse-CDF sample (one
     uniform draw `u` per position, not one per vocabulary entry; exact for softmax(x), as
     torch.multinomial is), the argmax and the next step's self-conditioning probabilities, all
-    from one max and one exp pass."""
-    x, e, s, entropy = tempered_stats(logits, temp)
-    sample = mx.minimum((mx.cumsum(e, axis=-1) < u * s).sum(axis=-1), x.shape[-1] - 1).astype(mx.int32)
-    argmax = mx.argmax(x, axis=-1).astype(mx.int32)
+    from one argmax, one exp and one block-sum pass."""
+    argmax, e, s, blocks, entropy = _tempered(logits, temp)
+    sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
-    probs = e / s if probs_dtype == mx.float32 else self_conditioning_probs(x, 1.0, probs_dtype)
+    probs = e / s if probs_dtype == mx.float32 else self_conditioning_probs(logits, temp, probs_dtype)
     return entropy, sample, argmax, probs
 
 

@@ -125,3 +125,24 @@ def test_chunked_position_pass_gives_the_same_step(monkeypatch):
     sliced = [np.array(a) for a in denoise_sample(*args)]
     for a, b in zip(whole, sliced):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("V", [50, 64, 4096, 3 * 256])
+def test_inverse_cdf_sample_is_exact(V):
+    """The two-level draw picks the first token whose running probability reaches u, as a
+    float64 inverse CDF does (positions where u falls within rounding of a boundary skipped)."""
+    from mlx_diffusiongemma.sampler import _position_pass
+
+    rng = np.random.default_rng(V)
+    logits = (rng.standard_normal((2, 40, V)) * 4).astype(np.float32)
+    logits[0, 0] = -30.0  # a flat row
+    logits[1, 0, V - 1] = 40.0  # all mass on the last token
+    u = rng.uniform(size=(2, 40, 1)).astype(np.float32)
+    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), mx.float32)
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64) / 0.7, -1).numpy()
+    cdf = np.cumsum(p, -1)
+    want = np.minimum((cdf < u).sum(-1), V - 1)
+    near = np.abs(np.take_along_axis(cdf, want[..., None], -1)[..., 0] - u[..., 0]) < 1e-5
+    got = np.array(sample)
+    assert (got[~near] == want[~near]).all() and near.mean() < 0.1
+    assert got[1, 0] == V - 1 and (np.array(argmax) == logits.argmax(-1)).all()

@@ -12,8 +12,10 @@ from .step import (decoder_cache, per_layer_times, sampler_inputs, sampler_step,
 
 def expert_strategies(E, D, I, N, K, n=3):
     """Seconds of one MoE block (gate|up, GeGLU, down, weighted sum) for N tokens, top-K of E
-    experts, float32: gathered matmuls on rows sorted by expert (mlx-lm's SwitchLinear path),
-    unsorted gathered matmuls, and dense all-expert matmuls (unchosen experts weighted 0)."""
+    experts, float32: gathered matmuls over expert-pure tiles of rows (what the CPU runs,
+    expert_tiles.py), gathered matmuls on rows sorted by expert (mlx-lm's SwitchLinear path, what
+    Metal and CUDA run), unsorted gathered matmuls, dense all-expert matmuls (unchosen experts
+    weighted 0) and a host loop of one GEMM per expert."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
@@ -36,6 +38,13 @@ def expert_strategies(E, D, I, N, K, n=3):
         if sort:
             y = _scatter_unsort(y, inv, idx.shape)
         return (y.squeeze(-2) * wts[..., None]).sum(-2)
+
+    def tiled():
+        from ..expert_tiles import tile_rows, tiled_experts
+        gm = lambda w: lambda h, e: mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=e, sorted_indices=True)
+        act = lambda h: nn.gelu_approx(h[..., :I]) * h[..., I:]
+        y = tiled_experts(x, idx, gm(w1), gm(w2), act, E, tile_rows(idx.size, E))
+        return (y * wts[..., None]).sum(-2)
 
     def dense():
         h = (x @ w1.reshape(-1, D).T).reshape(N, E, 2 * I)
@@ -64,7 +73,8 @@ def expert_strategies(E, D, I, N, K, n=3):
 
     flop = 2 * N * K * 3 * D * I
     out = {}
-    for name, fn in (("gathered, sorted", lambda: gathered(True)), ("gathered, unsorted", lambda: gathered(False)),
+    for name, fn in (("gathered, expert tiles", tiled), ("gathered, sorted", lambda: gathered(True)),
+                     ("gathered, unsorted", lambda: gathered(False)),
                      ("dense, all experts", dense), ("grouped GEMM per expert (host loop)", grouped)):
         if name.startswith("dense") and N * E * 2 * I * 4 > 2 * GiB:
             continue

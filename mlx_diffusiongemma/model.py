@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .cache import CanvasKV, PromptCache
+from . import cpu_math
 from .config import ModelArgs
 from .cpu_streams import row_parallel
 from .expert_tiles import tile_rows, tiled_experts
@@ -105,13 +106,12 @@ def softcap_fp32(logits, cap):
     return mx.tanh(logits.astype(mx.float32) / cap) * cap
 
 
-def _gelu_glu(gate, up):
-    return nn.gelu_approx(gate) * up
-
-
 def gelu_glu(gate, up):
-    """gelu(gate, tanh approximation) * up, row-parallel on the CPU (its tanh is scalar there: cpu_streams.py)."""
-    return row_parallel(_gelu_glu, (gate, up), (-2, -2))
+    """gelu(gate, tanh approximation) * up. On the CPU, where MLX's tanh is scalar, from a fused
+    polynomial exp (cpu_math.py) and row-parallel (cpu_streams.py)."""
+    if mx.default_device() == mx.cpu:
+        return row_parallel(cpu_math.gelu_glu, (gate, up), (-2, -2))
+    return nn.gelu_approx(gate) * up
 
 
 def attention(q, keys, values, mask):

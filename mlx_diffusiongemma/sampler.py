@@ -9,6 +9,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import cpu_math
 from .cpu_streams import row_parallel
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
@@ -84,21 +85,21 @@ def entropy_accept(entropy: mx.array, bound) -> mx.array:
     return mx.take_along_axis(selected, rank, axis=-1)
 
 
-def tempered_stats(logits: mx.array, temp):
+def tempered_stats(logits: mx.array, temp, fast_exp: bool = False):
     """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
     e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
     where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
     catastrophically there). Returns (argmax, e, s, entropy)."""
-    argmax, e, s, _, entropy = _tempered(logits, temp)
+    argmax, e, s, _, entropy = _tempered(logits, temp, fast_exp)
     return argmax, e, s, entropy
 
 
-def _tempered(logits, temp):
+def _tempered(logits, temp, fast_exp):
     logits = logits.astype(mx.float32)
     argmax = mx.argmax(logits, axis=-1)
     # max(x) is x at the argmax (t > 0): one pass over the vocabulary gives both.
     z = (logits - mx.take_along_axis(logits, argmax[..., None], axis=-1)) / temp
-    e = mx.exp(z)
+    e = cpu_math.exp(z) if fast_exp else mx.exp(z)
     s, blocks = _sum_with_blocks(e)
     entropy = mx.log(s[..., 0]) - (e * z).sum(axis=-1) / s[..., 0]
     return argmax.astype(mx.int32), e, s, blocks, entropy
@@ -136,12 +137,12 @@ def inverse_cdf_sample(e, blocks, target):
     return (j * b + mx.minimum(k, b - 1))[..., 0].astype(mx.int32)
 
 
-def _position_pass(logits, temp, u, probs_dtype):
+def _position_pass(logits, temp, u, probs_dtype, fast_exp):
     """The vocabulary-sized work for some canvas positions: entropy, an inverse-CDF sample (one
     uniform draw `u` per position, not one per vocabulary entry; exact for softmax(x), as
     torch.multinomial is), the argmax and the next step's self-conditioning probabilities, all
-    from one argmax, one exp and one block-sum pass."""
-    argmax, e, s, blocks, entropy = _tempered(logits, temp)
+    from one argmax, one exp and one block-sum pass. `fast_exp`: the CPU's (cpu_math.py)."""
+    argmax, e, s, blocks, entropy = _tempered(logits, temp, fast_exp)
     sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
@@ -185,9 +186,11 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     k_sample, k_noise = mx.random.split(key)
     u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
     noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
-    fn = _position_compiled.get(probs_dtype)
+    fast_exp = mx.default_device() == mx.cpu
+    fn = _position_compiled.get((probs_dtype, fast_exp))
     if fn is None:
-        fn = _position_compiled[probs_dtype] = mx.compile(partial(_position_pass, probs_dtype=probs_dtype))
+        fn = mx.compile(partial(_position_pass, probs_dtype=probs_dtype, fast_exp=fast_exp))
+        _position_compiled[(probs_dtype, fast_exp)] = fn
     chunks = -(-B * C * V // CHUNK_ELEMENTS)
     entropy, sample, argmax, probs = row_parallel(fn, (logits, temp, u), (1, None, 1), min_parts=chunks)
     return (*_accept_compiled(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens), probs)

@@ -30,10 +30,11 @@ def test_temperature_schedule_matches_reference():
         assert abs(temperature(step, s) - want) < 1e-6
 
 
+@pytest.mark.parametrize("fast_exp", [False, True])
 @pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
-def test_entropy_matches_reference(scale):
+def test_entropy_matches_reference(scale, fast_exp):
     logits = np.random.default_rng(1).standard_normal((2, 12, 50)).astype(np.float32) * scale
-    _, e, s, h = tempered_stats(mx.array(logits), 0.7)
+    _, e, s, h = tempered_stats(mx.array(logits), 0.7, fast_exp)
     want = torch.distributions.Categorical(logits=torch.tensor(logits) / 0.7).entropy().numpy()
     np.testing.assert_allclose(np.array(h), want, atol=2e-5)
     np.testing.assert_allclose(np.array(e / s), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
@@ -127,8 +128,9 @@ def test_chunked_position_pass_gives_the_same_step(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fast_exp", [False, True])
 @pytest.mark.parametrize("V", [50, 64, 4096, 3 * 256])
-def test_inverse_cdf_sample_is_exact(V):
+def test_inverse_cdf_sample_is_exact(V, fast_exp):
     """The two-level draw picks the first token whose running probability reaches u, as a
     float64 inverse CDF does (positions where u falls within rounding of a boundary skipped)."""
     from mlx_diffusiongemma.sampler import _position_pass
@@ -138,7 +140,7 @@ def test_inverse_cdf_sample_is_exact(V):
     logits[0, 0] = -30.0  # a flat row
     logits[1, 0, V - 1] = 40.0  # all mass on the last token
     u = rng.uniform(size=(2, 40, 1)).astype(np.float32)
-    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), mx.float32)
+    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), mx.float32, fast_exp)
     p = torch.softmax(torch.tensor(logits, dtype=torch.float64) / 0.7, -1).numpy()
     cdf = np.cumsum(p, -1)
     want = np.minimum((cdf < u).sum(-1), V - 1)

@@ -106,6 +106,11 @@ def softcap_fp32(logits, cap):
     return mx.tanh(logits.astype(mx.float32) / cap) * cap
 
 
+def final_softcap(logits, cap: float):
+    """tanh(logits / cap) * cap in float32; row-parallel on the CPU (cpu_streams.py)."""
+    return row_parallel(softcap_fp32, (logits, mx.array(cap, dtype=mx.float32)), (-2, None))
+
+
 def gelu_glu(gate, up):
     """gelu(gate, tanh approximation) * up. On the CPU, where MLX's tanh is scalar, from a fused
     polynomial exp (cpu_math.py) and row-parallel (cpu_streams.py)."""
@@ -421,8 +426,8 @@ class Model(nn.Module):
         else:
             logits = self.lm_head(h)
         cap = self.args.final_logit_softcapping
-        if cap:  # row-parallel on the CPU: a tanh per logit (cpu_streams.py)
-            return row_parallel(softcap_fp32, (logits, mx.array(cap, dtype=mx.float32)), (-2, None))
+        if cap:
+            return final_softcap(logits, cap)
         return logits.astype(mx.float32)
 
     def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None) -> mx.array:

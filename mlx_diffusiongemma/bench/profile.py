@@ -172,7 +172,8 @@ def section_profile(opts, rep):
     parts["layers: norms, residuals, other"] = max(sum(lt) - sum(v for k, v in acc.items() if not k.startswith("self-conditioning")), 0)
     logits_f = logits * 1.0
     mx.eval(logits_f)
-    t_cap = timeit(lambda: mx.eval(mx.tanh(logits_f / 30.0) * 30.0), opts.repeat)
+    from ..model import final_softcap
+    t_cap = timeit(lambda: mx.eval(final_softcap(logits_f, 30.0)), opts.repeat)
     parts["final norm + LM head matmul"] = max(t_head - t_cap, 0.0)
     parts["logit softcap (tanh over the vocabulary)"] = t_cap
     parts["sampler (denoise_sample)"] = samp["denoise_sample"]

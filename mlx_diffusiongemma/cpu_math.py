@@ -1,15 +1,18 @@
-"""exp and GELU for MLX's CPU backend, built from arithmetic that MLX's compiler fuses.
+"""exp, tanh and GELU for MLX's CPU backend, built from arithmetic that MLX's compiler fuses.
 
 MLX's CPU exp and tanh run one element at a time, ~65-80 M elements/s on a 2-core Xeon, and
-they dominate the sampler's vocabulary pass and the GELUs. Here exp is Cody-Waite range
-reduction and a degree-7 Taylor polynomial (max relative error 1.0e-7, about 1 ulp; MLX's CPU
-exp measured 1.6e-6), fused by mx.compile with its callers' arithmetic. Measured on that Xeon,
-float32, one stream: exp over 1.5 M elements 18.3 -> 9.5 ms; GELU-GLU over 2944 x 256
-23.8 -> 5.2 ms (GELU written as x * sigmoid(2z), which needs one exp where the tanh form needs
-a tanh). tanh (the softcap) and the attention softmax were tried the same way and were not
-faster (fused kernels with broadcasting run strided), so they stay MLX's.
+they dominate the sampler's vocabulary pass (softcap and softmax) and the GELUs. Here exp is
+Cody-Waite range reduction and a degree-7 Taylor polynomial (max relative error 1.0e-7, about
+1 ulp; MLX's CPU exp measured 1.6e-6), tanh and GELU are written with it. MLX's compiled CPU
+graphs still write some intermediates to memory, so these pay off on slices that stay in the
+L2 cache (cpu_streams.CACHE_ELEMENTS): measured on that Xeon, float32, one stream, exp runs
+~200 M elements/s there (~65 M/s on arrays past the cache); the sampler's pass over 256 x 32768
+logits with the softcap went 139 -> 100 ms on two streams, a GELU-GLU over 2944 x 256 23.8 ->
+~9 ms. The attention softmax was tried the same way and gained nothing measurable: it stays
+mx.fast.scaled_dot_product_attention, and the model's own softcap (model.decode) stays mx.tanh.
 
-Only the CPU uses these (model.py, sampler.py); Metal and CUDA keep mx.exp and nn.gelu_approx.
+Only the CPU uses these (model.py, sampler.py); Metal and CUDA keep mx.exp, mx.tanh and
+nn.gelu_approx.
 """
 
 import math
@@ -41,6 +44,13 @@ def exp(x):
 
 def _pow2(k):
     return mx.view(mx.left_shift(k + 127, 23), mx.float32)
+
+
+def tanh(x):
+    """1 - 2 / (exp(2x) + 1): absolute error ~1e-7 (the ulp of 1) for every x, which is what a
+    float32 result near +-1 can hold; relative accuracy near 0 is not kept (the softcap needs
+    none: its output is cap * tanh, whose float32 ulp is already ~cap * 1e-7 near the cap)."""
+    return 1.0 - 2.0 / (exp(2.0 * x.astype(mx.float32)) + 1.0)
 
 
 @mx.compile

@@ -110,11 +110,12 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     cache = CanvasKV(cache, C)  # the prefix K/V, copied once for all steps of this canvas
     argmax, soft, steps = canvas, None, 0
     for remaining in range(N, 0, -1):
-        logits = model.decode(canvas, cache, soft_embeds=soft)
+        logits = model.decode(canvas, cache, soft_embeds=soft, softcap=False)
         key, sub = mx.random.split(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
         canvas, argmax, entropy, accepted, probs = denoise_sample(
-            logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype)
+            logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype,
+            softcap=model.args.final_logit_softcapping)
         finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
         steps += 1
         mx.eval(canvas, argmax, finished, *(() if history is None else (history,)))

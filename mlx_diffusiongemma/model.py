@@ -111,11 +111,11 @@ def final_softcap(logits, cap: float):
     return row_parallel(softcap_fp32, (logits, mx.array(cap, dtype=mx.float32)), (-2, None))
 
 
-def gelu_glu(gate, up):
+def gelu_glu(gate, up, axis=-2):
     """gelu(gate, tanh approximation) * up. On the CPU, where MLX's tanh is scalar, from a fused
-    polynomial exp (cpu_math.py) and row-parallel (cpu_streams.py)."""
+    polynomial exp (cpu_math.py), in cache-sized slices along `axis` (cpu_streams.py)."""
     if mx.default_device() == mx.cpu:
-        return row_parallel(cpu_math.gelu_glu, (gate, up), (-2, -2))
+        return row_parallel(cpu_math.gelu_glu, (gate, up), (axis, axis), cache_sized=True)
     return nn.gelu_approx(gate) * up
 
 
@@ -207,7 +207,7 @@ class Experts(nn.Module):
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(shape)
 
     def _act(self, h):
-        return gelu_glu(h[..., : self.inter], h[..., self.inter :])
+        return gelu_glu(h[..., : self.inter], h[..., self.inter :], axis=0)
 
     def _sorted_rows(self, x, idx):
         """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively."""
@@ -420,20 +420,25 @@ class Model(nn.Module):
             h, _ = layer(h, cache.offset, attend, cache.masks[i], layer.layer_scalar)
         return dec.norm(h)
 
-    def lm_logits(self, h: mx.array) -> mx.array:
+    def lm_logits(self, h: mx.array, softcap: bool = True) -> mx.array:
+        """float32 logits after the final softcap; with softcap=False the LM head's raw output
+        in its own dtype (the sampler applies the softcap inside its vocabulary pass)."""
         if self.args.tie_word_embeddings:
             logits = self.model.decoder.embed_tokens.as_linear(h)
         else:
             logits = self.lm_head(h)
+        if not softcap:
+            return logits
         cap = self.args.final_logit_softcapping
         if cap:
             return final_softcap(logits, cap)
         return logits.astype(mx.float32)
 
-    def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None) -> mx.array:
+    def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None,
+               softcap: bool = True) -> mx.array:
         if self_conditioning_logits is not None:
             soft_embeds = self.soft_embeddings(self_conditioning_logits)
-        return self.lm_logits(self.decode_hidden(canvas, cache, soft_embeds))
+        return self.lm_logits(self.decode_hidden(canvas, cache, soft_embeds), softcap)
 
     def __call__(self, input_ids, decoder_input_ids, self_conditioning_logits=None):
         """Same call as the reference forward: encodes `input_ids` into a fresh cache and returns

@@ -85,21 +85,21 @@ def entropy_accept(entropy: mx.array, bound) -> mx.array:
     return mx.take_along_axis(selected, rank, axis=-1)
 
 
-def tempered_stats(logits: mx.array, temp, fast_exp: bool = False):
+def tempered_stats(logits: mx.array, temp, fast_math: bool = False):
     """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
     e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
     where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
     catastrophically there). Returns (argmax, e, s, entropy)."""
-    argmax, e, s, _, entropy = _tempered(logits, temp, fast_exp)
+    argmax, e, s, _, entropy = _tempered(logits, temp, fast_math)
     return argmax, e, s, entropy
 
 
-def _tempered(logits, temp, fast_exp):
+def _tempered(logits, temp, fast_math):
     logits = logits.astype(mx.float32)
     argmax = mx.argmax(logits, axis=-1)
     # max(x) is x at the argmax (t > 0): one pass over the vocabulary gives both.
     z = (logits - mx.take_along_axis(logits, argmax[..., None], axis=-1)) / temp
-    e = cpu_math.exp(z) if fast_exp else mx.exp(z)
+    e = cpu_math.exp(z) if fast_math else mx.exp(z)
     s, blocks = _sum_with_blocks(e)
     entropy = mx.log(s[..., 0]) - (e * z).sum(axis=-1) / s[..., 0]
     return argmax.astype(mx.int32), e, s, blocks, entropy
@@ -137,12 +137,16 @@ def inverse_cdf_sample(e, blocks, target):
     return (j * b + mx.minimum(k, b - 1))[..., 0].astype(mx.int32)
 
 
-def _position_pass(logits, temp, u, probs_dtype, fast_exp):
+def _position_pass(logits, temp, u, cap, probs_dtype, fast_math):
     """The vocabulary-sized work for some canvas positions: entropy, an inverse-CDF sample (one
     uniform draw `u` per position, not one per vocabulary entry; exact for softmax(x), as
     torch.multinomial is), the argmax and the next step's self-conditioning probabilities, all
-    from one argmax, one exp and one block-sum pass. `fast_exp`: the CPU's (cpu_math.py)."""
-    argmax, e, s, blocks, entropy = _tempered(logits, temp, fast_exp)
+    from one argmax, one exp and one block-sum pass. `fast_math`: the CPU's exp and tanh (cpu_math.py).
+    `cap`: the final softcap to apply first (None: the logits are final)."""
+    if cap is not None:  # as the model's softcap: float32 tanh(logits / cap) * cap
+        tanh = cpu_math.tanh if fast_math else mx.tanh
+        logits = tanh(logits.astype(mx.float32) / cap) * cap
+    argmax, e, s, blocks, entropy = _tempered(logits, temp, fast_math)
     sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
@@ -173,12 +177,15 @@ def self_conditioning_probs(logits, temp, dtype):
     return mx.softmax(x.astype(mx.float32), axis=-1).astype(dtype)
 
 
-def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32):
+def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32,
+                   softcap: Optional[float] = None):
     """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
     samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
     tempered logits, the acceptance mask and the self-conditioning probabilities (in
     `probs_dtype`). `temp` and `bound` are scalar arrays so the compiled graphs are reused
-    across steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling)."""
+    across steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling).
+    `softcap`: the model's final softcap when `logits` are the LM head's raw output (then it
+    runs inside the same pass: no softcapped copy of the logits is written)."""
     B, C, V = logits.shape
     if pin_mask is None:
         pin_mask = mx.zeros((B, C), dtype=mx.bool_)
@@ -186,13 +193,19 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     k_sample, k_noise = mx.random.split(key)
     u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
     noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
-    fast_exp = mx.default_device() == mx.cpu
-    fn = _position_compiled.get((probs_dtype, fast_exp))
+    fast_math = mx.default_device() == mx.cpu
+    key_ = (probs_dtype, fast_math, bool(softcap))
+    fn = _position_compiled.get(key_)
     if fn is None:
-        fn = mx.compile(partial(_position_pass, probs_dtype=probs_dtype, fast_exp=fast_exp))
-        _position_compiled[(probs_dtype, fast_exp)] = fn
+        if softcap:
+            fn = partial(_position_pass, probs_dtype=probs_dtype, fast_math=fast_math)
+        else:
+            fn = partial(_position_pass, cap=None, probs_dtype=probs_dtype, fast_math=fast_math)
+        fn = _position_compiled[key_] = mx.compile(fn)
+    args = (logits, temp, u) + ((mx.array(softcap, dtype=mx.float32),) if softcap else ())
     chunks = -(-B * C * V // CHUNK_ELEMENTS)
-    entropy, sample, argmax, probs = row_parallel(fn, (logits, temp, u), (1, None, 1), min_parts=chunks)
+    entropy, sample, argmax, probs = row_parallel(fn, args, (1, None, 1, None)[: len(args)],
+                                                  min_parts=chunks, cache_sized=True)
     return (*_accept_compiled(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens), probs)
 
 

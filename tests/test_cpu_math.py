@@ -44,3 +44,11 @@ def test_gradients():
     g1 = mx.grad(lambda a: cpu_math.gelu_glu(a, u).sum())(x)
     g2 = mx.grad(lambda a: (nn.gelu_approx(a) * u).sum())(x)
     np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-5)
+
+
+def test_tanh_absolute_error():
+    x = np.concatenate([np.linspace(-20, 20, 200001), [0.0, -0.0, 1e-30, 50.0, -50.0, 1e4, -1e4]]).astype(np.float32)
+    got = np.array(mx.compile(cpu_math.tanh)(mx.array(x)))
+    assert np.max(np.abs(got - np.tanh(x.astype(np.float64)))) < 2.5e-7
+    special = np.array(cpu_math.tanh(mx.array([np.inf, -np.inf], dtype=mx.float32)))
+    assert (special == [1, -1]).all()

@@ -20,8 +20,8 @@ def test_pinned_tokens_never_change_during_denoising(tiny, monkeypatch):
     seen = []
     orig = gen.denoise_sample
 
-    def spy(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32):
-        out = orig(logits, temp, bound, key, pin_mask, pin_tokens, probs_dtype)
+    def spy(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32, softcap=None):
+        out = orig(logits, temp, bound, key, pin_mask, pin_tokens, probs_dtype, softcap)
         seen.append((np.array(out[0]), np.array(out[1]), np.array(out[3])))
         return out
 

@@ -30,11 +30,11 @@ def test_temperature_schedule_matches_reference():
         assert abs(temperature(step, s) - want) < 1e-6
 
 
-@pytest.mark.parametrize("fast_exp", [False, True])
+@pytest.mark.parametrize("fast_math", [False, True])
 @pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
-def test_entropy_matches_reference(scale, fast_exp):
+def test_entropy_matches_reference(scale, fast_math):
     logits = np.random.default_rng(1).standard_normal((2, 12, 50)).astype(np.float32) * scale
-    _, e, s, h = tempered_stats(mx.array(logits), 0.7, fast_exp)
+    _, e, s, h = tempered_stats(mx.array(logits), 0.7, fast_math)
     want = torch.distributions.Categorical(logits=torch.tensor(logits) / 0.7).entropy().numpy()
     np.testing.assert_allclose(np.array(h), want, atol=2e-5)
     np.testing.assert_allclose(np.array(e / s), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
@@ -128,9 +128,9 @@ def test_chunked_position_pass_gives_the_same_step(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fast_exp", [False, True])
+@pytest.mark.parametrize("fast_math", [False, True])
 @pytest.mark.parametrize("V", [50, 64, 4096, 3 * 256])
-def test_inverse_cdf_sample_is_exact(V, fast_exp):
+def test_inverse_cdf_sample_is_exact(V, fast_math):
     """The two-level draw picks the first token whose running probability reaches u, as a
     float64 inverse CDF does (positions where u falls within rounding of a boundary skipped)."""
     from mlx_diffusiongemma.sampler import _position_pass
@@ -140,7 +140,7 @@ def test_inverse_cdf_sample_is_exact(V, fast_exp):
     logits[0, 0] = -30.0  # a flat row
     logits[1, 0, V - 1] = 40.0  # all mass on the last token
     u = rng.uniform(size=(2, 40, 1)).astype(np.float32)
-    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), mx.float32, fast_exp)
+    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), None, mx.float32, fast_math)
     p = torch.softmax(torch.tensor(logits, dtype=torch.float64) / 0.7, -1).numpy()
     cdf = np.cumsum(p, -1)
     want = np.minimum((cdf < u).sum(-1), V - 1)
@@ -148,3 +148,21 @@ def test_inverse_cdf_sample_is_exact(V, fast_exp):
     got = np.array(sample)
     assert (got[~near] == want[~near]).all() and near.mean() < 0.1
     assert got[1, 0] == V - 1 and (np.array(argmax) == logits.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("probs_dtype", [mx.float32, mx.bfloat16])
+def test_softcap_inside_the_pass_equals_softcapped_logits(probs_dtype):
+    """The loop hands the sampler raw LM-head logits and the cap; the step equals the one on
+    the model's softcapped logits: the same tokens, and entropies and probabilities within the
+    CPU tanh's rounding (cpu_math.tanh: 2.5e-7 absolute, i.e. 7.5e-6 on the capped logits)."""
+    from mlx_diffusiongemma.model import final_softcap
+
+    raw = mx.array((np.random.default_rng(7).standard_normal((2, 24, 96)) * 40).astype(np.float32))
+    args = (mx.array(0.6), mx.array(0.3), mx.random.key(2), None, None, probs_dtype)
+    as_np = lambda outs: [np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a) for a in outs]
+    capped = as_np(denoise_sample(final_softcap(raw, 30.0), *args))
+    fused = as_np(denoise_sample(raw, *args, softcap=30.0))
+    for i in (0, 1, 3):  # next canvas, argmax, acceptance
+        np.testing.assert_array_equal(capped[i], fused[i])
+    np.testing.assert_allclose(fused[2], capped[2], atol=1e-4)  # entropy
+    np.testing.assert_allclose(fused[4], capped[4], atol=1e-5 if probs_dtype == mx.float32 else 8e-3)

@@ -9,8 +9,8 @@ from .common import GB, GiB, gpu_available, mem_available, random_prompt, rss_by
 from .models import (RECIPES, all_recipe_bytes, build_random_float, build_random_quantized, default_quant,
                      layer_counts, make_args, param_bytes, recipe_bytes)
 from .shapes import FULL_CANVAS, FULL_TEXT, SHAPES, TARGETS, VLLM_H100
-from .step import (by_kind, canvas_kv_layers, decoder_cache, fixed_steps, kv_bytes, per_layer_times,
-                   sampler_inputs, sampler_step, time_lm_head, time_sampler)
+from .step import (by_kind, canvas_kv_layers, decoder_cache, fixed_steps, kv_bytes, loop_decode,
+                   per_layer_times, sampler_inputs, sampler_step, time_lm_head, time_sampler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def section_fullwidth(opts, rep):
     dcache = decoder_cache(cache, FULL_CANVAS)
     copy = mx.get_active_memory() - a0
     t = time.perf_counter()
-    logits = model.decode(canvas, dcache)
+    logits = loop_decode(model, canvas, dcache)
     mx.eval(logits)
     t_first = time.perf_counter() - t
     peak_dec = mx.get_peak_memory()
@@ -135,7 +135,7 @@ def section_fullwidth(opts, rep):
     peak_samp = mx.get_peak_memory()
     # 4. a second step with self-conditioning (the steady state)
     mx.reset_peak_memory()
-    logits2 = model.decode(new_canvas, dcache, soft_embeds=soft)
+    logits2 = loop_decode(model, new_canvas, dcache, soft)
     mx.eval(logits2)
     peak_dec2 = mx.get_peak_memory()
     del logits2
@@ -147,7 +147,7 @@ def section_fullwidth(opts, rep):
 
     # timings
     n = opts.repeat
-    t_dec = timeit(lambda: mx.eval(model.decode(new_canvas, dcache, soft_embeds=soft)), n)
+    t_dec = timeit(lambda: mx.eval(loop_decode(model, new_canvas, dcache, soft)), n)
     lt, t_scmlp = per_layer_times(model, new_canvas, dcache, soft)
     lt_s, lt_f = by_kind(lt, args)
     t_s = statistics.mean(lt_s) if Ls else 0.0
@@ -251,14 +251,14 @@ def section_gpu(opts, rep):
     t_prefill = time.perf_counter() - t
     dcache = decoder_cache(cache, C)
     canvas = mx.random.randint(0, V, (1, C), dtype=mx.int32)
-    t_dec = timeit(lambda: mx.eval(model.decode(canvas, dcache)), opts.repeat, warmup=2)
-    logits = model.decode(canvas, dcache)
+    t_dec = timeit(lambda: mx.eval(loop_decode(model, canvas, dcache)), opts.repeat, warmup=2)
+    logits = loop_decode(model, canvas, dcache)
     temp, bound, key = sampler_inputs()
     _, soft = sampler_step(model, logits, temp, bound, key)
     mx.eval(logits, soft)
 
     def full_step():
-        lg = model.decode(canvas, dcache, soft_embeds=soft)
+        lg = loop_decode(model, canvas, dcache, soft)
         mx.eval(sampler_step(model, lg, temp, bound, key))
 
     t_step = timeit(full_step, opts.repeat, warmup=2)

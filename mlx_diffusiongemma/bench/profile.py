@@ -6,8 +6,8 @@ import time
 
 from .common import GiB, ensure_mid_checkpoint, random_prompt, say, timeit
 from .shapes import FULL_TEXT
-from .step import (decoder_cache, per_layer_times, sampler_inputs, sampler_step, time_lm_head, time_sampler,
-                   timed_calls)
+from .step import (decoder_cache, fused_softcap, loop_decode, per_layer_times, sampler_inputs,
+                   sampler_step, time_lm_head, time_sampler, timed_calls)
 
 
 def expert_strategies(E, D, I, N, K, n=3):
@@ -134,12 +134,12 @@ def section_profile(opts, rep):
     t_commit = statistics.median([commit() for _ in range(3)])
     t_canvas_kv = timeit(lambda: decoder_cache(cache, C), 3)
     dcache = decoder_cache(cache, C)
-    logits = model.decode(canvas, dcache)
+    logits = loop_decode(model, canvas, dcache)
     mx.eval(logits)
     temp, bound, key = sampler_inputs()
     _, soft = sampler_step(model, logits, temp, bound, key)
     mx.eval(soft)
-    t_dec = timeit(lambda: mx.eval(model.decode(canvas, dcache, soft_embeds=soft)), opts.repeat)
+    t_dec = timeit(lambda: mx.eval(loop_decode(model, canvas, dcache, soft)), opts.repeat)
     layer = model.layers[0]
     classes = {"attention (projections, norms, RoPE, SDPA)": type(layer.self_attn), "dense MLP": type(layer.mlp),
                "router": type(layer.router), "experts (MoE)": type(layer.experts),
@@ -149,7 +149,7 @@ def section_profile(opts, rep):
     def module_times():
         acc = {}
         with timed_calls(list(classes.values()), acc, key=lambda m: names[type(m)]):
-            mx.eval(model.decode(canvas, dcache, soft_embeds=soft))
+            mx.eval(loop_decode(model, canvas, dcache, soft))
         return acc
 
     acc, acc2 = module_times(), module_times()
@@ -160,7 +160,7 @@ def section_profile(opts, rep):
     acc3 = {}
     lin = {type(getattr(layer.self_attn, "q_proj"))}
     with timed_calls(list(lin), acc3, key=lambda m: "proj" if id(m) in proj_ids else "other"):
-        mx.eval(model.decode(canvas, dcache, soft_embeds=soft))
+        mx.eval(loop_decode(model, canvas, dcache, soft))
     att = "attention (projections, norms, RoPE, SDPA)"
     if att in acc and "proj" in acc3:
         acc["attention: q/k/v/o projections"] = acc3["proj"]
@@ -170,13 +170,16 @@ def section_profile(opts, rep):
     samp = time_sampler(model, logits, opts.repeat)
     parts = dict(acc)
     parts["layers: norms, residuals, other"] = max(sum(lt) - sum(v for k, v in acc.items() if not k.startswith("self-conditioning")), 0)
-    logits_f = logits * 1.0
-    mx.eval(logits_f)
-    from ..model import final_softcap
-    t_cap = timeit(lambda: mx.eval(final_softcap(logits_f, 30.0)), opts.repeat)
-    parts["final norm + LM head matmul"] = max(t_head - t_cap, 0.0)
-    parts["logit softcap (tanh over the vocabulary)"] = t_cap
-    parts["sampler (denoise_sample)"] = samp["denoise_sample"]
+    if fused_softcap(model):  # the loop's sampler applies the softcap in its own pass
+        parts["final norm + LM head matmul"] = t_head
+        parts["sampler (softcap + denoise_sample)"] = samp["denoise_sample"]
+    else:
+        logits_f = logits * 1.0
+        mx.eval(logits_f)
+        t_cap = timeit(lambda: mx.eval(mx.tanh(logits_f / 30.0) * 30.0), opts.repeat)
+        parts["final norm + LM head matmul"] = max(t_head - t_cap, 0.0)
+        parts["logit softcap (tanh over the vocabulary)"] = t_cap
+        parts["sampler (denoise_sample)"] = samp["denoise_sample"]
     if samp["sc_softmax"]:
         parts["self-conditioning softmax"] = samp["sc_softmax"]
     parts["self-conditioning probs @ embedding"] = samp["sc_matmul"]

@@ -85,12 +85,32 @@ def sampler_inputs():
     return mx.array(0.6, dtype=mx.float32), mx.array(0.1, dtype=mx.float32), mx.random.key(0)
 
 
-def _takes_probs_dtype():
+def _takes(fn, name):
     import inspect
 
+    return name in inspect.signature(fn).parameters
+
+
+def _takes_probs_dtype():
     from ..sampler import denoise_sample
 
-    return "probs_dtype" in inspect.signature(denoise_sample).parameters
+    return _takes(denoise_sample, "probs_dtype")
+
+
+def fused_softcap(model):
+    """Whether this version's loop hands the sampler raw LM-head logits and the sampler applies
+    the final softcap inside its vocabulary pass."""
+    from ..sampler import denoise_sample
+
+    return _takes(denoise_sample, "softcap") and _takes(model.decode, "softcap")
+
+
+def loop_decode(model, canvas, dcache, soft=None):
+    """The decoder forward as the denoising loop runs it: raw logits where the sampler applies
+    the softcap, else the model's softcapped logits."""
+    if fused_softcap(model):
+        return model.decode(canvas, dcache, soft_embeds=soft, softcap=False)
+    return model.decode(canvas, dcache, soft_embeds=soft)
 
 
 def sampler_parts(model, logits, temp, bound, key):
@@ -101,6 +121,9 @@ def sampler_parts(model, logits, temp, bound, key):
     from ..sampler import denoise_sample, self_conditioning_probs
 
     dt = model.embed_dtype
+    if fused_softcap(model):  # `logits` from loop_decode: raw
+        out = denoise_sample(logits, temp, bound, key, None, None, dt, softcap=model.args.final_logit_softcapping)
+        return out, out[4], None
     if _takes_probs_dtype():
         out = denoise_sample(logits, temp, bound, key, None, None, dt)
         if len(out) >= 5:
@@ -118,8 +141,8 @@ def sampler_step(model, logits, temp, bound, key):
 
 def time_sampler(model, logits, n=3):
     """Seconds of the vocabulary-sized work of one denoising step outside the decoder forward:
-    the compiled sampler step, the self-conditioning softmax (where separate) and the
-    (probs @ embedding) matmul."""
+    the compiled sampler step (with the softcap where fused), the self-conditioning softmax
+    (where separate) and the (probs @ embedding) matmul. `logits`: from loop_decode."""
     import mlx.core as mx
 
     from ..sampler import denoise_sample
@@ -136,8 +159,9 @@ def time_sampler(model, logits, n=3):
                sc_total=t_probs + t_matmul, total=t_step)
     if model.embed_dtype != mx.bfloat16 and _takes_probs_dtype():
         # what a bf16 (e.g. quantized) checkpoint's sampler does: probabilities in bf16
+        cap = dict(softcap=model.args.final_logit_softcapping) if fused_softcap(model) else {}
         out["denoise_sample_bf16_probs"] = timeit(
-            lambda: mx.eval(denoise_sample(logits, temp, bound, key, None, None, mx.bfloat16)), n)
+            lambda: mx.eval(denoise_sample(logits, temp, bound, key, None, None, mx.bfloat16, **cap)), n)
     return out
 
 
@@ -151,17 +175,19 @@ def per_layer_times(model, canvas, dcache, soft=None):
     acc = {}
     with timed_calls([type(model.layers[0]), type(sc)], acc,
                      key=lambda m: "sc" if m is sc else ids.get(id(m), -1)):
-        mx.eval(model.decode(canvas, dcache, soft_embeds=soft))
+        mx.eval(loop_decode(model, canvas, dcache, soft))
     return [acc.get(i, 0.0) for i in range(len(model.layers))], acc.get("sc", 0.0)
 
 
 def time_lm_head(model, canvas, dcache, soft, n):
-    """Seconds of the final norm, LM head and softcap on the decoder's last hidden state."""
+    """Seconds of the final norm, LM head and (where the sampler does not apply it) softcap on
+    the decoder's last hidden state."""
     import mlx.core as mx
 
     h = model.decode_hidden(canvas, dcache, soft)
     mx.eval(h)
-    return timeit(lambda: mx.eval(model.lm_logits(h)), n)
+    kw = dict(softcap=False) if fused_softcap(model) else {}
+    return timeit(lambda: mx.eval(model.lm_logits(h, **kw)), n)
 
 
 def fixed_steps(model, ids, max_tokens, steps, seed, **kwargs):

@@ -150,7 +150,10 @@ def _position_pass(logits, temp, u, cap, probs_dtype, fast_math):
     sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
-    probs = e / s if probs_dtype == mx.float32 else self_conditioning_probs(logits, temp, probs_dtype)
+    if probs_dtype == mx.float32:
+        probs = e / s
+    else:
+        probs = self_conditioning_probs(logits, temp, probs_dtype, fast_math, argmax)
     return entropy, sample, argmax, probs
 
 
@@ -170,11 +173,20 @@ _position_compiled = {}
 CHUNK_ELEMENTS = 1 << 24
 
 
-def self_conditioning_probs(logits, temp, dtype):
+def self_conditioning_probs(logits, temp, dtype, fast_math=False, argmax=None):
     """softmax of the tempered logits in `dtype`, the reference's self-conditioning input: it
-    casts the tempered logits to the embedding dtype, softmaxes in float32 and casts again."""
-    x = (logits.astype(mx.float32) / temp).astype(dtype)
-    return mx.softmax(x.astype(mx.float32), axis=-1).astype(dtype)
+    casts the tempered logits to the embedding dtype, softmaxes in float32 and casts again.
+    With `fast_math` (the CPU) the softmax is written out with cpu_math.exp, and the maximum
+    taken at `argmax` when given (rounding to `dtype` keeps the order: no extra max pass)."""
+    x = (logits.astype(mx.float32) / temp).astype(dtype).astype(mx.float32)
+    if not fast_math:
+        return mx.softmax(x, axis=-1).astype(dtype)
+    if argmax is None:
+        top = mx.max(x, axis=-1, keepdims=True)
+    else:
+        top = mx.take_along_axis(x, argmax[..., None].astype(mx.int32), axis=-1)
+    e = cpu_math.exp(x - top)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(dtype)
 
 
 def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32,

@@ -166,3 +166,21 @@ def test_softcap_inside_the_pass_equals_softcapped_logits(probs_dtype):
         np.testing.assert_array_equal(capped[i], fused[i])
     np.testing.assert_allclose(fused[2], capped[2], atol=1e-4)  # entropy
     np.testing.assert_allclose(fused[4], capped[4], atol=1e-5 if probs_dtype == mx.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_bf16_self_conditioning_probs_round_as_the_reference(fast_math):
+    """A bf16 checkpoint's self-conditioning input: the reference casts the tempered logits to
+    bf16, softmaxes in float32 and casts to bf16. Ours gives the same bf16 values, but for
+    float32 rounding differences near bf16 rounding boundaries (one bf16 ulp at most)."""
+    from mlx_diffusiongemma.sampler import self_conditioning_probs
+
+    logits = (np.random.default_rng(9).standard_normal((2, 16, 3000)) * 8).astype(np.float32)
+    t = torch.tensor(logits) / 0.55
+    want = torch.softmax(t.to(torch.bfloat16).float(), -1).to(torch.bfloat16).float().numpy()
+    am = mx.argmax(mx.array(logits), axis=-1)
+    got = self_conditioning_probs(mx.array(logits), mx.array(0.55), mx.bfloat16, fast_math, am)
+    got = np.array(got.astype(mx.float32))
+    assert (got == want).mean() > 0.99  # MLX's own softmax, like ours: 99.4% here
+    normal = want > 1e-30  # below, float32 exp underflows differently
+    np.testing.assert_allclose(got[normal], want[normal], rtol=2 ** -7, atol=0)

@@ -1,7 +1,9 @@
 """The reference's entropy-bound sampler (transformers `generation_diffusion_gemma.py`), as pure
-MLX functions. One compiled graph per denoising step does all the vocabulary-sized work: one
-tempered pass gives the argmax, the entropy, the Gumbel-max sample and the self-conditioning
-probabilities; everything after that is canvas-sized."""
+MLX functions. One compiled graph per denoising step does all the vocabulary-sized work: the
+final softcap, then one argmax, one exp and one block-sum pass give the entropy, an exact
+inverse-CDF sample and the self-conditioning probabilities; everything after that is
+canvas-sized. On the CPU it runs in cache-sized slices on one stream per core with a polynomial
+exp (cpu_streams.py, cpu_math.py)."""
 
 from dataclasses import dataclass, fields
 from functools import partial

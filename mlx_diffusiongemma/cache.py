@@ -71,12 +71,6 @@ class PromptCache:
         if self.valid is not None:
             self.valid = self.valid[idx]
 
-    def subset(self, rows) -> "PromptCache":
-        """A new cache holding only the given batch rows; this one is left as it is."""
-        sub = copy.copy(self)
-        sub.select_rows(rows)
-        return sub
-
     def state(self):
         extra = [] if self.valid is None else [self.valid]
         return [a for a in self.keys + self.values if a is not None] + extra

@@ -3,11 +3,11 @@
 MLX's CPU `gather_mm` runs one GEMM per gathered batch element. mlx-lm's sorted layout makes
 every (token, expert) row its own 1-row element, so each row re-reads its expert's weights: a
 matrix-vector product per row, memory-bound, 10-23 GFLOP/s on a 2-core Xeon where BLAS runs 250.
-Here the rows, sorted by expert, are packed into tiles of TILE rows that all use one expert (an
-expert's last tile is padded), and the gathered matmul runs one TILE-row GEMM per tile: each tile
-reads its expert's weights once. Measured on that Xeon (OpenBLAS, float32, 256 tokens, top-8):
-full shape (128 experts, 2816 -> 704) 2478 -> 457 ms per MoE block; mid shape (64 experts,
-1024 -> 256) 155 -> 42 ms. Same ops, same order of summation per output: the results equal the
+Here the rows, sorted by expert, are packed into tiles of up to MAX_TILE rows that all use one
+expert (an expert's last tile is padded), and the gathered matmul runs one GEMM per tile: each
+tile reads its expert's weights once. Measured on that Xeon (OpenBLAS, float32, 256 tokens,
+top-8, 32-row tiles): full shape (128 experts, 2816 -> 704) 2478 -> 457 ms per MoE block; mid
+shape (64 experts, 1024 -> 256) 155 -> 42 ms. Same ops, same order of summation per output: the results equal the
 sorted gathered matmul's to float32 rounding.
 
 Metal and CUDA have real gathered-matmul kernels, so this runs on the CPU only (see Experts).

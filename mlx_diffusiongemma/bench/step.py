@@ -2,6 +2,7 @@
 self-conditioning), timed as a whole or in parts; and whole generation at fixed steps."""
 
 import contextlib
+import functools
 import time
 
 from .common import timeit
@@ -85,7 +86,9 @@ def sampler_inputs():
     return mx.array(0.6, dtype=mx.float32), mx.array(0.1, dtype=mx.float32), mx.random.key(0)
 
 
+@functools.lru_cache(maxsize=None)
 def _takes(fn, name):
+    """Whether fn has a parameter `name` (asked once: the answer is read inside timed calls)."""
     import inspect
 
     return name in inspect.signature(fn).parameters
@@ -102,7 +105,7 @@ def fused_softcap(model):
     the final softcap inside its vocabulary pass."""
     from ..sampler import denoise_sample
 
-    return _takes(denoise_sample, "softcap") and _takes(model.decode, "softcap")
+    return _takes(denoise_sample, "softcap") and _takes(type(model).decode, "softcap")
 
 
 def loop_decode(model, canvas, dcache, soft=None):

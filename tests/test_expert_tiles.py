@@ -7,7 +7,7 @@ import pytest
 
 from mlx_diffusiongemma import model as M
 from mlx_diffusiongemma.config import ModelArgs
-from mlx_diffusiongemma.expert_tiles import tile_layout, tile_rows
+from mlx_diffusiongemma.expert_tiles import TILE_OVERHEAD_ROWS, TILE_SIZES, best_tile, tile_layout, tile_rows
 
 
 def make_experts(E, D, I, k, dtype=mx.float32, seed=0):
@@ -40,8 +40,8 @@ def rows_layout(ex, x, idx, w, monkeypatch):
                                         (16, 1, 100, 0), (16, 4, 64, 3.0), (4, 4, 33, 0)])
 def test_tile_layout_is_a_placement(E, k, N, skew):
     idx, _ = routing(N, E, k, seed=N, skew=skew)
-    tile = tile_rows(idx.size, E) or 4
-    src, tile_expert, dest = (np.array(a) for a in tile_layout(idx, E, tile))
+    src, tile_expert, dest, tile = tile_layout(idx, E, tile_rows(idx.size, E) or 4)
+    src, tile_expert, dest = (np.array(a) for a in (src, tile_expert, dest))
     flat = np.array(idx).reshape(-1)
     A = flat.size
     assert sorted(dest.tolist()) == sorted(set(dest.tolist())) and len(dest) == A  # one row each
@@ -49,6 +49,7 @@ def test_tile_layout_is_a_placement(E, k, N, skew):
     assert (tile_expert[dest // tile] == flat).all()  # ... and sits in a tile of its expert
     # exact tile count: each expert's rows fill ceil(count / tile) tiles, no dummies
     counts = np.bincount(flat, minlength=E)
+    assert tile == best_tile(counts)
     assert len(tile_expert) == (-(-counts // tile)).sum()
     assert (np.diff(tile_expert.astype(np.int64)) >= 0).all()  # sorted, as the matmul is told
 
@@ -83,6 +84,20 @@ def test_tiled_bfloat16_weights(monkeypatch):
 def test_tile_rows_choice():
     assert tile_rows(15, 8) == 0 and tile_rows(16, 8) == 4  # from 2 rows per expert
     assert tile_rows(2048, 128) == 32 and tile_rows(512, 128) == 8 and tile_rows(10**6, 8) == 32
+
+
+def test_best_tile_choice():
+    # one tile per expert when every count fits a size with little padding
+    assert best_tile([33, 40, 47, 30, 45]) == 48
+    assert best_tile([16] * 10) == 16 and best_tile([2, 3, 1, 0, 4]) == 4
+    # many rows per expert: the largest tiles (fewest calls)
+    assert best_tile([1000, 900]) == 128
+    # it is the argmin of the stated cost, over random counts
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        counts = rng.poisson(rng.uniform(1, 100), size=rng.integers(1, 130))
+        cost = {T: (-(-counts // T)).sum() * (TILE_OVERHEAD_ROWS + T) for T in TILE_SIZES}
+        assert cost[best_tile(counts)] == min(cost.values())
 
 
 def test_gradients_through_tiles(monkeypatch):

@@ -61,3 +61,10 @@ def gelu_glu(gate, up):
     g = gate.astype(mx.float32)
     z = math.sqrt(2 / math.pi) * (g + 0.044715 * g * g * g)
     return (g / (1.0 + exp(-2.0 * z)) * up.astype(mx.float32)).astype(dt)
+
+
+@mx.compile
+def softmax(x):
+    """softmax over the last axis, with the polynomial exp."""
+    e = exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -1,6 +1,6 @@
-"""The CPU-only strategies (expert tiles, streams, polynomial exp/tanh) stay off other backends:
+"""The CPU-only strategies (expert tiles, streams, polynomial exp/tanh, the CPU attention) stay off other backends:
 with MLX reporting a GPU as the default device, generation takes mlx-lm's row layout, mx.exp /
-mx.tanh / nn.gelu_approx and unsplit ops, and gives the same tokens as the CPU paths (the arrays
+mx.tanh / nn.gelu_approx / mx.fast attention and unsplit ops, and gives the same tokens as the CPU paths (the arrays
 still live on the CPU: only the device MLX reports is changed)."""
 
 import mlx.core as mx
@@ -24,7 +24,8 @@ def test_gpu_default_takes_none_of_the_cpu_paths(tiny, monkeypatch):
     used = []
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     for mod, name in ((model_mod, "tiled_experts"), (cpu_math, "exp"), (cpu_math, "tanh"),
-                      (cpu_math, "gelu_glu"), (expert_tiles, "tile_layout")):
+                      (cpu_math, "gelu_glu"), (cpu_math, "softmax"), (model_mod, "attention_cpu"),
+                      (expert_tiles, "tile_layout")):
         orig = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _n=name, _o=orig, **k: used.append(_n) or _o(*a, **k))
     monkeypatch.setattr(mx, "new_stream", lambda *a, **k: used.append("new_stream"))

@@ -50,15 +50,35 @@ def test_row_parallel_passthrough_and_axes(monkeypatch):
     assert calls == [(1, 4)]
 
 
-def test_attention_split_over_queries_with_mask():
-    q = mx.random.normal((2, 4, 9, 16), key=mx.random.key(1))
-    k = mx.random.normal((2, 2, 20, 16), key=mx.random.key(2))
-    v = mx.random.normal((2, 2, 20, 16), key=mx.random.key(3))
-    mask = mx.random.uniform(shape=(2, 1, 9, 20), key=mx.random.key(4)) > 0.3
-    mask = mask | (mx.arange(20) == 0)  # no empty rows
-    for m in (mask, mask[:, :, :1], None):  # per query, broadcast over queries, none
-        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=m)
-        assert np.array_equal(np.array(attention(q, k, v, m)), np.array(want))
+def _attention_f64(q, k, v, mask):
+    q, k, v = (np.array(a).astype(np.float64) for a in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = q @ k.swapaxes(-1, -2)
+    if mask is not None:
+        m = np.array(mask)
+        s = np.where(m, s, -np.inf) if m.dtype == bool else s + m
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("H,Hk,L,S", [(4, 2, 9, 20), (4, 4, 7, 13), (8, 1, 256, 300)])
+def test_cpu_attention_masks(H, Hk, L, S):
+    """The CPU attention (softmax in slices across streams; the last shape makes several) against
+    float64, for every mask form the model and mx.fast's signature allow."""
+    q = mx.random.normal((2, H, L, 16), key=mx.random.key(1))
+    k = mx.random.normal((2, Hk, S, 16), key=mx.random.key(2))
+    v = mx.random.normal((2, Hk, S, 16), key=mx.random.key(3))
+    mask = mx.random.uniform(shape=(2, 1, L, S), key=mx.random.key(4)) > 0.3
+    mask = mask | (mx.arange(S) == 0)  # no empty rows
+    per_head = mx.broadcast_to(mask, (2, H, L, S)) & (mx.arange(H)[:, None, None] + mx.arange(S) != 3)
+    additive = mx.where(mask, 0.0, -1e9)
+    for m in (mask, mask[:, :, :1], mask[0, 0], per_head, additive, None):
+        want = _attention_f64(q, k, v, m)
+        got = np.array(attention(q, k, v, m))
+        np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), rtol=0)
+        fast = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=m))
+        assert np.abs(got - want).max() <= 2 * np.abs(fast - want).max() + 1e-6  # as close as mx.fast
 
 
 def test_streams_per_thread():

@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs
+from .cpu_memory import keep_freed_memory
 from .model import Model
 from .safetensors_check import CheckpointError, read_header
 
@@ -156,6 +157,7 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     path = resolve_path(path_or_hub_id)
     config = read_config(path)
     args = ModelArgs.from_config(config)
+    keep_freed_memory()
     weights = sanitize(load_weights_lazily(path), args)
     model = Model(args)
     if args.quantization:

@@ -8,6 +8,7 @@ import pytest
 
 from mlx_diffusiongemma import cpu_streams
 from mlx_diffusiongemma.cpu_streams import row_parallel
+from mlx_diffusiongemma import model as model_mod
 from mlx_diffusiongemma.model import attention
 
 
@@ -63,9 +64,13 @@ def _attention_f64(q, k, v, mask):
 
 
 @pytest.mark.parametrize("H,Hk,L,S", [(4, 2, 9, 20), (4, 4, 7, 13), (8, 1, 256, 300)])
-def test_cpu_attention_masks(H, Hk, L, S):
+@pytest.mark.parametrize("chunk", [None, 600])
+def test_cpu_attention_masks(H, Hk, L, S, chunk, monkeypatch):
     """The CPU attention (softmax in slices across streams; the last shape makes several) against
-    float64, for every mask form the model and mx.fast's signature allow."""
+    float64, for every mask form the model and mx.fast's signature allow; also in query blocks
+    (a small ATTENTION_CHUNK_ELEMENTS)."""
+    if chunk:
+        monkeypatch.setattr(model_mod, "ATTENTION_CHUNK_ELEMENTS", chunk)
     q = mx.random.normal((2, H, L, 16), key=mx.random.key(1))
     k = mx.random.normal((2, Hk, S, 16), key=mx.random.key(2))
     v = mx.random.normal((2, Hk, S, 16), key=mx.random.key(3))

@@ -39,11 +39,22 @@ def keep_freed_memory() -> bool:
     if (not sys.platform.startswith("linux") or mx.default_device() != mx.cpu
             or os.environ.get("MLX_DG_KEEP_FREED_MEMORY", "1") == "0"):
         return False
+    _done = set_malloc_thresholds()
+    return _done
+
+
+def set_malloc_thresholds() -> bool:
+    """The mallopt calls themselves, with no device check (the benchmark also gives them to the
+    transformers reference's process, to show what they do there)."""
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only (musl has no mallopt tunables)
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
             libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES))
     except (OSError, AttributeError):
-        _done = False
-    return _done
+        return False
+
+
+def kept() -> bool:
+    """Whether keep_freed_memory is in effect in this process."""
+    return bool(_done)

@@ -41,6 +41,8 @@ def parse(argv):
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--wait-idle", type=float, default=300,
                    help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)")
+    p.add_argument("--reference-malloc", action="store_true",
+                   help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
@@ -62,6 +64,11 @@ def main(argv=None):
     opts = parse(argv)
     if opts.section == "_reference":
         return reference_main(opts)
+    try:  # as load_model does: the MLX peers in this process share it
+        from ..cpu_memory import keep_freed_memory
+        keep_freed_memory()
+    except ImportError:
+        pass
     rep = Report(opts.json)
     if opts.wait_idle and opts.section not in ("weights",):
         wait_idle(opts.wait_idle)

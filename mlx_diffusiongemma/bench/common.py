@@ -92,6 +92,14 @@ def mem_available():
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
+def _malloc_kept():
+    try:
+        from ..cpu_memory import kept
+    except ImportError:  # a version of the package from before cpu_memory.py
+        return False
+    return kept()
+
+
 def env_info():
     import mlx.core as mx
 
@@ -119,6 +127,7 @@ def env_info():
         "device": str(mx.default_device()),
         "gpu": _gpu_name(),
         "blas": blas_in_process(),
+        "malloc": "freed memory kept (cpu_memory.py)" if _malloc_kept() else "default",
         "commit": (_git("rev-parse", "--short", "HEAD") or "?") + (" (model code modified)" if dirty else ""),
     }
 
@@ -199,7 +208,8 @@ class Report:
         self.env = env_info()
         e = self.env
         print(f"== {section} | {e['date']} | {e['machine']} | MLX {e['mlx']} on {e['device']}"
-              f"{' (' + e['gpu'] + ')' if e['gpu'] else ''} | BLAS: {e['blas']} | commit {e['commit']}",
+              f"{' (' + e['gpu'] + ')' if e['gpu'] else ''} | BLAS: {e['blas']} | malloc: {e['malloc']}"
+              f" | commit {e['commit']}",
               flush=True)
 
     def save(self, section, figures):

@@ -226,13 +226,14 @@ def run_autoregressive(path, ids, n_tokens):
 # ---------------------------------------------------------------------------------------------
 # the transformers reference (child process)
 # ---------------------------------------------------------------------------------------------
-def run_reference_child(path, prompt_len, max_tokens, steps, seed, vocab):
-    """The transformers reference, in a child process without LD_PRELOAD (see the package doc)."""
+def run_reference_child(path, prompt_len, max_tokens, steps, seed, vocab, malloc=False):
+    """The transformers reference, in a child process without LD_PRELOAD (see the package doc);
+    `malloc`: with the malloc thresholds our load_model sets (cpu_memory.py)."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["DG_BENCH_REEXEC"] = "1"
     cmd = [*ENTRY, "_reference", "--path", str(path),
            "--prompt", str(prompt_len), "--max-tokens", str(max_tokens), "--steps", str(steps),
-           "--seed", str(seed), "--vocab", str(vocab)]
+           "--seed", str(seed), "--vocab", str(vocab)] + (["--reference-malloc"] if malloc else [])
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     for line in p.stdout.splitlines():
         if line.startswith("JSON "):
@@ -242,6 +243,9 @@ def run_reference_child(path, prompt_len, max_tokens, steps, seed, vocab):
 
 def reference_main(opts):
     """Child: DiffusionGemmaForBlockDiffusion.generate at `steps` denoising steps, early stop off."""
+    if opts.reference_malloc:
+        from ..cpu_memory import set_malloc_thresholds
+        set_malloc_thresholds()
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -337,10 +341,14 @@ def section_peers(opts, rep):
     if "reference" not in skip:
         say("  running the transformers reference (child process, no LD_PRELOAD) ...")
         res["reference"] = run_reference_child(path, opts.prompt, opts.max_tokens, opts.steps, opts.seed, vocab)
+        if opts.reference_malloc:
+            say("  running the reference again with our malloc thresholds (cpu_memory.py) ...")
+            res["reference, our malloc"] = run_reference_child(path, opts.prompt, opts.max_tokens, opts.steps,
+                                                               opts.seed, vocab, malloc=True)
 
     say(f"  {'implementation':<22} {'step ms':>8} {'fwd ms':>8} {'gen tok/s':>10} {'prefill tok/s':>14} "
         f"{'steps':>6} {'peak GB':>8}")
-    for name in ("ours", "reference", "mlx-vlm"):
+    for name in ("ours", "reference", "reference, our malloc", "mlx-vlm"):
         r = res.get(name)
         if not r:
             continue
@@ -362,7 +370,8 @@ def section_peers(opts, rep):
     ratios = {}
     if ours:
         for name, key, tgt in (("mlx-vlm", "vs_mlx_vlm", TARGETS["vs_mlx_vlm"]),
-                               ("reference", "vs_reference", TARGETS["vs_reference"])):
+                               ("reference", "vs_reference", TARGETS["vs_reference"]),
+                               ("reference, our malloc", "vs_reference_our_malloc", TARGETS["vs_reference"])):
             r = res.get(name)
             if r and "error" not in r:
                 g = ours["generation_tps"] / r["generation_tps"]

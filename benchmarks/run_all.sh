@@ -15,6 +15,8 @@ WORKDIR=${DG_BENCH_WORKDIR:-/tmp/dg-bench}
 mkdir -p benchmarks/logs
 SECTIONS=${*:-weights build fullwidth peers profile gpu}
 for s in $SECTIONS; do
-  "$PY" -m mlx_diffusiongemma.benchmark "$s" --workdir "$WORKDIR" --json benchmarks/logs/results.jsonl \
+  extra=""
+  [ "$s" = peers ] && extra="--reference-malloc"  # the reference also with our malloc thresholds
+  "$PY" -m mlx_diffusiongemma.benchmark "$s" --workdir "$WORKDIR" --json benchmarks/logs/results.jsonl $extra \
     2>&1 | tee "benchmarks/logs/$s.txt"
 done

@@ -145,6 +145,8 @@ def attention_cpu(q, keys, values, mask):
     25 ms at the mid benchmark shape; 14 ms with this)."""
     B, H, L, D = q.shape
     Hk, S = keys.shape[1], keys.shape[2]
+    if mask is not None and mask.ndim == 3:  # (H | 1, L | 1, S)
+        mask = mask[None]
     if mask is not None and mask.ndim == 4:  # (B | 1, H | 1, L | 1, S): heads grouped as the scores
         m = mask.shape
         mask = mask.reshape(m[0], Hk, H // Hk, *m[2:]) if m[1] == H else mx.expand_dims(mask, 2)

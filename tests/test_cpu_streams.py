@@ -78,7 +78,7 @@ def test_cpu_attention_masks(H, Hk, L, S, chunk, monkeypatch):
     mask = mask | (mx.arange(S) == 0)  # no empty rows
     per_head = mx.broadcast_to(mask, (2, H, L, S)) & (mx.arange(H)[:, None, None] + mx.arange(S) != 3)
     additive = mx.where(mask, 0.0, -1e9)
-    for m in (mask, mask[:, :, :1], mask[0, 0], per_head, additive, None):
+    for m in (mask, mask[:, :, :1], mask[0, 0], mask[0], per_head, per_head[0], additive, None):
         want = _attention_f64(q, k, v, m)
         got = np.array(attention(q, k, v, m))
         np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), rtol=0)

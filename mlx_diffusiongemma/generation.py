@@ -88,6 +88,25 @@ def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
     return sorted(set(int(e) for e in (eos_token_ids or [])))
 
 
+# Build the next denoising step before this one's stop test: None = on Metal and CUDA (see
+# denoise_canvas); True / False force it (measurements).
+PREBUILD: Optional[bool] = None
+
+
+@dataclass
+class _Step:
+    """One denoising step's (lazy) outputs, and the key the next step splits."""
+
+    canvas: mx.array
+    argmax: mx.array
+    entropy: mx.array
+    accepted: mx.array
+    probs: mx.array
+    finished: mx.array
+    history: Optional[mx.array]
+    key: mx.array
+
+
 def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSettings, key,
                    on_step: Optional[Callable] = None, pins: Optional[Pins] = None):
     """Runs the sampler on one canvas (B, C) against `cache`; returns (committed argmax canvas,
@@ -95,8 +114,13 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
 
     Per step: decoder forward and one compiled sampler graph, then one host sync for the
     stable-and-confident stop test. The sampler's probabilities become the next step's
-    self-conditioning signal (hidden-sized) only when a next step follows. A row that stops early keeps its
-    result and leaves the batch (the reference freezes it and keeps computing it)."""
+    self-conditioning signal (hidden-sized) only when a next step follows. A row that stops early
+    keeps its result and leaves the batch (the reference freezes it and keeps computing it).
+
+    On Metal and CUDA the next step's graph is built before waiting for this one (building a
+    30-layer graph in Python takes milliseconds, as long as a whole step there) and handed to the
+    device once this step says it does not stop: nothing is computed that is not used. On the CPU
+    the forward itself syncs (expert tiles), so it is built after the test."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
     bound = mx.array(settings.entropy_bound, dtype=mx.float32)
@@ -108,8 +132,9 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     alive = list(range(B))  # original rows still denoising
     final = [None] * B
     cache = CanvasKV(cache, C)  # the prefix K/V, copied once for all steps of this canvas
-    argmax, soft, steps = canvas, None, 0
-    for remaining in range(N, 0, -1):
+    prebuild = PREBUILD if PREBUILD is not None else mx.default_device() != mx.cpu
+
+    def build(canvas, soft, history, key, remaining):
         logits = model.decode(canvas, cache, soft_embeds=soft, softcap=False)
         key, sub = mx.random.split(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
@@ -117,29 +142,40 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
             logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype,
             softcap=model.args.final_logit_softcapping)
         finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
+        return _Step(canvas, argmax, entropy, accepted, probs, finished, history, key)
+
+    def follow(step, remaining):
+        return build(step.canvas, model.soft_embeddings_from_probs(step.probs), step.history, step.key,
+                     remaining)
+
+    step, steps = build(canvas, None, history, key, N), 0
+    for remaining in range(N, 0, -1):
+        nxt = follow(step, remaining - 1) if prebuild and remaining > 1 else None
+        mx.eval(step.canvas, step.argmax, step.finished, *(() if step.history is None else (step.history,)))
         steps += 1
-        mx.eval(canvas, argmax, finished, *(() if history is None else (history,)))
+        stopped = step.finished.tolist()
+        if nxt is not None and not any(stopped):
+            mx.async_eval(nxt.canvas, nxt.argmax, nxt.finished)  # the device starts on it now
         if on_step is not None:
-            on_step(steps, argmax, accepted, entropy)
-        stopped = finished.tolist()
+            on_step(steps, step.argmax, step.accepted, step.entropy)
         if all(stopped) or remaining == 1:
             break
-        keep = [j for j, f in enumerate(stopped) if not f]
-        if len(keep) < len(alive):  # finished rows leave: they cost no more work
+        if any(stopped):  # finished rows leave: they cost no more work
+            keep = [j for j, f in enumerate(stopped) if not f]
             for j, f in enumerate(stopped):
                 if f:
-                    final[alive[j]] = argmax[j]
+                    final[alive[j]] = step.argmax[j]
             idx = mx.array(keep, dtype=mx.int32)
-            canvas, argmax, probs = canvas[idx], argmax[idx], probs[idx]
-            history = None if history is None else history[:, idx]
-            soft = None if soft is None else soft[idx]
+            step.canvas, step.argmax, step.probs = step.canvas[idx], step.argmax[idx], step.probs[idx]
+            step.history = None if step.history is None else step.history[:, idx]
             if pin_mask is not None:
                 pin_mask, pin_tokens = pin_mask[idx], pin_tokens[idx]
             cache = cache.subset(keep)
             alive = [alive[j] for j in keep]
-        soft = model.soft_embeddings_from_probs(probs)
+            nxt = None  # built for every row: rebuilt for those left
+        step = nxt if nxt is not None else follow(step, remaining - 1)
     for j, r in enumerate(alive):
-        final[r] = argmax[j]
+        final[r] = step.argmax[j]
     return mx.stack(final), steps
 
 

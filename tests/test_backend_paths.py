@@ -34,3 +34,38 @@ def test_gpu_default_takes_none_of_the_cpu_paths(tiny, monkeypatch):
     assert used == []
     assert cpu_streams.cpu_streams() == []
     assert gpu_tokens == cpu_tokens  # near-greedy: the two paths agree token for token
+
+
+def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch):
+    """Metal and CUDA build step t+1 before step t's stop test: with rows of a batch stopping at
+    different steps (a stop rule driven by a pinned token: row j stops after limit[j] steps), the
+    committed canvases and step count equal the CPU's step-by-step loop."""
+    from mlx_diffusiongemma import generation
+    from mlx_diffusiongemma.generation import Pins, SamplerSettings, denoise_canvas
+
+    model = load_model(tiny[0], dtype=mx.float32)
+    limits = [2, 5, 3]
+    B, C = len(limits), model.args.canvas_length
+
+    def stop_after_limit(history, argmax, entropy, threshold):
+        count = history[0, :, 1] + 1  # steps before this one (history starts at -1)
+        history = mx.concatenate([history[:, :, :1], mx.broadcast_to(count[None, :, None],
+                                                                      history[:, :, 1:].shape)], axis=2)
+        return count + 1 >= argmax[:, 0], history
+
+    monkeypatch.setattr(generation, "stop_update", stop_after_limit)
+    mask = mx.zeros((B, C), dtype=mx.bool_).at[:, 0].add(mx.array(True))
+    pins = Pins(mask, mx.zeros((B, C), dtype=mx.int32).at[:, 0].add(mx.array(limits, dtype=mx.int32)))
+    settings = SamplerSettings(max_denoising_steps=8, stability_threshold=1)
+    cache = model.encode(mx.array([list(range(3, 12))] * B), model.make_cache())
+
+    def run():
+        canvas = mx.random.randint(0, model.args.vocab_size, (B, C), key=mx.random.key(1))
+        return denoise_canvas(model, cache, canvas, settings, mx.random.key(2), pins=pins)
+
+    cpu_final, cpu_steps = run()
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    monkeypatch.setattr(cpu_streams._local, "streams", None, raising=False)
+    gpu_final, gpu_steps = run()
+    assert cpu_steps == gpu_steps == max(limits)
+    assert np.array_equal(np.array(cpu_final), np.array(gpu_final))

@@ -1,7 +1,8 @@
-"""Smoke test of `python -m mlx_diffusiongemma.benchmark`: the analytic weights section and a tiny
-CPU dry run of the GPU section, as subprocesses (through the entry point and its OpenBLAS re-exec),
-checking that they exit 0, print their key figure lines and write their JSON lines. The long
-sections (build, fullwidth, peers, profile) are only checked to parse their arguments."""
+"""Smoke test of `python -m mlx_diffusiongemma.benchmark`: the analytic weights section, a tiny
+CPU dry run of the GPU section and the graph-building section (nothing computed), as subprocesses
+(through the entry point and its OpenBLAS re-exec), checking that they exit 0, print their key
+figure lines and write their JSON lines. The long sections (build, fullwidth, peers, profile) are
+only checked to parse their arguments."""
 
 import json
 import re
@@ -71,6 +72,17 @@ def test_gpu_dry_run(tmp_path):
     g = figures["gpu"]
     assert (g["layers"], g["vocab"], g["tokens"], g["forwards"]) == (1, 256, 256, 2)
     assert g["decode_step_s"] > 0 and g["generation_tps"] > 0
+
+
+def test_graph(tmp_path):
+    out = bench("graph", "--repeat", "2", "--json", str(tmp_path / "g.jsonl"))
+    assert_lines(
+        out,
+        r"^== graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path \| ",
+        r"^  one step's graph \(30 layers, mixed 4-bit, .*\): built in [\d.]+ ms \(median of 2; [\d.]+ ms per layer\)",
+    )
+    g = json_lines(tmp_path / "g.jsonl")["graph"]
+    assert g["layers"] == 30 and len(g["times_s"]) == 2 and g["build_s"] > 0
 
 
 @pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference"])

@@ -8,12 +8,13 @@ import time
 from . import __doc__ as DOC
 from .common import CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
 from .fullshape import section_build, section_fullwidth, section_gpu, section_weights
+from .graph import section_graph
 from .peers import reference_main, section_peers
 from .profile import section_profile
 from .shapes import SHAPES
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
-            "peers": section_peers, "profile": section_profile, "gpu": section_gpu}
+            "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph}
 
 
 def parse(argv):
@@ -46,7 +47,8 @@ def parse(argv):
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
-                "profile": (None, 512), "weights": (None, None), "_reference": (None, 512)}
+                "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
+                "graph": (30, 4096)}
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
@@ -54,6 +56,8 @@ def parse(argv):
     o.prompt = o.prompt if o.prompt is not None else dp
     if o.section == "fullwidth" and o.repeat == 3:
         o.repeat = 2
+    if o.section == "graph" and o.repeat == 3:
+        o.repeat = 7
     return o
 
 
@@ -70,7 +74,7 @@ def main(argv=None):
     except ImportError:
         pass
     rep = Report(opts.json)
-    if opts.wait_idle and opts.section not in ("weights",):
+    if opts.wait_idle and opts.section not in ("weights", "graph"):
         wait_idle(opts.wait_idle)
     meter = CpuMeter()
     t = time.perf_counter()

@@ -110,6 +110,14 @@ class CanvasKV:
         self.values[layer][:, :, P:, :] = v
         return self.keys[layer], self.values[layer]
 
+    def snapshot(self):
+        """The buffers as they are now: a step built after this and then dropped leaves its
+        (lazy) K/V writes behind; `restore` takes them back so nothing evaluates them."""
+        return list(self.keys), list(self.values)
+
+    def restore(self, snapshot):
+        self.keys, self.values = list(snapshot[0]), list(snapshot[1])
+
     def subset(self, rows) -> "CanvasKV":
         idx = mx.array(rows, dtype=mx.int32)
         sub = copy.copy(self)

@@ -150,7 +150,10 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
 
     step, steps = build(canvas, None, history, key, N), 0
     for remaining in range(N, 0, -1):
-        nxt = follow(step, remaining - 1) if prebuild and remaining > 1 else None
+        nxt = saved = None
+        if prebuild and remaining > 1:
+            saved = cache.snapshot()
+            nxt = follow(step, remaining - 1)
         mx.eval(step.canvas, step.argmax, step.finished, *(() if step.history is None else (step.history,)))
         steps += 1
         stopped = step.finished.tolist()
@@ -165,6 +168,8 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
             for j, f in enumerate(stopped):
                 if f:
                     final[alive[j]] = step.argmax[j]
+            if saved is not None:  # the prebuilt step is dropped: so are its K/V writes
+                cache.restore(saved)
             idx = mx.array(keep, dtype=mx.int32)
             step.canvas, step.argmax, step.probs = step.canvas[idx], step.argmax[idx], step.probs[idx]
             step.history = None if step.history is None else step.history[:, idx]
@@ -172,7 +177,7 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
                 pin_mask, pin_tokens = pin_mask[idx], pin_tokens[idx]
             cache = cache.subset(keep)
             alive = [alive[j] for j in keep]
-            nxt = None  # built for every row: rebuilt for those left
+            nxt = None  # it was built for every row: rebuilt for those left
         step = nxt if nxt is not None else follow(step, remaining - 1)
     for j, r in enumerate(alive):
         final[r] = step.argmax[j]

@@ -41,6 +41,7 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch):
     different steps (a stop rule driven by a pinned token: row j stops after limit[j] steps), the
     committed canvases and step count equal the CPU's step-by-step loop."""
     from mlx_diffusiongemma import generation
+    from mlx_diffusiongemma.cache import CanvasKV
     from mlx_diffusiongemma.generation import Pins, SamplerSettings, denoise_canvas
 
     model = load_model(tiny[0], dtype=mx.float32)
@@ -66,6 +67,10 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch):
     cpu_final, cpu_steps = run()
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     monkeypatch.setattr(cpu_streams._local, "streams", None, raising=False)
+    restored = []
+    real_restore = CanvasKV.restore
+    monkeypatch.setattr(CanvasKV, "restore", lambda self, snap: restored.append(1) or real_restore(self, snap))
     gpu_final, gpu_steps = run()
+    assert len(restored) == 2  # rows left twice with a step prebuilt: its K/V writes were taken back
     assert cpu_steps == gpu_steps == max(limits)
     assert np.array_equal(np.array(cpu_final), np.array(gpu_final))

@@ -157,10 +157,10 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         mx.eval(step.canvas, step.argmax, step.finished, *(() if step.history is None else (step.history,)))
         steps += 1
         stopped = step.finished.tolist()
+        if on_step is not None:  # first: what it reads would otherwise queue behind the next step
+            on_step(steps, step.argmax, step.accepted, step.entropy)
         if nxt is not None and not any(stopped):
             mx.async_eval(nxt.canvas, nxt.argmax, nxt.finished)  # the device starts on it now
-        if on_step is not None:
-            on_step(steps, step.argmax, step.accepted, step.entropy)
         if all(stopped) or remaining == 1:
             break
         if any(stopped):  # finished rows leave: they cost no more work

@@ -3,9 +3,9 @@
 MLX's CPU backend runs a stream's ops one after another on that stream's thread, and only its
 matmuls (BLAS) use more than one core. Its exp and tanh are scalar: ~65-75 M elements/s on a
 2-core Xeon, so the vocabulary-sized passes of a denoising step (softcap, sampler), the GELUs and
-the attention softmax (model.attention_cpu) keep one core busy while the other waits. Work that is independent across
-rows is split here across one stream per core; MLX orders the streams by their data
-dependencies. Measured on that Xeon: the sampler pass over a 256 x 32768 canvas 260 -> 143 ms,
+the attention softmax (model.attention_cpu) keep one core busy while the other waits. Work that
+is independent across rows is split here across one stream per core; MLX orders the streams by
+their data dependencies. Measured on that Xeon: the sampler pass over a 256 x 32768 canvas 260 -> 143 ms,
 a GELU over 2944 x 256 20 -> 13 ms. Results are bit-identical: each row's arithmetic is the same.
 
 Metal and CUDA run each op across the whole device already: there `row_parallel` is just

@@ -11,7 +11,7 @@ import contextlib
 import time
 
 from .common import say
-from .models import default_quant, make_args, module_params
+from .models import default_quant, make_args, quantize_structure
 from .shapes import FULL_CANVAS, FULL_TEXT
 
 
@@ -32,7 +32,6 @@ def _gpu_path():
 
 def section_graph(opts, rep):
     import mlx.core as mx
-    import mlx.nn as nn
 
     from ..cache import CanvasKV
     from ..model import Model
@@ -41,10 +40,7 @@ def section_graph(opts, rep):
     rep.header("graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path")
     args = make_args(FULL_TEXT)
     model = Model(args)  # float weights stay lazy: never evaluated
-    default = default_quant()
-    nn.quantize(model, group_size=default["group_size"], bits=default["bits"], class_predicate=lambda p, m: (
-        hasattr(m, "to_quantized") and "weight" in m
-        and bool(module_params(p, m.weight.shape[-1], default, "mixed"))))
+    quantize_structure(model, default_quant(), "mixed")
     cache = model.make_cache()
     for i, layer in enumerate(model.layers):  # a 4096-token prompt's K/V (zeros: values do not matter)
         a = layer.self_attn

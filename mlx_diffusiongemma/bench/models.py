@@ -152,18 +152,10 @@ def all_recipe_bytes(args):
 # ---------------------------------------------------------------------------------------------
 # random-weight models
 # ---------------------------------------------------------------------------------------------
-def build_random_quantized(args, default, recipe="mixed", dtype=None, seed=0, verbose=True):
-    """A Model with random weights, quantized with `recipe`, built module by module: the float
-    weights of `Model(args)` stay lazy and are never evaluated; each quantized module gets random
-    packed weights and random scales (bf16) directly, and is evaluated before the next one."""
-    import mlx.core as mx
+def quantize_structure(model, default, recipe="mixed"):
+    """Swaps `model`'s modules for quantized ones as `recipe` quantizes them (each module its
+    own bits and group size), without evaluating anything."""
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from ..model import Model
-
-    dtype = dtype or mx.bfloat16
-    model = Model(args)
 
     def predicate(path, module):
         if not hasattr(module, "to_quantized") or "weight" not in module:
@@ -172,6 +164,20 @@ def build_random_quantized(args, default, recipe="mixed", dtype=None, seed=0, ve
 
     nn.quantize(model, group_size=default["group_size"], bits=default["bits"], mode=default["mode"],
                 class_predicate=predicate)
+
+
+def build_random_quantized(args, default, recipe="mixed", dtype=None, seed=0, verbose=True):
+    """A Model with random weights, quantized with `recipe`, built module by module: the float
+    weights of `Model(args)` stay lazy and are never evaluated; each quantized module gets random
+    packed weights and random scales (bf16) directly, and is evaluated before the next one."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from ..model import Model
+
+    dtype = dtype or mx.bfloat16
+    model = Model(args)
+    quantize_structure(model, default, recipe)
     key = mx.random.key(seed)
     quantized = [(p, m) for p, m in model.named_modules() if "scales" in m and "weight" in m]
     t0 = time.perf_counter()

@@ -384,7 +384,8 @@ class Model(nn.Module):
     def make_cache(self) -> PromptCache:
         return PromptCache([self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window)
 
-    def _embed(self, ids):
+    def embed(self, ids):
+        """Token embeddings times sqrt(hidden), in the embedding's dtype."""
         emb = self.model.decoder.embed_tokens
         return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
 
@@ -404,7 +405,7 @@ class Model(nn.Module):
 
     def _encode_chunk(self, ids, cache: PromptCache, pad_mask):
         T, L = cache.offset, ids.shape[1]
-        h = self._embed(ids)
+        h = self.embed(ids)
         cache.add_validity(ids.shape, pad_mask)
         scalars = self.model.encoder.language_model.layers
         last = len(self.layers) - 1
@@ -461,7 +462,7 @@ class Model(nn.Module):
         if isinstance(cache, PromptCache):
             cache = CanvasKV(cache, canvas.shape[1])
         dec = self.model.decoder
-        h = dec.self_conditioning(self._embed(canvas), soft_embeds)
+        h = dec.self_conditioning(self.embed(canvas), soft_embeds)
         for i, layer in enumerate(dec.layers):
             attend = partial(cache.attend, i)
             h, _ = layer(h, cache.offset, attend, cache.masks[i], layer.layer_scalar)

@@ -113,6 +113,16 @@ def example_losses(model, batch: Batch):
     return diffusion, ar
 
 
+def embed(model, ids: mx.array) -> mx.array:
+    """Scaled token embeddings. As the reference's `nn.Embedding(padding_idx=pad_token_id)`,
+    looking up the pad token gives its row no gradient."""
+    h = model.embed(ids)
+    pad = model.args.pad_token_id
+    if pad is None:
+        return h
+    return mx.where((ids == pad)[..., None], mx.stop_gradient(h), h)
+
+
 def encode(model, tokens: mx.array):
     """The encoder over whole right-padded rows in one causal pass: the final-normed hidden
     states (B, L, D) and every layer's (keys, values) (B, H, L, d), with gradients."""
@@ -122,7 +132,7 @@ def encode(model, tokens: mx.array):
     causal = k <= q
     sliding = causal & (k > q - model.args.sliding_window)
     scalars = model.model.encoder.language_model.layers
-    h = model._embed(tokens)
+    h = embed(model, tokens)
     kv = []
     for i, layer in enumerate(model.layers):
         mask = sliding if model.args.is_sliding(i) else causal
@@ -148,7 +158,7 @@ def decoder_masks(model, context: mx.array, L: int, C: int):
 def decode(model, canvas, kv, context, masks, soft_embeds):
     """Decoder logits (B, C, V) for the canvas at positions context.. over the encoder's K/V."""
     dec = model.model.decoder
-    h = dec.self_conditioning(model._embed(canvas), soft_embeds)
+    h = dec.self_conditioning(embed(model, canvas), soft_embeds)
     for i, layer in enumerate(dec.layers):
         h, _ = layer(h, context, kv[i], masks[i], layer.layer_scalar)
     return model.lm_logits(dec.norm(h))

@@ -17,7 +17,7 @@ import threading
 
 import mlx.core as mx
 
-from .backend import cpu_strategies
+from .backend import stream_splitting
 
 MAX_STREAMS = 8
 # Slices for `cache_sized` calls hold at most this many elements of the first split argument:
@@ -36,7 +36,7 @@ def _core_count() -> int:
 
 def cpu_streams():
     """This thread's CPU streams (none with one core or off the CPU)."""
-    if not cpu_strategies():
+    if not stream_splitting():
         return []
     streams = getattr(_local, "streams", None)
     if streams is None:

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..backend import plain_ops
+from ..backend import one_stream
 
 
 class Batch(NamedTuple):
@@ -83,7 +83,7 @@ def diffusion_loss(model, prompts: List[List[int]], responses: List[List[int]], 
 
 def batch_loss(model, batch: Batch, encoder_loss_weight: float = 1.0):
     """(loss, diffusion loss, encoder AR loss), each the mean over the batch's examples."""
-    with plain_ops():
+    with one_stream():
         diffusion, ar = example_losses(model, batch)
     loss = (diffusion + encoder_loss_weight * ar).mean()
     return loss, diffusion.mean(), ar.mean()

@@ -184,9 +184,12 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     return mx.stack(final), steps
 
 
-def _cut_at_eos(tokens: List[int], eos) -> tuple:
-    """(tokens before the first EOS, that EOS id or None)."""
+def cut_at_eos(tokens: List[int], eos, limit: Optional[int] = None) -> tuple:
+    """(tokens before the first EOS and at most `limit` of them, that EOS id or None). An EOS
+    past the limit is not reached: the response ends for length."""
     hit = next((i for i, t in enumerate(tokens) if t in eos), None)
+    if limit is not None and (hit is None or hit > limit):
+        return tokens[:limit], None
     return (tokens, None) if hit is None else (tokens[:hit], tokens[hit])
 
 
@@ -197,7 +200,8 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
     (canvas index, steps, {row: (tokens cut at EOS, the EOS id or None)}) for the rows still
     going. A row that hits EOS leaves the batch (its cache rows are dropped) before the next
     canvas; the committed canvas of the others joins the cache. `first_canvas` / `pins` apply to
-    the first canvas."""
+    the first canvas. The last canvas is denoised whole, but only `settings.max_tokens` tokens
+    in all are yielded."""
     C, V = model.args.canvas_length, model.args.vocab_size
     n_canvases = -(-settings.max_tokens // C)
     active = list(range(rows))
@@ -211,8 +215,9 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
         committed, steps = denoise_canvas(model, cache, canvas, settings, k_run, step_cb,
                                           pins if c == 0 else None)
         out, keep = {}, []
+        limit = settings.max_tokens - c * C
         for j, toks in enumerate(committed.tolist()):
-            toks, hit = _cut_at_eos(toks, eos)
+            toks, hit = cut_at_eos(toks, eos, limit)
             out[active[j]] = (toks, hit)
             if hit is None:
                 keep.append(j)

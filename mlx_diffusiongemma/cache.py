@@ -71,6 +71,13 @@ class PromptCache:
         if self.valid is not None:
             self.valid = self.valid[idx]
 
+    def copy(self) -> "PromptCache":
+        """An independent cache holding the same positions. Cheap: the arrays are shared, and
+        `store` / `select_rows` replace arrays rather than write into them."""
+        new = copy.copy(self)
+        new.keys, new.values = list(self.keys), list(self.values)
+        return new
+
     def state(self):
         extra = [] if self.valid is None else [self.valid]
         return [a for a in self.keys + self.values if a is not None] + extra

@@ -121,7 +121,7 @@ def test_oversized_request(server):
         reply += chunk
     reply = reply.decode()
     s.close()
-    assert reply.startswith("HTTP/1.1 400") and "exceeds the limit" in reply
+    assert reply.startswith("HTTP/1.1 413") and "exceeds the limit" in reply
     assert health(server)["status"] == "ok"
 
 

@@ -215,14 +215,17 @@ class Scheduler:
             r.tokens += tokens
             finish = "stop" if hit is not None else (
                 "length" if len(r.tokens) >= r.job.settings.max_tokens else None)
-            if r.job.on_tokens(r.index, tokens, finish):
-                finish, hit = "stop", None  # a stop string: what the client saw is cut short
+            cut = r.job.on_tokens(r.index, tokens, finish)
+            if cut:  # a stop string: what the client saw is cut short
+                finish = "stop"
             if finish is None:
                 model.encode(mx.array([toks], dtype=mx.int32), r.cache, step=self.prefill_step_size)
                 continue
             r.done = True
-            if hit is not None and self.store.max_entries > 0:  # the reply joins the conversation
-                reply = tokens + [hit]
-                model.encode(mx.array([reply], dtype=mx.int32), r.cache, step=self.prefill_step_size)
-                self.store.insert(r.job.prompt + r.tokens + [hit], r.cache)
             r.job.on_done(r.index, finish)
+            if self.store.max_entries > 0 and not cut:  # the reply joins the conversation
+                reply = tokens + ([] if hit is None else [hit])
+                if reply:
+                    model.encode(mx.array([reply], dtype=mx.int32), r.cache,
+                                 step=self.prefill_step_size)
+                self.store.insert(r.job.prompt + r.tokens + reply[len(tokens):], r.cache)

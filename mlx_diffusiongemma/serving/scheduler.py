@@ -115,7 +115,8 @@ class Scheduler:
 
     # ---- the scheduler thread ---------------------------------------------------------------
     def _loop(self):
-        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        # The thread runs on the default stream: a stream made here would be torn down with the
+        # process while its worker still runs (the interpreter aborts at exit).
         while self.running:
             self._admit(block=not self.groups)
             if not self.turns:

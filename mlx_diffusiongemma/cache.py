@@ -137,8 +137,9 @@ class CanvasKV:
             k, v, valid = _left_padded(rows, i)
             P = 0 if k is None else k.shape[2]
             self.prefix_len.append(P)
-            self.keys.append(None if k is None else mx.pad(k, [(0, 0), (0, 0), (0, canvas_len), (0, 0)]))
-            self.values.append(None if v is None else mx.pad(v, [(0, 0), (0, 0), (0, canvas_len), (0, 0)]))
+            room = [(0, 0), (0, 0), (0, canvas_len), (0, 0)]  # (B, H, P + C, D)
+            self.keys.append(None if k is None else mx.pad(k, room))
+            self.values.append(None if v is None else mx.pad(v, room))
             if valid is not None:  # padded prompt positions stay hidden from the canvas
                 ones = mx.ones((valid.shape[0], canvas_len), dtype=mx.bool_)
                 valid = mx.concatenate([valid, ones], axis=1)[:, None, None, :]

@@ -77,6 +77,7 @@ def main(argv=None):
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn takes them
         limits = Limits(args.max_body_bytes, args.body_timeout, args.max_tokens_limit)
         state = build_state(model, tokenizer, name, args.max_batch, args.max_queue,
                             args.prompt_cache_size, args.prompt_cache_bytes, limits)

@@ -20,8 +20,8 @@ LOG: list = []  # the server's stderr
 
 
 def start_server(*flags, log=None):
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_diffusiongemma.server", "--port", "0", *flags],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "mlx_diffusiongemma.server", "--port", "0", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     port = None
     deadline = time.time() + 120
     lines = log if log is not None else []
@@ -252,7 +252,8 @@ def test_stop_strings(server):
     want = text[: text.find(stop)]
     r = c.completions.create(stop=[stop], **kw)
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(stop=stop, stream=True, **kw))
+    chunks = c.completions.create(stop=stop, stream=True, **kw)
+    streamed = "".join(ch.choices[0].text for ch in chunks)
     assert streamed == want
 
 
@@ -263,7 +264,8 @@ def test_n_choices_in_one_batch(server):
     assert [ch.index for ch in r.choices] == [0, 1, 2]
     assert r.choices[2].text == c.completions.create(seed=12, **kw).choices[0].text
     chunks = list(c.completions.create(n=2, seed=10, stream=True, **kw))
-    assert "".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == 1) == r.choices[1].text
+    second = "".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == 1)
+    assert second == r.choices[1].text
 
 
 def test_thinking_goes_to_reasoning_content(server):
@@ -299,7 +301,8 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_runs(server):
     results = [None] * 4
 
     def go(i):
-        results[i] = client(server).completions.create(prompt=prompts[i], seed=20 + i, **kw).choices[0].text
+        r = client(server).completions.create(prompt=prompts[i], seed=20 + i, **kw)
+        results[i] = r.choices[0].text
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
     for t in threads:
@@ -308,7 +311,8 @@ def test_concurrent_requests_are_batched_and_equal_their_solo_runs(server):
         t.join(120)
     assert results == solo
     h1 = health(server)
-    assert h1["canvas_rows"] - h0["canvas_rows"] > h1["canvases"] - h0["canvases"]  # shared canvases
+    rows = h1["canvas_rows"] - h0["canvas_rows"]
+    assert rows > h1["canvases"] - h0["canvases"]  # they shared canvases
 
 
 def raw_socket(port, data, wait=5.0):
@@ -377,8 +381,8 @@ def test_queue_bound_answers_429():
         socks, statuses = [], []
         for _ in range(4):
             s = socket.create_connection(("127.0.0.1", port), timeout=30)
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             socks.append(s)
             time.sleep(0.3)
         for s in socks:

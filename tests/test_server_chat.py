@@ -83,7 +83,8 @@ def ask(client, stream=False, **kw):
                         for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [c.choices[0].finish_reason for c in chunks
+              if c.choices and c.choices[0].finish_reason]
     return reasoning, content, calls, finish
 
 
@@ -125,7 +126,8 @@ def test_stop_strings_cut_streamed_and_not(served):
     text = "The answer is 42. Then more text follows"
     script.set(text)
     r = ask(client, stop=["Then", "nothing"])
-    assert r.choices[0].message.content == "The answer is 42. " and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == "The answer is 42. "
+    assert r.choices[0].finish_reason == "stop"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert r.usage.completion_tokens < len(ids)
     script.set(text)

@@ -65,8 +65,8 @@ def section_serve(o, rep):
         model, tokenizer = load_model(ensure_mid_checkpoint(o.workdir)), None
     args = model.args
     say(f"  model: {o.server_model} ({args.num_hidden_layers} layers, hidden {args.hidden_size}, "
-        f"canvas {args.canvas_length}, vocab {args.vocab_size}); {o.request_tokens}-token requests, "
-        f"{o.steps} steps per canvas, {o.prompt}-token prompts")
+        f"canvas {args.canvas_length}, vocab {args.vocab_size}); {o.request_tokens}-token "
+        f"requests, {o.steps} steps per canvas, {o.prompt}-token prompts")
     state, server, thread, port = _start(model, tokenizer, max(o.concurrency))
     bodies = [{"prompt": random_prompt(o.prompt, args.vocab_size, seed=i),
                "max_tokens": o.request_tokens, "steps": o.steps, "confidence_threshold": NO_STOP,
@@ -91,7 +91,8 @@ def section_serve(o, rep):
                 f"canvas; answers {'equal' if same else 'DIFFER'}")
             rep.save("serve", {"model": o.server_model, "requests": n, "tokens": tokens,
                                "sequential_s": sequential, "concurrent_s": concurrent,
-                               "ratio": concurrent / sequential, "rows_per_canvas": rows / max(runs, 1),
+                               "ratio": concurrent / sequential,
+                               "rows_per_canvas": rows / max(runs, 1),
                                "answers_equal": same, "steps": o.steps, "prompt": o.prompt})
     finally:
         server.should_exit = True

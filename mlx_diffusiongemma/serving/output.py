@@ -142,7 +142,8 @@ class ChoiceOutput:
             calls, self.finished, final = calls[:1], True, True
             text = text[:parsed_to]
         if final:
-            self.returned_tokens = self._tokens_for(len(text)) if self.finished else len(self.tokens)
+            n = len(self.tokens)
+            self.returned_tokens = self._tokens_for(len(text)) if self.finished else n
         delta = Delta(content[self.n_content:], reasoning[self.n_reasoning:])
         self.n_content, self.n_reasoning = len(content), len(reasoning)
         for raw in calls[self.n_calls:]:

@@ -33,8 +33,8 @@ def _content(content, where, has_vision, images):
             parts.append({"type": "text", "text": part["text"]})
         elif kind in IMAGE_PARTS:
             if not has_vision:
-                raise RequestError(f"'{at}' is an image, and this checkpoint has no vision tower to "
-                                   "read it (send text parts only)", at)
+                raise RequestError(f"'{at}' is an image, and this checkpoint has no vision "
+                                   "tower to read it (send text parts only)", at)
             src = part.get(kind) if kind != "image" else part.get("image", part.get("url"))
             src = src.get("url") if isinstance(src, dict) else src
             if not isinstance(src, str):

@@ -93,8 +93,8 @@ def _int(body, key, lo, hi=None):
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        raise RequestError(f"'{key}' must be an integer in [{lo}, {hi if hi is not None else '∞'}]",
-                           key)
+        top = hi if hi is not None else "∞"
+        raise RequestError(f"'{key}' must be an integer in [{lo}, {top}]", key)
     return v
 
 
@@ -266,9 +266,9 @@ def _check_context(p: Parsed, model):
     C = args.canvas_length
     total = len(p.prompt) + -(-p.settings.max_tokens // C) * C
     if total > args.max_position_embeddings:
-        raise RequestError(f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} generated "
-                           f"tokens exceeds the model's context of {args.max_position_embeddings}",
-                           "max_tokens")
+        raise RequestError(f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} "
+                           "generated tokens exceeds the model's context of "
+                           f"{args.max_position_embeddings}", "max_tokens")
 
 
 def is_int_list(v: Any) -> bool:

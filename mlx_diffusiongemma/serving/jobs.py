@@ -19,7 +19,8 @@ class ServedJob(Job):
     ("done", row, finish_reason, completion_tokens), ("error", message, client_fault)."""
 
     def __init__(self, parsed: Parsed, tokenizer, loop: asyncio.AbstractEventLoop):
-        super().__init__(parsed.prompt, parsed.settings, parsed.n, parsed.seed, parsed.drafts)
+        super().__init__(parsed.prompt, parsed.settings, parsed.n, parsed.seed, parsed.drafts,
+                         images=parsed.images)
         self.parsed, self.loop = parsed, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.outputs = [ChoiceOutput(tokenizer, parsed.stop, parsed.chat, parsed.thinking_open,

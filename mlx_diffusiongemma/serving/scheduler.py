@@ -34,9 +34,10 @@ class Job:
 
     def __init__(self, prompt: List[int], settings: SamplerSettings, n: int = 1,
                  seed: Optional[int] = None, drafts: bool = False,
-                 run_alone: Optional[Callable] = None):
+                 run_alone: Optional[Callable] = None, images: Optional[list] = None):
         self.prompt, self.settings, self.n, self.seed = prompt, settings, n, seed
         self.drafts = drafts
+        self.images = images or []  # image sources for a model that reads them (model.encode)
         self.run_alone = run_alone  # a job the batch cannot take (infilling): run(job) in turn
         self.cancelled = threading.Event()
 
@@ -166,13 +167,17 @@ class Scheduler:
 
     def _start(self, job: Job):
         """Encodes the prompt (after its longest kept prefix) and adds the job's rows."""
-        cache, cached = self.store.fetch(job.prompt)
+        # Equal tokens with other images are another prompt: such prompts are not kept.
+        store = self.store if not job.images else PromptStore(0)
+        cache, cached = store.fetch(job.prompt)
         if cache is None:
             cache = self.model.make_cache()
         new = job.prompt[cached:]
         if new:
-            self.model.encode(mx.array([new], dtype=mx.int32), cache, step=self.prefill_step_size)
-        self.store.insert(job.prompt, cache)
+            images = {"images": job.images} if job.images else {}
+            self.model.encode(mx.array([new], dtype=mx.int32), cache, step=self.prefill_step_size,
+                              **images)
+        store.insert(job.prompt, cache)
         self.stats["prompt_tokens"] += len(job.prompt)
         self.stats["prompt_tokens_encoded"] += len(new)
         self.stats["prompt_tokens_cached"] += cached
@@ -224,7 +229,7 @@ class Scheduler:
                 continue
             r.done = True
             r.job.on_done(r.index, finish)
-            if self.store.max_entries > 0 and not cut:  # the reply joins the conversation
+            if self.store.max_entries > 0 and not cut and not r.job.images:  # kept for turn 2
                 reply = tokens + ([] if hit is None else [hit])
                 if reply:
                     model.encode(mx.array([reply], dtype=mx.int32), r.cache,

@@ -144,6 +144,10 @@ async def _complete(request: Request, state: ServerState, chat: bool):
     except ClientGone:
         counts["cancelled"] += 1
         return Response(status_code=499)  # nobody reads it
+    except Exception:  # ours, not the client's: logged, and the request still ends counted
+        log.exception("internal error while reading a request")
+        counts["failed"] += 1
+        return _error(RequestError("internal server error", status=500, kind="server_error"))
     if not state.scheduler.thread.is_alive():
         job.cancelled.set()
         counts["failed"] += 1

@@ -3,11 +3,12 @@ at once from N client threads, against the same N requests sent in turn; wall ti
 The server runs in this process on loopback (uvicorn in a thread, HTTP clients in others);
 every request runs all its denoising steps (no early stop) and ignores EOS, so both ways do
 the same work. With a seed per request, the concurrent answers are checked to be the ones
-served in turn."""
+served in turn. Figures are medians of --repeat rounds, each round one of each."""
 
 import http.client
 import json
 import socket
+import statistics
 import threading
 import time
 
@@ -74,23 +75,27 @@ def section_serve(o, rep):
     try:
         _post(port, bodies[0])  # warm-up: compiled graphs, first allocations
         for n in o.concurrency:
-            t = time.perf_counter()
-            in_turn = [_post(port, b) for b in bodies[:n]]
-            sequential = time.perf_counter() - t
-            canvases = dict(state.scheduler.stats)
-            t = time.perf_counter()
-            together = _at_once(port, bodies[:n])
-            concurrent = time.perf_counter() - t
-            rows = state.scheduler.stats["canvas_rows"] - canvases["canvas_rows"]
-            runs = state.scheduler.stats["canvases"] - canvases["canvases"]
+            seq, con, rows, runs = [], [], 0, 0
+            for _ in range(o.repeat):  # alternated, so a busy spell on the machine hits both
+                t = time.perf_counter()
+                in_turn = [_post(port, b) for b in bodies[:n]]
+                seq.append(time.perf_counter() - t)
+                before = dict(state.scheduler.stats)
+                t = time.perf_counter()
+                together = _at_once(port, bodies[:n])
+                con.append(time.perf_counter() - t)
+                rows += state.scheduler.stats["canvas_rows"] - before["canvas_rows"]
+                runs += state.scheduler.stats["canvases"] - before["canvases"]
+            sequential, concurrent = statistics.median(seq), statistics.median(con)
             tokens = sum(k for _, k in together)
             same = [a[0] for a in together] == [a[0] for a in in_turn]
             say(f"  {n} requests: in turn {sequential:6.2f} s ({tokens / sequential:6.1f} tok/s), "
                 f"at once {concurrent:6.2f} s ({tokens / concurrent:6.1f} tok/s): "
                 f"{concurrent / sequential:.2f}x the time; {rows / max(runs, 1):.2f} rows per "
-                f"canvas; answers {'equal' if same else 'DIFFER'}")
+                f"canvas; answers {'equal' if same else 'DIFFER'} (median of {o.repeat})")
             rep.save("serve", {"model": o.server_model, "requests": n, "tokens": tokens,
                                "sequential_s": sequential, "concurrent_s": concurrent,
+                               "sequential_runs": seq, "concurrent_runs": con,
                                "ratio": concurrent / sequential,
                                "rows_per_canvas": rows / max(runs, 1),
                                "answers_equal": same, "steps": o.steps, "prompt": o.prompt})

@@ -3,7 +3,7 @@ at once from N client threads, against the same N requests sent in turn; wall ti
 The server runs in this process on loopback (uvicorn in a thread, HTTP clients in others);
 every request runs all its denoising steps (no early stop) and ignores EOS, so both ways do
 the same work. With a seed per request, the concurrent answers are checked to be the ones
-served in turn. Figures are medians of --repeat rounds, each round one of each."""
+served in turn (where the model has a tokenizer: the mid-size checkpoint has none). Figures are medians of --repeat rounds, each round one of each."""
 
 import http.client
 import json
@@ -88,11 +88,13 @@ def section_serve(o, rep):
                 runs += state.scheduler.stats["canvases"] - before["canvases"]
             sequential, concurrent = statistics.median(seq), statistics.median(con)
             tokens = sum(k for _, k in together)
-            same = [a[0] for a in together] == [a[0] for a in in_turn]
+            same = None if tokenizer is None else [a[0] for a in together] == [
+                a[0] for a in in_turn]  # no tokenizer, no text to compare
+            verdict = {None: "not compared", True: "equal", False: "DIFFER"}[same]
             say(f"  {n} requests: in turn {sequential:6.2f} s ({tokens / sequential:6.1f} tok/s), "
                 f"at once {concurrent:6.2f} s ({tokens / concurrent:6.1f} tok/s): "
                 f"{concurrent / sequential:.2f}x the time; {rows / max(runs, 1):.2f} rows per "
-                f"canvas; answers {'equal' if same else 'DIFFER'} (median of {o.repeat})")
+                f"canvas; answers {verdict} (median of {o.repeat})")
             rep.save("serve", {"model": o.server_model, "requests": n, "tokens": tokens,
                                "sequential_s": sequential, "concurrent_s": concurrent,
                                "sequential_runs": seq, "concurrent_runs": con,

@@ -9,8 +9,8 @@ seed, a row's tokens are those of its request served alone. Rows whose settings 
 temperatures, ...) cannot share a denoising step; their groups take turns, a canvas each."""
 
 import queue
+import secrets
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Callable, List, Optional
@@ -71,8 +71,8 @@ def _group_key(settings: SamplerSettings) -> tuple:
 def row_key(seed: Optional[int], index: int) -> mx.array:
     """Choice `index` of a request with `seed` draws as a request with seed + index would."""
     if seed is None:
-        seed = time.time_ns() % (2**63 - 1 - index)
-    return mx.random.key(seed + index)
+        return mx.random.key(secrets.randbits(63))
+    return mx.random.key((seed + index) % 2**63)
 
 
 class Scheduler:

@@ -3,7 +3,8 @@ at once from N client threads, against the same N requests sent in turn; wall ti
 The server runs in this process on loopback (uvicorn in a thread, HTTP clients in others);
 every request runs all its denoising steps (no early stop) and ignores EOS, so both ways do
 the same work. With a seed per request, the concurrent answers are checked to be the ones
-served in turn (where the model has a tokenizer: the mid-size checkpoint has none). Figures are medians of --repeat rounds, each round one of each."""
+served in turn (where the model has a tokenizer: the mid-size checkpoint has none). Figures
+are medians of --repeat rounds, each round one of each."""
 
 import http.client
 import json

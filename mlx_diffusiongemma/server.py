@@ -73,7 +73,7 @@ def main(argv=None):
         for flag in ("max_batch", "max_queue", "max_connections", "max_body_bytes"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-        model, tokenizer = load_for_cli(args.model)
+        model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))

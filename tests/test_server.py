@@ -38,8 +38,9 @@ def start_server(*flags, log=None):
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc, port = start_server("--body-timeout", "2", "--header-timeout", "2", log=LOG)
+def server(text_demo):
+    proc, port = start_server("--model", str(text_demo), "--body-timeout", "2",
+                              "--header-timeout", "2", log=LOG)
     yield port
     proc.terminate()
     proc.wait(timeout=30)
@@ -63,8 +64,8 @@ def raw(port, path, body, headers=None):
     return r.status, r.read().decode()
 
 
-def test_models_and_health(server):
-    assert [m.id for m in client(server).models.list().data] == ["diffusiongemma-demo"]
+def test_models_and_health(server, text_demo):
+    assert [m.id for m in client(server).models.list().data] == [str(text_demo)]
     assert health(server)["status"] == "ok"
 
 
@@ -373,8 +374,8 @@ def test_early_disconnects_are_quiet(server):
     assert health(server)["status"] == "ok"
 
 
-def test_queue_bound_answers_429():
-    proc, port = start_server("--max-batch", "1", "--max-queue", "1")
+def test_queue_bound_answers_429(text_demo):
+    proc, port = start_server("--model", str(text_demo), "--max-batch", "1", "--max-queue", "1")
     try:
         body = json.dumps({"prompt": "long", "max_tokens": 32 * 40, "steps": 48, "stream": True,
                            "stability_threshold": 1000}).encode()

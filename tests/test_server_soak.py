@@ -73,9 +73,9 @@ KINDS = ["completion"] * 4 + ["stream"] * 3 + ["dropped"] * 2 + ["malformed"] * 
     ["oversized", "garbage"]
 
 
-def test_soak():
-    proc, port = start_server("--max-body-bytes", "65536", "--max-batch", "4",
-                              "--body-timeout", "5", "--header-timeout", "5")
+def test_soak(text_demo):
+    proc, port = start_server("--model", str(text_demo), "--max-body-bytes", "65536",
+                              "--max-batch", "4", "--body-timeout", "5", "--header-timeout", "5")
     try:
         warm = random.Random(0)
         for kind in ("completion", "stream", "dropped", "malformed", "oversized"):

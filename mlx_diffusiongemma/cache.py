@@ -1,7 +1,7 @@
 """The prompt KV cache: the encoder appends to it, the decoder only reads it."""
 
 import copy
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import mlx.core as mx
 
@@ -71,6 +71,13 @@ class PromptCache:
         if self.valid is not None:
             self.valid = self.valid[idx]
 
+    def copy(self) -> "PromptCache":
+        """An independent cache holding the same positions. Cheap: the arrays are shared, and
+        `store` / `select_rows` replace arrays rather than write into them."""
+        new = copy.copy(self)
+        new.keys, new.values = list(self.keys), list(self.values)
+        return new
+
     def state(self):
         extra = [] if self.valid is None else [self.valid]
         return [a for a in self.keys + self.values if a is not None] + extra
@@ -80,21 +87,59 @@ class PromptCache:
         return sum(a.nbytes for a in self.state())
 
 
+def _left_padded(rows: List[PromptCache], layer: int):
+    """Layer `layer`'s (keys, values, validity) of several caches stacked on the batch axis,
+    the shorter ones left-padded; validity None when no position is padding."""
+    if len(rows) == 1:
+        k, v = rows[0].fetch(layer)
+        return k, v, rows[0].key_validity(layer)
+    lens = [r.layer_len(layer) for r in rows]
+    P = max(lens)
+    if P == 0:
+        return None, None, None
+    like = rows[lens.index(P)].fetch(layer)[0]  # (1, H, P, D)
+    keys, values, valid = [], [], []
+    for r, n in zip(rows, lens):
+        k, v = r.fetch(layer)
+        B = r.keys[0].shape[0] if r.keys[0] is not None else 1
+        own = r.key_validity(layer)
+        if own is None:
+            own = mx.ones((B, n), dtype=mx.bool_)
+        if n < P:
+            pad = mx.zeros((B, like.shape[1], P - n, like.shape[3]), dtype=like.dtype)
+            k = pad if k is None else mx.concatenate([pad, k], axis=2)
+            v = pad if v is None else mx.concatenate([pad, v], axis=2)
+            own = mx.concatenate([mx.zeros((B, P - n), dtype=mx.bool_), own], axis=1)
+        keys.append(k)
+        values.append(v)
+        valid.append(own)
+    valid = mx.concatenate(valid)
+    return mx.concatenate(keys), mx.concatenate(values), None if min(lens) == P and \
+        all(r.valid is None for r in rows) else valid
+
+
 class CanvasKV:
     """Per-canvas attention buffers for the decoder: each layer's visible prefix K/V copied once,
     followed by room for the canvas's own K/V, which every denoising step writes in place. The
-    prefix is thus not concatenated again at every step; the prompt cache stays untouched."""
+    prefix is thus not concatenated again at every step; the prompt cache stays untouched.
 
-    def __init__(self, cache: PromptCache, canvas_len: int):
-        self.offset = cache.offset
+    `cache` may also be a list of one-row PromptCaches of different lengths (a server's rows,
+    each encoded on its own): their prefixes are left-padded to one length, the padding masked,
+    and `offset` becomes one position per row, so each row's canvas sits where it would alone
+    (RoPE takes per-row offsets)."""
+
+    def __init__(self, cache: Union[PromptCache, List[PromptCache]], canvas_len: int):
+        rows = cache if isinstance(cache, list) else [cache]
+        offsets = [r.offset for r in rows]
+        self.offset = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets, dtype=mx.int32)
         self.keys, self.values, self.prefix_len, self.masks = [], [], [], []
-        for i in range(len(cache.keys)):
-            k, v = cache.fetch(i)
+        for i in range(len(rows[0].keys)):
+            k, v, valid = _left_padded(rows, i)
             P = 0 if k is None else k.shape[2]
             self.prefix_len.append(P)
-            self.keys.append(None if k is None else mx.pad(k, [(0, 0), (0, 0), (0, canvas_len), (0, 0)]))
-            self.values.append(None if v is None else mx.pad(v, [(0, 0), (0, 0), (0, canvas_len), (0, 0)]))
-            valid = cache.key_validity(i)
+            room = [(0, 0), (0, 0), (0, canvas_len), (0, 0)]  # (B, H, P + C, D)
+            self.keys.append(None if k is None else mx.pad(k, room))
+            self.values.append(None if v is None else mx.pad(v, room))
             if valid is not None:  # padded prompt positions stay hidden from the canvas
                 ones = mx.ones((valid.shape[0], canvas_len), dtype=mx.bool_)
                 valid = mx.concatenate([valid, ones], axis=1)[:, None, None, :]

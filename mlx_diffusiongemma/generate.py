@@ -15,7 +15,7 @@ def build_parser():
     add_model_argument(p)
     p.add_argument("--prompt", "-p", default=None,
                    help="the prompt, or '-' to read it from stdin (default: hello, or the task's example)")
-    p.add_argument("--max-tokens", "-m", type=int, default=None, help="tokens to generate (whole canvases)")
+    p.add_argument("--max-tokens", "-m", type=int, default=None, help="most tokens to generate (the last canvas is cut)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt without the chat template")
     p.add_argument("--enable-thinking", action="store_true", help="turn on the chat template's thinking mode")

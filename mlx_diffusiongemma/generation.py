@@ -104,13 +104,25 @@ class _Step:
     probs: mx.array
     finished: mx.array
     history: Optional[mx.array]
-    key: mx.array
+    key: Union[mx.array, List[mx.array]]
+
+
+def split_keys(key):
+    """mx.random.split of one key, or of each key in a list of per-row keys."""
+    if not isinstance(key, list):
+        return mx.random.split(key)
+    pairs = [mx.random.split(k) for k in key]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSettings, key,
                    on_step: Optional[Callable] = None, pins: Optional[Pins] = None):
     """Runs the sampler on one canvas (B, C) against `cache`; returns (committed argmax canvas,
-    steps taken).
+    steps taken). `key` is one key for the batch, or a list of one key per row: then each row
+    draws its own noise, as it would alone (a server's rows equal their runs served alone).
+    `on_step(steps, argmax, accepted, entropy, rows)` sees each step of the rows still going
+    (`rows`: their indices in the batch) and may return indices of rows to stop now (clients
+    that left); their result is whatever their canvas holds.
 
     Per step: decoder forward and one compiled sampler graph, then one host sync for the
     stable-and-confident stop test. The sampler's probabilities become the next step's
@@ -136,7 +148,7 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
 
     def build(canvas, soft, history, key, remaining):
         logits = model.decode(canvas, cache, soft_embeds=soft, softcap=False)
-        key, sub = mx.random.split(key)
+        key, sub = split_keys(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
         canvas, argmax, entropy, accepted, probs = denoise_sample(
             logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype,
@@ -158,7 +170,9 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         steps += 1
         stopped = step.finished.tolist()
         if on_step is not None:  # first: what it reads would otherwise queue behind the next step
-            on_step(steps, step.argmax, step.accepted, step.entropy)
+            drop = on_step(steps, step.argmax, step.accepted, step.entropy, list(alive))
+            if drop:
+                stopped = [f or alive[j] in drop for j, f in enumerate(stopped)]
         if nxt is not None and not any(stopped):
             mx.async_eval(nxt.canvas, nxt.argmax, nxt.finished)  # the device starts on it now
         if all(stopped) or remaining == 1:
@@ -173,6 +187,8 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
             idx = mx.array(keep, dtype=mx.int32)
             step.canvas, step.argmax, step.probs = step.canvas[idx], step.argmax[idx], step.probs[idx]
             step.history = None if step.history is None else step.history[:, idx]
+            if isinstance(step.key, list):
+                step.key = [step.key[j] for j in keep]
             if pin_mask is not None:
                 pin_mask, pin_tokens = pin_mask[idx], pin_tokens[idx]
             cache = cache.subset(keep)
@@ -184,9 +200,12 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     return mx.stack(final), steps
 
 
-def _cut_at_eos(tokens: List[int], eos) -> tuple:
-    """(tokens before the first EOS, that EOS id or None)."""
+def cut_at_eos(tokens: List[int], eos, limit: Optional[int] = None) -> tuple:
+    """(tokens before the first EOS and at most `limit` of them, that EOS id or None). An EOS
+    past the limit is not reached: the response ends for length."""
     hit = next((i for i, t in enumerate(tokens) if t in eos), None)
+    if limit is not None and (hit is None or hit > limit):
+        return tokens[:limit], None
     return (tokens, None) if hit is None else (tokens[:hit], tokens[hit])
 
 
@@ -197,7 +216,8 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
     (canvas index, steps, {row: (tokens cut at EOS, the EOS id or None)}) for the rows still
     going. A row that hits EOS leaves the batch (its cache rows are dropped) before the next
     canvas; the committed canvas of the others joins the cache. `first_canvas` / `pins` apply to
-    the first canvas."""
+    the first canvas. The last canvas is denoised whole, but only `settings.max_tokens` tokens
+    in all are yielded."""
     C, V = model.args.canvas_length, model.args.vocab_size
     n_canvases = -(-settings.max_tokens // C)
     active = list(range(rows))
@@ -211,8 +231,9 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
         committed, steps = denoise_canvas(model, cache, canvas, settings, k_run, step_cb,
                                           pins if c == 0 else None)
         out, keep = {}, []
+        limit = settings.max_tokens - c * C
         for j, toks in enumerate(committed.tolist()):
-            toks, hit = _cut_at_eos(toks, eos)
+            toks, hit = cut_at_eos(toks, eos, limit)
             out[active[j]] = (toks, hit)
             if hit is None:
                 keep.append(j)
@@ -305,7 +326,7 @@ def stream_generate(
 
     on_step = None
     if draft_callback is not None:
-        def on_step(c, step, argmax, accepted, entropy):
+        def on_step(c, step, argmax, accepted, entropy, rows):
             draft_callback(Draft(c, step, argmax[0].tolist(), accepted[0].tolist(), entropy[0].mean().item()))
 
     tic = time.perf_counter()

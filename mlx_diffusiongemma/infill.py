@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .generation import Pins, eos_ids_for, stream_generate, _cut_at_eos
+from .generation import Pins, eos_ids_for, stream_generate, cut_at_eos
 from .model import Model
 
 GAP_RE = re.compile(r"<\|gap(?::(\d+))?\|>")
@@ -93,7 +93,7 @@ def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwar
                              eos_token_ids=[], pins=pins, **kwargs):
         canvas = r.tokens
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
-    fill_tokens = [_cut_at_eos(canvas[start : start + n], eos)[0] for start, n in gaps]
+    fill_tokens = [cut_at_eos(canvas[start : start + n], eos)[0] for start, n in gaps]
     dec = (lambda t: tokenizer.decode(t)) if tokenizer is not None else (lambda t: "")
     fills = [dec(t) for t in fill_tokens]
     text, g = "", 0

@@ -196,17 +196,23 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
     samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
     tempered logits, the acceptance mask and the self-conditioning probabilities (in
-    `probs_dtype`). `temp` and `bound` are scalar arrays so the compiled graphs are reused
-    across steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling).
+    `probs_dtype`). `key`: one key, or a list of one per row. `temp` and `bound` are scalar
+    arrays so the compiled graphs are reused across steps. `pin_mask` / `pin_tokens` (B, C) hold positions fixed (infilling).
     `softcap`: the model's final softcap when `logits` are the LM head's raw output (then it
     runs inside the same pass: no softcapped copy of the logits is written)."""
     B, C, V = logits.shape
     if pin_mask is None:
         pin_mask = mx.zeros((B, C), dtype=mx.bool_)
         pin_tokens = mx.zeros((B, C), dtype=mx.int32)
-    k_sample, k_noise = mx.random.split(key)
-    u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
-    noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
+    if isinstance(key, list):  # one key per row: each row draws what it would alone
+        parts = [mx.random.split(k) for k in key]
+        u = mx.concatenate([mx.random.uniform(shape=(1, C, 1), key=ks) for ks, _ in parts])
+        noise = mx.concatenate([mx.random.randint(0, V, (1, C), dtype=mx.int32, key=kn)
+                                for _, kn in parts])
+    else:
+        k_sample, k_noise = mx.random.split(key)
+        u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
+        noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
     fast_math = mx.default_device() == mx.cpu
     key_ = (probs_dtype, fast_math, bool(softcap))
     fn = _position_compiled.get(key_)

@@ -29,6 +29,15 @@ def test_module_and_stdin_prompt_are_repeatable(text_demo):
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
+def test_max_tokens_is_exact_in_the_cli(text_demo):
+    import re
+
+    r = run("generate.py", "--model", str(text_demo), "--prompt", "Hello", "--seed", "1",
+            "--steps", "3", "--max-tokens", "3", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert int(re.search(r"Generation: (\d+) tokens", r.stdout).group(1)) <= 3
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path, text_demo):
     cases = [
         (["--prompt", ""], "prompt is empty"),

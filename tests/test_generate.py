@@ -92,13 +92,29 @@ def test_response_fields_and_drafts(tiny):
     drafts = []
     rs = list(stream_generate(model, None, [4, 5, 6, 7], max_tokens=20, seed=0, max_denoising_steps=5, eos_token_ids=[],
                               draft_callback=drafts.append))
-    assert len(rs) == 2  # 20 tokens -> two 16-token canvases; the last is full length
+    assert len(rs) == 2  # 20 tokens -> two 16-token canvases, the second cut to 4
     r = rs[-1]
+    assert [len(x.tokens) for x in rs] == [16, 4] and r.generation_tokens == 20
     assert r.prompt_tokens == 4 and r.prompt_tps > 0 and r.generation_tps > 0
     assert r.peak_memory > 0 and r.finish_reason == "length" and rs[0].finish_reason is None
     assert sum(x.steps for x in rs) == r.decoder_forwards == len(drafts)
     assert all(len(d.tokens) == 16 and len(d.accepted) == 16 and any(d.accepted) for d in drafts)
     assert [d.step for d in drafts if d.canvas == 0] == list(range(1, rs[0].steps + 1))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 16, 17])
+def test_max_tokens_is_exact(tiny, max_tokens):
+    """The last canvas is denoised whole, but no more tokens than asked come back, from
+    stream_generate, generate and batch_generate alike."""
+    from mlx_diffusiongemma.batch import batch_generate
+
+    model = load_model(tiny[0])
+    kw = dict(max_tokens=max_tokens, seed=0, max_denoising_steps=3, eos_token_ids=[])
+    rs = list(stream_generate(model, None, [4, 5, 6], **kw))
+    assert sum(len(r.tokens) for r in rs) == rs[-1].generation_tokens == max_tokens
+    assert rs[-1].finish_reason == "length"
+    res = batch_generate(model, None, [[4, 5, 6], [7, 8]], **kw)
+    assert [len(t) for t in res.tokens] == [max_tokens] * 2 and res.generation_tokens == 2 * max_tokens
 
 
 def test_stops_early_when_stable_and_confident(checkpoint_factory):

@@ -11,12 +11,13 @@ from .fullshape import section_build, section_fullwidth, section_gpu, section_we
 from .graph import section_graph
 from .peers import reference_main, section_peers
 from .profile import section_profile
+from .serve import section_serve
 from .shapes import SHAPES
 from .sudoku import section_sudoku
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
             "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph,
-            "sudoku": section_sudoku}
+            "serve": section_serve, "sudoku": section_sudoku}
 
 
 def parse(argv):
@@ -46,13 +47,18 @@ def parse(argv):
                    help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)")
     p.add_argument("--reference-malloc", action="store_true",
                    help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)")
+    p.add_argument("--server-model", choices=["demo", "mid"], default="demo",
+                   help="serve: the bundled demo checkpoint or the mid-size random one")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8],
+                   help="serve: requests sent at once")
+    p.add_argument("--request-tokens", type=int, default=64, help="serve: tokens per request")
     p.add_argument("--puzzles", type=int, default=256, help="sudoku: held-out puzzles at half givens")
     p.add_argument("--exclude", help="sudoku: a train.jsonl whose puzzles are kept out")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
                 "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
-                "graph": (30, 4096), "sudoku": (None, None)}
+                "graph": (30, 4096), "serve": (None, 32), "sudoku": (None, None)}
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]

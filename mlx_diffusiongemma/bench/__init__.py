@@ -10,6 +10,8 @@ asserts nothing.
     python -m mlx_diffusiongemma.benchmark gpu        # full shape on a GPU (CUDA or Metal): prefill tok/s,
                                                       # decoder step latency, decode tok/s at 16 fixed steps
     python -m mlx_diffusiongemma.benchmark graph      # full shape: Python time to build one step's graph
+    python -m mlx_diffusiongemma.benchmark lora       # LoRA training step: peak memory at full width, extrapolated
+                                                      # to 30 layers (with and without grad checkpointing); it/s at mid
 
 Every section prints a header (date, machine, MLX version, device, BLAS, git commit). `--json FILE`
 appends each section's figures as one JSON line.

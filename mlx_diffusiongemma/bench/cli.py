@@ -9,12 +9,14 @@ from . import __doc__ as DOC
 from .common import CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
 from .fullshape import section_build, section_fullwidth, section_gpu, section_weights
 from .graph import section_graph
+from .lora import section_lora
 from .peers import reference_main, section_peers
 from .profile import section_profile
 from .shapes import SHAPES
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
-            "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph}
+            "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph,
+            "lora": section_lora}
 
 
 def parse(argv):
@@ -35,8 +37,8 @@ def parse(argv):
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference"], help="peers to leave out")
-    p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run)")
+    p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
     p.add_argument("--force", action="store_true", help="build: ignore the free-memory check")
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -44,17 +46,27 @@ def parse(argv):
                    help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)")
     p.add_argument("--reference-malloc", action="store_true",
                    help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)")
+    p.add_argument("--part", choices=["all", "memory", "speed"], default="all",
+                   help="lora: the memory extrapolation, the speed at the mid shape, or both")
+    p.add_argument("--compile-step", action="store_true",
+                   help="lora: compile the measured memory steps as mlx-lm does (on a CPU every new fused kernel is built by the C++ compiler first)")
+    p.add_argument("--quick", action="store_true",
+                   help="lora: three memory runs instead of four (a full-attention layer counted as a sliding one)")
+    p.add_argument("--batch-size", type=int, default=2, help="lora: batch of the speed measurement")
+    p.add_argument("--train-prompt", type=int, default=64, help="lora: prompt tokens of the speed measurement")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
                 "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
-                "graph": (30, 4096)}
+                "graph": (30, 4096), "lora": (None, 512)}
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
     o.layers = o.layers if o.layers is not None else dl
     o.prompt = o.prompt if o.prompt is not None else dp
     if o.section == "fullwidth" and o.repeat == 3:
+        o.repeat = 2
+    if o.section == "lora" and o.repeat == 3:
         o.repeat = 2
     if o.section == "graph" and o.repeat == 3:
         o.repeat = 7

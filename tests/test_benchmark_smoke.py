@@ -95,9 +95,9 @@ def test_long_sections_parse(section):
 
 def test_lora_tiny(tmp_path):
     # the tiny shape (32-token canvas): three memory runs (each in its own process, plain and
-    # with mlx-lm's grad checkpointing), the fit and the 30-layer extrapolation, then two LoRA
+    # with mlx-lm's grad checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
     # steps through the trainer for the speed figure
-    out = bench("lora", "--shape", "tiny", "--quick", "--prompt", "16", "--batch-size", "1",
+    out = bench("lora", "--shape", "tiny", "--quick", "--no-compile", "--prompt", "16", "--batch-size", "1",
                 "--train-prompt", "16", "--repeat", "1", "--wait-idle", "0",
                 "--json", str(tmp_path / "l.jsonl"), timeout=900)
     assert_lines(

@@ -48,8 +48,8 @@ def parse(argv):
                    help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)")
     p.add_argument("--part", choices=["all", "memory", "speed"], default="all",
                    help="lora: the memory extrapolation, the speed at the mid shape, or both")
-    p.add_argument("--compile-step", action="store_true",
-                   help="lora: compile the measured memory steps as mlx-lm does (on a CPU every new fused kernel is built by the C++ compiler first)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="lora: measure the memory steps uncompiled (no C++ kernel builds on a CPU; peaks higher than mlx-lm's compiled step)")
     p.add_argument("--quick", action="store_true",
                    help="lora: three memory runs instead of four (a full-attention layer counted as a sliding one)")
     p.add_argument("--batch-size", type=int, default=2, help="lora: batch of the speed measurement")

@@ -214,7 +214,7 @@ def memory_part(opts, rep):
     configs = CONFIGS[:2] if opts.quick else CONFIGS
     cases = [(name, types, vocabs[0]) for name, types in configs[:2]] + [(CONFIGS[1][0], CONFIGS[1][1], vocabs[1])]
     cases += [(name, types, vocabs[0]) for name, types in configs[2:]]
-    compiled = opts.compile_step
+    compiled = not opts.no_compile
     results = {False: [], True: []}
     for name, types, vocab in cases:
         say(f"    measuring {name}, vocab {vocab} ...")
@@ -256,7 +256,7 @@ def memory_part(opts, rep):
     ratio = statistics.mean(r["optimizer"] / r["adapters"] for r in rows)
     say(f"  (measured Adam state / adapter bytes = {ratio:.3f}; weights measured in float32 are replaced by the "
         f"analytic mixed 4-bit bytes; step = peak - weights - adapters - Adam state, float32 activations: an "
-        f"upper bound for bf16 on a Mac; the step {'compiled as mlx-lm compiles it' if compiled else 'not compiled (mx.compile only fuses elementwise temporaries away: an upper bound)'})")
+        f"upper bound for bf16 on a Mac; the step {'compiled as mlx-lm compiles it' if compiled else 'not compiled (--no-compile: an upper bound, mx.compile fuses temporaries away)'})")
     rep.save("lora:memory", figures)
     return figures
 

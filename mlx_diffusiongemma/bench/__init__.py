@@ -25,5 +25,6 @@ interposing OpenBLAS under PyTorch's MKL makes it ~8x slower.
 Modules: cli (arguments, dispatch), common (process setup, machine header, timing, JSON lines, the
 mid-size checkpoint), shapes (model shapes, targets), models (weight bytes per recipe, random
 full-shape models), step (one denoising step timed in parts), fullshape (weights, build,
-fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph.
+fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph, lora (LoRA
+step memory and speed), sudoku.
 """

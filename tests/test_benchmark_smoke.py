@@ -85,9 +85,38 @@ def test_graph(tmp_path):
     assert g["layers"] == 30 and len(g["times_s"]) == 2 and g["build_s"] > 0
 
 
-@pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference"])
+@pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference", "lora"])
 def test_long_sections_parse(section):
     from mlx_diffusiongemma.bench.cli import parse
 
     o = parse([section])
     assert o.section == section
+
+
+def test_lora_tiny(tmp_path):
+    # the tiny shape (32-token canvas): three memory runs (each in its own process, plain and
+    # with mlx-lm's grad checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
+    # steps through the trainer for the speed figure
+    out = bench("lora", "--shape", "tiny", "--quick", "--no-compile", "--prompt", "16", "--batch-size", "1",
+                "--train-prompt", "16", "--repeat", "1", "--wait-idle", "0",
+                "--json", str(tmp_path / "l.jsonl"), timeout=900)
+    assert_lines(
+        out,
+        r"^== lora: LoRA training step, peak memory at tiny width .* \| commit ",
+        r"^    1 full +vocab +512 plain +: peak +\d+\.\d\d GB = weights ",
+        r"^    1 full +vocab +2048 checkpointed: peak ",
+        r"^  30-layer constants: mixed 4-bit weights \d+\.\d\d GB .* LoRA [\d.]+M parameters",
+        r"^  without grad checkpointing: step = ",
+        r"^    extrapolated peak, \d+\+\d+ layers, vocab 4096: .* = \d+\.\d\d GB .*target <= 24 GB: (met|missed)",
+        r"^  with --grad-checkpoint: step = ",
+        r"^  LoRA step at the tiny shape: [\d.]+ it/s, [\d.]+ tokens/s \(48 tokens a step",
+    )
+    figures = json_lines(tmp_path / "l.jsonl")
+    assert set(figures) == {"lora:memory", "lora:speed", "lora:run"}
+    m = figures["lora:memory"]
+    assert len(m["plain"]["runs"]) == len(m["checkpoint"]["runs"]) == 3
+    assert m["optimizer30"] == 2 * m["adapters30"] > 0
+    for kind in ("plain", "checkpoint"):
+        assert m[kind]["peak30"] > m["weights30_mixed4"] + 3 * m["adapters30"]
+    s = figures["lora:speed"]
+    assert s["it_per_s"] > 0 and s["tokens_per_step"] == 48 and len(s["step_s"]) == 1

@@ -11,6 +11,8 @@ asserts nothing.
                                                       # decoder step latency, decode tok/s at 16 fixed steps
     python -m mlx_diffusiongemma.benchmark graph      # full shape: Python time to build one step's graph
     python -m mlx_diffusiongemma.benchmark serve      # the server: N requests at once vs in turn
+    python -m mlx_diffusiongemma.benchmark lora       # LoRA training step: peak memory at full width, extrapolated
+                                                      # to 30 layers (with and without grad checkpointing); it/s at mid
 
 Every section prints a header (date, machine, MLX version, device, BLAS, git commit). `--json FILE`
 appends each section's figures as one JSON line.
@@ -24,5 +26,6 @@ interposing OpenBLAS under PyTorch's MKL makes it ~8x slower.
 Modules: cli (arguments, dispatch), common (process setup, machine header, timing, JSON lines, the
 mid-size checkpoint), shapes (model shapes, targets), models (weight bytes per recipe, random
 full-shape models), step (one denoising step timed in parts), fullshape (weights, build,
-fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph, serve.
+fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph, serve,
+lora (LoRA step memory and speed), sudoku.
 """

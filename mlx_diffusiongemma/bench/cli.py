@@ -9,6 +9,7 @@ from . import __doc__ as DOC
 from .common import CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
 from .fullshape import section_build, section_fullwidth, section_gpu, section_weights
 from .graph import section_graph
+from .lora import section_lora
 from .peers import reference_main, section_peers
 from .profile import section_profile
 from .serve import section_serve
@@ -17,7 +18,7 @@ from .sudoku import section_sudoku
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
             "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph,
-            "serve": section_serve, "sudoku": section_sudoku}
+            "serve": section_serve, "lora": section_lora, "sudoku": section_sudoku}
 
 
 def parse(argv):
@@ -38,8 +39,8 @@ def parse(argv):
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference"], help="peers to leave out")
-    p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run)")
+    p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
     p.add_argument("--force", action="store_true", help="build: ignore the free-memory check")
     p.add_argument("--path", help="sudoku: the checkpoint (default: the bundled demo)")
@@ -52,19 +53,29 @@ def parse(argv):
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8],
                    help="serve: requests sent at once")
     p.add_argument("--request-tokens", type=int, default=64, help="serve: tokens per request")
+    p.add_argument("--part", choices=["all", "memory", "speed"], default="all",
+                   help="lora: the memory extrapolation, the speed at the mid shape, or both")
+    p.add_argument("--no-compile", action="store_true",
+                   help="lora: measure the memory steps uncompiled (no C++ kernel builds on a CPU; peaks higher than mlx-lm's compiled step)")
+    p.add_argument("--quick", action="store_true",
+                   help="lora: three memory runs instead of four (a full-attention layer counted as a sliding one)")
+    p.add_argument("--batch-size", type=int, default=2, help="lora: batch of the speed measurement")
+    p.add_argument("--train-prompt", type=int, default=64, help="lora: prompt tokens of the speed measurement")
     p.add_argument("--puzzles", type=int, default=256, help="sudoku: held-out puzzles at half givens")
     p.add_argument("--exclude", help="sudoku: a train.jsonl whose puzzles are kept out")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
                 "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
-                "graph": (30, 4096), "serve": (None, 32), "sudoku": (None, None)}
+                "graph": (30, 4096), "serve": (None, 32), "lora": (None, 512), "sudoku": (None, None)}
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
     o.layers = o.layers if o.layers is not None else dl
     o.prompt = o.prompt if o.prompt is not None else dp
     if o.section == "fullwidth" and o.repeat == 3:
+        o.repeat = 2
+    if o.section == "lora" and o.repeat == 3:
         o.repeat = 2
     if o.section == "graph" and o.repeat == 3:
         o.repeat = 7

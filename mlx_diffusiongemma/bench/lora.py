@@ -1,0 +1,327 @@
+"""Section lora: memory and speed of one LoRA training step (issue 11, item 6).
+
+Memory: the peak of one training step (value_and_grad of the diffusion loss and an Adam update,
+compiled as mlx-lm's trainer compiles it; LoRA rank 8 on every linear, experts included, as
+`tuner.adapters.prepare(model, "lora", -1, ...)` makes it) at the full model's width, batch 1,
+a 512-token prompt and one 256-token canvas, with and without mlx-lm's gradient checkpointing.
+As `fullwidth`, it runs at reduced depth and extrapolates to the 30-layer model:
+
+* the base weights are counted analytically at the mixed 4-bit recipe (what a Mac loads); they are
+  measured here in float32 (MLX's CPU quantized matmuls are ~20x slower than its float32 matmuls,
+  and its CPU gathered matmul takes float32 only), and their bytes are subtracted;
+* the LoRA weights (float32, as mlx-lm makes them) and Adam's two moments are counted exactly at
+  the full shape, from the adapted model built lazily (nothing allocated);
+* what the step adds over weights, adapters and optimizer state (gradients, saved activations,
+  the vocabulary-sized logits and their gradients) is measured in four configurations, each in its
+  own process — one full-attention layer, a sliding + a full layer, two full layers (vocabulary
+  V1) and one full-attention layer at vocabulary V2 — and fitted exactly by
+  a + s x sliding layers + f x full layers + c x vocabulary, then evaluated at 25 sliding + 5 full
+  layers and the real vocabulary (262144). The vocabulary-sized tensors (the encoder's AR logits
+  over prompt + canvas, the decoder's logits of both passes, the self-conditioning softmax, the
+  cross-entropies and their gradients) grow linearly in the vocabulary and not with depth; a
+  real-vocabulary step costs ~10 minutes of CPU here, hence the two smaller vocabularies.
+
+Activations are float32 here (bf16 on a Mac, except the logits, which are float32 on both): the
+measured transient is an upper bound for a Mac.
+
+Speed: iterations/s and tokens/s of LoRA training at the mid shape (float32, this CPU) through the
+project's training path (`tuner.trainer.train`, i.e. mlx-lm's `train` with its compiled step), on
+random examples; the first iteration (compilation) is not counted.
+"""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import GB, GiB, ROOT, mem_available, random_prompt, say
+from .models import default_quant, make_args, param_bytes, recipe_bytes
+from .shapes import FULL_CANVAS, FULL_TEXT, SHAPES
+
+LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
+TARGET_GB = 24.0  # a 32 GB Mac trains
+SMALL_VOCABS = (8192, 32768)
+# (name, layer types): the configurations whose step peaks the fit is made from
+CONFIGS = [("sliding + full", ["sliding_attention", "full_attention"]),
+           ("1 full", ["full_attention"]),
+           ("2 full", ["full_attention", "full_attention"])]
+
+
+def canvas_for(shape):
+    """The real canvas (256); the tiny shape, a smoke test, gets 32."""
+    return 32 if shape == "tiny" else FULL_CANVAS
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement (in its own process: grad checkpointing patches the layer class)
+# ---------------------------------------------------------------------------------------------
+def example_batch(prompt_len, canvas, vocab, batch=1, seed=0):
+    """A Batch of `batch` random examples (prompt, one canvas of response), noise drawn as the
+    trainer draws it."""
+    import numpy as np
+
+    from ..tuner.trainer import DiffusionArgs, draw_noise, make_batch
+
+    diff = DiffusionArgs(canvas_length=canvas, fill_token=1, vocab_size=vocab)
+    examples = [(random_prompt(prompt_len, vocab, seed + i), random_prompt(canvas, vocab, seed + 100 + i))
+                for i in range(batch)]
+    return diff, make_batch(examples, draw_noise(np.random.default_rng(seed), examples, diff), diff)
+
+
+def adapted_bytes(model):
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def measure_step(case):
+    """Peaks of one LoRA step on a random float32 model, plain and then with mlx-lm's gradient
+    checkpointing (patched in, then undone); returns their figures."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from functools import partial
+
+    from ..tuner.adapters import prepare
+    from ..tuner.trainer import make_loss
+    from .models import build_random_float
+
+    try:
+        from ..cpu_memory import keep_freed_memory
+        keep_freed_memory()
+    except ImportError:
+        pass
+    text = SHAPES[case["shape"]]
+    args = make_args(text, layers=len(case["layer_types"]), canvas_length=case["canvas"],
+                     vocab_size=case["vocab"], layer_types=case["layer_types"])
+    mx.random.seed(0)
+    model = build_random_float(args, mx.float32, verbose=False)
+    W = param_bytes(model)
+    prepare(model, "lora", -1, dict(LORA_PARAMETERS))
+    mx.eval(model.parameters())
+    A = adapted_bytes(model)
+    opt = optim.Adam(learning_rate=1e-5)
+    opt.init(model.trainable_parameters())
+    mx.eval(opt.state)
+    diff, batch = example_batch(case["prompt"], args.canvas_length, args.vocab_size)
+    mx.eval(*batch)
+    model.train()
+    out = dict(case, weights=W, adapters=A)
+    layer_class = type(model.layers[0])
+    original = layer_class.__call__
+    for ckpt in (False, True):
+        if ckpt:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        try:
+            loss_value_and_grad = nn.value_and_grad(model, make_loss(diff))
+            state = [model.state, opt.state, mx.random.state]
+
+            def step(*b):  # mlx-lm's step, without gradient accumulation
+                (lvalue, toks), grad = loss_value_and_grad(model, *b)
+                opt.update(model, grad)
+                return lvalue, toks
+
+            if case["compile"]:
+                step = partial(mx.compile, inputs=state, outputs=state)(step)
+            mx.clear_cache()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            t = time.perf_counter()
+            lvalue, _ = step(*batch)
+            mx.eval(state, lvalue)
+            dt = time.perf_counter() - t
+            peak = mx.get_peak_memory()
+        finally:
+            layer_class.__call__ = original
+        key = "checkpoint" if ckpt else "plain"
+        out[key] = dict(optimizer=base - W - A, peak=peak, transient=peak - base, step_s=dt,
+                        loss=lvalue.item())
+    return out
+
+
+def run_case(case, timeout=3600):
+    """measure_step in a child process (the OpenBLAS preload is inherited)."""
+    cmd = [sys.executable, "-m", "mlx_diffusiongemma.bench.lora", json.dumps(case)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise SystemExit(f"lora: the measurement {case} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact adapter bytes at a shape (lazily built, nothing evaluated)
+# ---------------------------------------------------------------------------------------------
+def lora_layout(args):
+    """(adapter bytes, adapter parameters) of `prepare(model, "lora", -1, rank 8)` at `args`."""
+    from mlx.utils import tree_flatten
+
+    from ..model import Model
+    from ..tuner.adapters import prepare
+
+    model = Model(args)
+    prepare(model, "lora", -1, dict(LORA_PARAMETERS))
+    flat = tree_flatten(model.trainable_parameters())
+    n = sum(math.prod(v.shape) for _, v in flat)
+    b = sum(math.prod(v.shape) * v.dtype.size for _, v in flat)
+    del model
+    return b, n
+
+
+def fit(rows, full_layers):
+    """Solves a + s*S + f*F + c*V for the four measurements (three: with f = s); returns
+    (a, s, f, c) and the value at `full_layers` = (S, F, V)."""
+    import numpy as np
+
+    y = np.array([r["transient"] for r in rows], dtype=float)
+    S, F, V = full_layers
+    if len(rows) == 3:
+        X = np.array([[1.0, r["sliding"] + r["full"], r["vocab"]] for r in rows])
+        a, s, c = np.linalg.solve(X, y)
+        coef = np.array([a, s, s, c])
+    else:
+        coef = np.linalg.solve(np.array([[1.0, r["sliding"], r["full"], r["vocab"]] for r in rows]), y)
+    return coef, float(coef @ np.array([1.0, S, F, V]))
+
+
+# ---------------------------------------------------------------------------------------------
+# section
+# ---------------------------------------------------------------------------------------------
+def memory_part(opts, rep):
+    shape = opts.shape
+    text = SHAPES[shape]
+    full = make_args(text, canvas_length=canvas_for(shape))
+    V = full.vocab_size
+    vocabs = SMALL_VOCABS if shape == "full" else (max(V // 8, 64), max(V // 2, 128))
+    if opts.vocab:
+        vocabs = (vocabs[0], opts.vocab)
+    prompt = opts.prompt
+    say(f"  memory: {shape} width, batch 1, {prompt}-token prompt, one {full.canvas_length}-token canvas, "
+        f"LoRA rank {LORA_PARAMETERS['rank']} on every linear (experts included), Adam; weights and activations "
+        f"float32 here")
+    est = 7.5e9 if shape == "full" else 0
+    avail = mem_available()
+    if avail is not None and avail < est and not opts.force:
+        say(f"  skipped: the two-layer measurements need ~{est / GB:.1f} GB free, {avail / GB:.1f} GB available "
+            "(--force to try anyway)")
+        return None
+    configs = CONFIGS[:2] if opts.quick else CONFIGS
+    cases = [(name, types, vocabs[0]) for name, types in configs[:2]] + [(CONFIGS[1][0], CONFIGS[1][1], vocabs[1])]
+    cases += [(name, types, vocabs[0]) for name, types in configs[2:]]
+    compiled = not opts.no_compile
+    results = {False: [], True: []}
+    for name, types, vocab in cases:
+        say(f"    measuring {name}, vocab {vocab} ...")
+        r = run_case(dict(shape=shape, layer_types=types, vocab=vocab, prompt=prompt, canvas=full.canvas_length,
+                          compile=compiled))
+        for ckpt in (False, True):
+            row = dict(r[("checkpoint" if ckpt else "plain")], weights=r["weights"], adapters=r["adapters"],
+                       vocab=vocab, sliding=types.count("sliding_attention"), full=types.count("full_attention"),
+                       name=name)
+            results[ckpt].append(row)
+            say(f"    {name:<15} vocab {vocab:>6} {'checkpointed' if ckpt else 'plain':<12}: peak "
+                f"{row['peak'] / GB:6.2f} GB = weights {row['weights'] / GB:.2f} + adapters {row['adapters'] / GB:.3f} "
+                f"+ Adam {row['optimizer'] / GB:.3f} + step {row['transient'] / GB:.3f} GB ({row['step_s']:.0f} s)")
+    S30 = sum(full.is_sliding(i) for i in range(full.num_hidden_layers))
+    F30 = full.num_hidden_layers - S30
+    W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
+    A30, n30 = lora_layout(full)
+    O30 = 2 * A30  # Adam: first and second moments, float32 like the adapters
+    figures = dict(shape=shape, prompt=prompt, canvas=full.canvas_length, vocab=V, vocabs=vocabs, compiled=compiled,
+                   weights30_mixed4=W30, adapters30=A30, adapter_params30=n30, optimizer30=O30)
+    say(f"  30-layer constants: mixed 4-bit weights {W30 / GB:.2f} GB (analytic, bf16 scales), LoRA "
+        f"{n30 / 1e6:.1f}M parameters = {A30 / GB:.3f} GB (float32), Adam moments {O30 / GB:.3f} GB")
+    for ckpt, rows in results.items():
+        (a, s, f, c), T30 = fit(rows, (S30, F30, V))
+        peak30 = W30 + A30 + O30 + T30
+        label = "with --grad-checkpoint" if ckpt else "without grad checkpointing"
+        vocab_part = c * V
+        per_layer = (f"{s / GB:.3f} GB per layer (full-attention layers taken as sliding ones: --quick)"
+                     if len(rows) == 3 else f"{s / GB:.3f} GB per sliding layer + {f / GB:.3f} GB per full layer")
+        say(f"  {label}: step = {a / GB:.3f} GB + {per_layer}"
+            f" + {c / 1e3:.1f} KB per vocabulary entry ({vocab_part / GB:.2f} GB at {V})")
+        say(f"    extrapolated peak, {S30}+{F30} layers, vocab {V}: weights {W30 / GB:.2f} + adapters {A30 / GB:.2f} "
+            f"+ Adam {O30 / GB:.2f} + step {T30 / GB:.2f} = {peak30 / GB:.2f} GB ({peak30 / GiB:.2f} GiB); "
+            f"target <= {TARGET_GB:.0f} GB: {'met' if peak30 / GB <= TARGET_GB else 'missed'} by "
+            f"{abs(TARGET_GB - peak30 / GB):.2f} GB")
+        figures["checkpoint" if ckpt else "plain"] = dict(
+            runs=rows, fit=dict(a=a, per_sliding=s, per_full=f, per_vocab=c), step30=T30, peak30=peak30)
+    rows = results[False]
+    ratio = statistics.mean(r["optimizer"] / r["adapters"] for r in rows)
+    say(f"  (measured Adam state / adapter bytes = {ratio:.3f}; weights measured in float32 are replaced by the "
+        f"analytic mixed 4-bit bytes; step = peak - weights - adapters - Adam state, float32 activations: an "
+        f"upper bound for bf16 on a Mac; the step {'compiled as mlx-lm compiles it' if compiled else 'not compiled (--no-compile: an upper bound, mx.compile fuses temporaries away)'})")
+    rep.save("lora:memory", figures)
+    return figures
+
+
+def speed_part(opts, rep):
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import TrainingArgs
+
+    from ..tuner.adapters import prepare
+    from ..tuner.trainer import DiffusionArgs, train
+    from .models import build_random_float
+
+    shape = "tiny" if opts.shape == "tiny" else "mid"
+    args = make_args(SHAPES[shape], canvas_length=canvas_for(shape))
+    C = args.canvas_length
+    B, P, n = opts.batch_size, opts.train_prompt, opts.repeat
+    say(f"  speed: {shape} shape ({args.num_hidden_layers} layers, hidden {args.hidden_size}, vocab "
+        f"{args.vocab_size}), float32, batch {B}, {P}-token prompts, one {C}-token canvas each, LoRA rank 8, "
+        f"Adam, through tuner.trainer.train (mlx-lm's compiled step); {n} timed iterations after one untimed")
+    mx.random.seed(0)
+    model = build_random_float(args, mx.float32, verbose=False)
+    prepare(model, "lora", -1, dict(LORA_PARAMETERS))
+    mx.eval(model.parameters())
+    data = [(random_prompt(P, args.vocab_size, i), random_prompt(C, args.vocab_size, 1000 + i)) for i in range(B)]
+    diff = DiffusionArgs(canvas_length=C, fill_token=1, vocab_size=args.vocab_size)
+    opt = optim.Adam(learning_rate=1e-5)
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "log.jsonl"
+        targs = TrainingArgs(batch_size=B, iters=n + 1, steps_per_report=1, steps_per_eval=10**9,
+                             steps_per_save=10**9, max_seq_length=P + C)
+        devnull = open(os.devnull, "w")
+        stdout = sys.stdout
+        sys.stdout = devnull  # mlx-lm's progress display and the per-iteration lines
+        try:
+            train(model, opt, data, None, targs, diff, Path(d), log=log)
+        finally:
+            sys.stdout = stdout
+            devnull.close()
+        records = [json.loads(l) for l in log.read_text().splitlines()]
+    timed = [r for r in records if r.get("iteration", 0) >= 2 and "it_per_s" in r]
+    secs = [1 / r["it_per_s"] for r in timed]
+    it_s = len(secs) / sum(secs)
+    tokens = B * (P + C)
+    tok_s = tokens * it_s
+    first = 1 / records[0]["it_per_s"]
+    say(f"  LoRA step at the {shape} shape: {it_s:.3f} it/s, {tok_s:.1f} tokens/s ({tokens} tokens a step: prompt "
+        f"+ canvas, as the trainer counts them; steps {', '.join(f'{s:.1f}' for s in secs)} s; first step with "
+        f"compilation {first:.1f} s); peak {max(r['peak_memory_gb'] for r in records):.2f} GB")
+    figures = dict(shape=shape, batch=B, prompt=P, canvas=C, iterations=n, step_s=secs, first_step_s=first,
+                   it_per_s=it_s, tokens_per_s=tok_s, tokens_per_step=tokens)
+    rep.save("lora:speed", figures)
+    return figures
+
+
+def section_lora(opts, rep):
+    rep.header(f"lora: LoRA training step, peak memory at {opts.shape} width (extrapolated to 30 layers) "
+               f"and speed at the {'tiny' if opts.shape == 'tiny' else 'mid'} shape")
+    out = {}
+    if opts.part in ("all", "memory"):
+        out["memory"] = memory_part(opts, rep)
+    if opts.part in ("all", "speed"):
+        out["speed"] = speed_part(opts, rep)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_step(json.loads(sys.argv[1]))))

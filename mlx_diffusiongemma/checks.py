@@ -2,7 +2,10 @@
 value and what was expected. Types are checked before ranges, since a string or NaN compares
 in surprising ways (every comparison with NaN is false, so NaN passes any `x < lo` test)."""
 
+import json
 import math
+import os
+import stat
 from typing import Optional
 
 
@@ -27,11 +30,15 @@ def _bounds(lo, hi, lo_open) -> str:
     return f"{'>' if lo_open else '>='} {lo}" if lo is not None else ""
 
 
-def check_int(name: str, value, lo: Optional[int] = 1, hi: Optional[int] = None, exc=ValueError) -> int:
-    """An integer (not a bool, float or string) in [lo, hi]."""
+def check_int(name: str, value, lo: Optional[int] = 1, hi: Optional[int] = None, exc=ValueError,
+              cap: Optional[int] = None) -> int:
+    """An integer (not a bool, float or string) in [lo, hi]; `cap` is a limit of the
+    implementation rather than of the setting, named only when exceeded."""
     ok = isinstance(value, int) and not isinstance(value, bool)
     if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
         raise exc(f"{name} must be an integer {_bounds(lo, hi, False)} (got {describe(value)})")
+    if cap is not None and value > cap:
+        raise exc(f"{name} {value} is larger than the largest supported, {cap}")
     return value
 
 
@@ -68,3 +75,24 @@ def check_token_ids(name: str, value, exc=ValueError) -> list:
     for i in ids:
         check_int(name, i, lo=0, exc=exc)
     return ids
+
+
+JSON_LIMIT = 64 << 20  # bytes: far above any config or index, far below a mistaken weight file
+
+
+def read_json(path, exc=ValueError):
+    """The parsed contents of a small JSON file, read only if it is a regular file (a FIFO
+    would block); `exc` carries the reason with the file's name."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise exc(f"{path} is not a regular file")
+        if st.st_size > JSON_LIMIT:
+            raise exc(f"{path} is too large for a JSON file ({st.st_size} bytes)")
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as e:
+        reason = "a broken link" if os.path.islink(path) else e.strerror
+        raise exc(f"{path} cannot be read ({reason})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise exc(f"{path} is not valid JSON ({e})") from None

@@ -26,14 +26,15 @@ def resolve(bits: Optional[int] = None, group_size: Optional[int] = None, mode: 
     """{"group_size", "bits", "mode"} with the mode's defaults filled in where not given (None;
     a zero is refused, never replaced), after checking with `mx.quantize` itself that this MLX
     build supports the combination."""
-    if mode not in MODE_DEFAULTS:
+    if not isinstance(mode, str) or mode not in MODE_DEFAULTS:
         raise QuantizationError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODE_DEFAULTS)})")
     dg, db = MODE_DEFAULTS[mode]
-    gs = group_size
-    if gs is not None:
-        gs = check_int("quantization group size", gs, hi=1 << 16, exc=QuantizationError)
-    gs = dg if gs is None else gs
-    b = db if bits is None else check_int("quantization bits", bits, hi=64, exc=QuantizationError)
+    if group_size is not None:
+        check_int("quantization group size", group_size, hi=1 << 16, exc=QuantizationError)
+    if bits is not None:
+        check_int("quantization bits", bits, hi=64, exc=QuantizationError)
+    gs = dg if group_size is None else group_size
+    b = db if bits is None else bits
     try:
         mx.eval(mx.quantize(mx.zeros((2, 4 * gs)), gs, b, mode=mode))
     except (ValueError, RuntimeError) as e:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from . import quant
-from .config import ConfigError, ModelArgs
+from .cli import OneLineParser, run_cli
+from .config import ModelArgs
 from .loader import (
     SKIPPED_PREFIXES, TOKENIZER_FILES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError,
     check_weights, load_generation_config, read_config, read_headers, resolve_path, sanitize,
@@ -350,13 +350,8 @@ def upload(path: Path, repo: str):
 
 
 # ---- command line ----------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mlx_diffusiongemma.convert", description="Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized).")
+    p = OneLineParser(prog="mlx_diffusiongemma.convert", description="Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized).")
     p.add_argument("--hf-path", "--model", required=True, help="local folder or Hugging Face hub id")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
@@ -375,10 +370,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
@@ -386,23 +377,13 @@ def main(argv=None):
     given += ["--q-mode"] * (a.q_mode != "affine") + ["--quant-recipe"] * (a.quant_recipe != "mixed")
     if given and not a.quantize:
         p.error(f"{', '.join(given)} need -q/--quantize")
-    # `kill` cleans up like Ctrl-C: the temporary folder is removed, OUT is left as it was.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+
+    def body():
         convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.q_mode, a.quant_recipe,
                 a.dtype, a.max_shard_size, a.text_only, a.force, a.upload_repo, a.revision)
-    except (ConvertError, ConfigError, CheckpointError, ModelNotFoundError, quant.QuantizationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+
+    # `kill` cleans up like Ctrl-C: the temporary folder is removed, OUT is left as it was.
+    return run_cli(body, interrupted="error: interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -251,6 +251,7 @@ def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, "Toke
     every EOS id from generation_config.json. A folder without a tokenizer is refused (for
     token ids alone, `load_model` needs none)."""
     path = resolve_path(path_or_hub_id, tokenizer=True)
+    read_config(path)  # a folder that is no model at all is named as such first
     check_tokenizer_files(path)
     model = load_model(path, dtype=dtype)
     from mlx_lm.tokenizer_utils import load as load_tokenizer

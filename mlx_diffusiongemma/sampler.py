@@ -84,11 +84,26 @@ class SamplerSettings:
                 f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
 
 
+SEED_MAX = 2**64 - 1
+
+
+def check_settings(**values):
+    """Each given setting on its own (None: not given), e.g. command-line flags before the
+    model loads; how t_min and t_max relate is known only once every source is merged."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "seed":
+            check_int("seed", value, lo=0, hi=SEED_MAX)
+        else:
+            check_setting(name, value)
+
+
 def random_key(seed: Optional[int] = None) -> mx.array:
     """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else the clock."""
     if seed is None:
         return mx.random.key(time.time_ns() % (2**63))
-    return mx.random.key(check_int("seed", seed, lo=0, hi=2**64 - 1))
+    return mx.random.key(check_int("seed", seed, lo=0, hi=SEED_MAX))
 
 
 def temperature(steps_remaining: int, settings: SamplerSettings) -> float:

@@ -348,17 +348,15 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true", help="log requests")
     args = p.parse_args(argv)
     name = args.model or "diffusiongemma-demo"
-    with one_line_errors():
+    with one_line_errors(interrupted="stopped"):  # Ctrl-C or SIGTERM stop it, exit status 130
         model, tokenizer = load_for_cli(args.model)
         server = make_server(model, tokenizer, name, args.host, args.port, args.max_tokens_limit)
-    server.verbose = args.verbose
-    print(f"Serving {name} on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        server.verbose = args.verbose
+        print(f"Serving {name} on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
 
 
 if __name__ == "__main__":

@@ -68,20 +68,30 @@ def error_line(e: BaseException) -> str:
 class _Signals:
     """SIGINT and SIGTERM raise KeyboardInterrupt once; another one before `rearm` (while the
     first is being handled: cleanup, the final message, interpreter shutdown) ends the process
-    at once with a line, instead of a second KeyboardInterrupt's traceback."""
+    at once, instead of a second KeyboardInterrupt's traceback. Either way the command's
+    `interrupted` line is written once."""
 
     def __init__(self):
         self.pending = False
+        self.message = None  # the line still to write, None once written
 
     def __call__(self, signum, frame):
         if self.pending:
-            os.write(2, b"\ninterrupted again: exiting now\n")
+            if self.message is not None:
+                os.write(2, f"\n{self.message}\n".encode())
             os._exit(INTERRUPTED)
         self.pending = True
         raise KeyboardInterrupt
 
-    def rearm(self):
+    def rearm(self, message=None):
         self.pending = False
+        if message is not None:
+            self.message = message
+
+    def announce(self):
+        message, self.message = self.message, None
+        if message is not None:
+            print(f"\n{message}", file=sys.stderr, flush=True)
 
 
 _signals = _Signals()
@@ -100,14 +110,14 @@ def one_line_errors(interrupted: str = "interrupted"):
     command's main: after an interrupt the handlers stay, so a further signal exits at once."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
-    _signals.rearm()
+    _signals.rearm(interrupted)
     for s in previous:  # handlers can only be set from the main thread
         signal.signal(s, _signals)
     try:
         yield
     except KeyboardInterrupt:
         _signals.pending = True
-        print(f"\n{interrupted}", file=sys.stderr, flush=True)
+        _signals.announce()
         sys.exit(INTERRUPTED)
     except BrokenPipeError:
         # Python would report the failed flush of stdout at exit: point it at /dev/null.

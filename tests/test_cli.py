@@ -1,11 +1,15 @@
 """The real `generate` command on the bundled demo checkpoint."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "mlx_diffusiongemma" / "demo"
 
 
 def run(*args, stdin=None):
@@ -30,8 +34,16 @@ def test_module_and_stdin_prompt_are_repeatable():
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(DEMO, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     cases = [
         (["--prompt", ""], "prompt is empty"),
+        (["--t-min", "nan"], "t_min must be a finite number >= 0 (got nan)"),
+        (["--t-max", "inf"], "t_max must be a finite number"),
+        (["--entropy-bound", "0"], "entropy_bound must be a finite number > 0 (got 0.0)"),
+        (["--seed", "-1"], "seed must be an integer in [0, 18446744073709551615]"),
+        (["--gap-length", "0", "--suffix", "x"], "gap length must be an integer >= 1"),
+        (["--model", str(no_tokenizer)], "has no tokenizer (neither tokenizer.json"),
         (["--max-tokens", "0"], "max_tokens"),
         (["--steps", "-2"], "max_denoising_steps"),
         (["--t-min", "0.9", "--t-max", "0.8"], "t_max must be greater"),
@@ -73,3 +85,32 @@ def test_visualize_draws_live_in_a_terminal_and_degrades_without_one():
     assert "step 1/5" in text and "\x1b[" in text and "accepted" in text
     plain = run("generate.py", "--visualize", "--seed", "1", "--steps", "5", "--prompt", "hi")
     assert plain.returncode == 0 and "\x1b[" not in plain.stdout and plain.stdout.strip()
+
+
+def test_two_quick_sigints_end_with_one_line():
+    """Ctrl-C twice in a row while a command runs: status 130 and a line, never a traceback;
+    so does SIGTERM."""
+    for signals in ([signal.SIGINT, signal.SIGINT], [signal.SIGTERM]):
+        proc = subprocess.Popen([sys.executable, "generate.py", "--max-tokens", "4000", "--steps", "48",
+                                 "--ignore-chat-template"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stderr.readline()  # the demo notice: the command is running
+        for s in signals:
+            proc.send_signal(s)
+            time.sleep(0.005)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, err
+        assert "Traceback" not in err and "interrupted" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_closed_stdout_is_quiet():
+    """`generate ... | head -c1`: no BrokenPipeError report."""
+    proc = subprocess.Popen([sys.executable, "generate.py", "--max-tokens", "256", "--steps", "3", "--seed", "0",
+                             "--ignore-chat-template"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

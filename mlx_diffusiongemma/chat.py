@@ -57,7 +57,8 @@ class ChatSession:
         saved = self.cache.snapshot()
         reply, tokens, last, finished = "", [], None, False
         try:
-            for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **kwargs):
+            for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
+                                        **kwargs):
                 reply += last.text
                 tokens += last.tokens
                 yield last

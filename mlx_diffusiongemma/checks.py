@@ -26,7 +26,7 @@ def describe(value) -> str:
 
 def _bounds(lo, hi, lo_open) -> str:
     if hi is not None:
-        return f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
+        return f"in {'(' if lo_open else '['}{lo}, {hi}]" if lo is not None else f"<= {hi}"
     return f"{'>' if lo_open else '>='} {lo}" if lo is not None else ""
 
 
@@ -51,8 +51,8 @@ def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[floa
     if ok and hi is not None:
         ok = value <= hi
     if not ok:
-        bounds = _bounds(lo, hi, lo_open)
-        raise exc(f"{name} must be a finite number{' ' + bounds if bounds else ''} (got {describe(value)})")
+        bounds = " " + _bounds(lo, hi, lo_open) if lo is not None or hi is not None else ""
+        raise exc(f"{name} must be a finite number{bounds} (got {describe(value)})")
     return value
 
 

@@ -109,7 +109,8 @@ def one_line_errors(interrupted: str = "interrupted"):
     SIGTERM with `interrupted` and status 130; a closed stdout (`| head`) quietly. Meant for a
     command's main: after an interrupt the handlers stay, so a further signal exits at once."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {s: signal.getsignal(s) for s in signals}
     _signals.rearm(interrupted)
     for s in previous:  # handlers can only be set from the main thread
         signal.signal(s, _signals)

@@ -61,7 +61,9 @@ def check_text_config(text: Dict[str, Any]):
         raise err(f"text_config.hidden_activation {act!r} is not supported "
                   f"(expected one of {', '.join(ACTIVATIONS)})")
     types = text.get("layer_types")
-    if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+    if types is not None and not (
+        isinstance(types, list) and all(isinstance(t, str) for t in types)
+    ):
         raise err(f"text_config.layer_types must be a list of strings (got {describe(types)})")
     rope = text.get("rope_parameters")
     if rope is not None:

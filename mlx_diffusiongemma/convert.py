@@ -89,7 +89,8 @@ def files_to_copy(src: Path) -> list:
             if f.name == "config.json" or f.name.endswith(".index.json"):
                 continue
             if f.is_symlink() and not f.exists():
-                raise ConvertError(f"cannot copy {f.name}: it is a broken link (to {os.readlink(f)})")
+                raise ConvertError(
+                    f"cannot copy {f.name}: it is a broken link (to {os.readlink(f)})")
             if not f.is_file():
                 raise ConvertError(f"cannot copy {f.name}: not a regular file")
             if not os.access(f, os.R_OK):
@@ -351,7 +352,11 @@ def upload(path: Path, repo: str):
 
 # ---- command line ----------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="mlx_diffusiongemma.convert", description="Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized).")
+    p = OneLineParser(
+        prog="mlx_diffusiongemma.convert",
+        description="Convert a Hugging Face DiffusionGemma checkpoint to MLX "
+        "(optionally quantized).",
+    )
     p.add_argument("--hf-path", "--model", required=True, help="local folder or Hugging Face hub id")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")

@@ -48,7 +48,8 @@ def run(args):
                       confidence_threshold=args.confidence_threshold, seed=args.seed)
     check_settings(max_tokens=args.max_tokens, **sampler_kw)  # before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_for_cli(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    model, tokenizer = load_for_cli(args.model, dtype=dtype)
     if args.infill_file is not None or args.suffix is not None:
         from .infill import Gap, infill
 

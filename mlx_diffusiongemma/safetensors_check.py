@@ -99,7 +99,8 @@ def read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
                 f"file holds {data_len} data bytes)"
             )
         if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
-            raise CheckpointError(f"{path.name}: tensor {name} size does not match its shape {tuple(shape)}")
+            raise CheckpointError(
+                f"{path.name}: tensor {name} size does not match its shape {tuple(shape)}")
         out[name] = (dtype, tuple(shape))
         spans.append((begin, end, name))
     _check_tiling(path, spans, data_len)
@@ -112,7 +113,8 @@ def _check_tiling(path: Path, spans, data_len: int):
     at, previous = 0, None
     for begin, end, name in sorted(spans):
         if begin < at:
-            raise CheckpointError(f"{path.name}: tensors {previous} and {name} overlap (data_offsets)")
+            raise CheckpointError(
+                f"{path.name}: tensors {previous} and {name} overlap (data_offsets)")
         if begin > at:
             raise CheckpointError(
                 f"{path.name}: {begin - at} unused bytes before tensor {name} (data_offsets)")
@@ -132,4 +134,5 @@ def check_dtype(name: str, dtype: str, quantized: bool, file_name: str):
     else:
         allowed = FLOAT_DTYPES
     if dtype not in allowed:
-        raise CheckpointError(f"{file_name}: tensor {name} is {dtype}; the model takes {' or '.join(allowed)}")
+        raise CheckpointError(
+            f"{file_name}: tensor {name} is {dtype}; the model takes {' or '.join(allowed)}")

@@ -59,7 +59,8 @@ class SamplerSettings:
         gen = {k: v for k, v in (generation_config or {}).items() if v is not None}
         values = dict(DEFAULTS)
         if "max_new_tokens" in gen:
-            values["max_tokens"] = check_setting("max_tokens", gen["max_new_tokens"], "max_new_tokens")
+            values["max_tokens"] = check_setting("max_tokens", gen["max_new_tokens"],
+                                                 "max_new_tokens")
         sampler_cfg = gen.get("sampler_config")
         if sampler_cfg is not None:
             check_object("sampler_config", sampler_cfg)

@@ -352,7 +352,8 @@ def main(argv=None):
         model, tokenizer = load_for_cli(args.model)
         server = make_server(model, tokenizer, name, args.host, args.port, args.max_tokens_limit)
         server.verbose = args.verbose
-        print(f"Serving {name} on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)
+        print(f"Serving {name} on http://{args.host}:{server.server_address[1]}", file=sys.stderr,
+              flush=True)
         try:
             server.serve_forever()
         finally:

@@ -72,7 +72,8 @@ def test_stopped_reply_keeps_the_conversation():
     before = (s.cache.offset, list(s.history), list(s.messages))
 
     C = model.args.canvas_length
-    replies = s.send("Tell me more", seed=1, max_denoising_steps=2, max_tokens=8 * C, eos_token_ids=[])
+    replies = s.send("Tell me more", seed=1, max_denoising_steps=2, max_tokens=8 * C,
+                     eos_token_ids=[])
     first = next(replies)
     replies.close()  # what the REPL does on Ctrl-C
     assert (s.cache.offset, s.history) == before[:2] and s.cache.offset == len(s.history)

@@ -91,8 +91,8 @@ def test_two_quick_sigints_end_with_one_line():
     """Ctrl-C twice in a row while a command runs: status 130 and a line, never a traceback;
     so does SIGTERM."""
     for signals in ([signal.SIGINT, signal.SIGINT], [signal.SIGTERM]):
-        proc = subprocess.Popen([sys.executable, "generate.py", "--max-tokens", "4000", "--steps", "48",
-                                 "--ignore-chat-template"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        argv = ["generate.py", "--max-tokens", "4000", "--steps", "48", "--ignore-chat-template"]
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         proc.stderr.readline()  # the demo notice: the command is running
         for s in signals:
@@ -106,8 +106,9 @@ def test_two_quick_sigints_end_with_one_line():
 
 def test_closed_stdout_is_quiet():
     """`generate ... | head -c1`: no BrokenPipeError report."""
-    proc = subprocess.Popen([sys.executable, "generate.py", "--max-tokens", "256", "--steps", "3", "--seed", "0",
-                             "--ignore-chat-template"], cwd=ROOT, stdout=subprocess.PIPE,
+    argv = ["generate.py", "--max-tokens", "256", "--steps", "3", "--seed", "0",
+            "--ignore-chat-template"]
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdout.read(1)
     proc.stdout.close()

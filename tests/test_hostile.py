@@ -31,7 +31,8 @@ def replace_json(name, value):
 
 
 def text(key, value):
-    return edit_json("config.json", lambda c: {**c, "text_config": {**c["text_config"], key: value}})
+    return edit_json("config.json",
+                     lambda c: {**c, "text_config": {**c["text_config"], key: value}})
 
 
 def top(key, value):
@@ -159,20 +160,22 @@ CASES = [
     ("no tokenizer", remove("tokenizer.json"), r"has no tokenizer \(neither tokenizer\.json"),
     ("tokenizer broken link", broken_link("tokenizer.json"), r"tokenizer\.json is a broken link"),
     ("tokenizer fifo", fifo("tokenizer.json"), r"tokenizer\.json is not a regular file"),
-    ("tokenizer garbage", write("tokenizer.json", b"{\"model\": 42}"), r"tokenizer cannot be loaded"),
+    ("tokenizer garbage", write("tokenizer.json", b"{\"model\": 42}"),
+     r"tokenizer cannot be loaded"),
     # safetensors headers
     ("overlapping offsets", header(alias_two), r"model\.safetensors: tensors .* overlap"),
-    ("I32 float weight", header(retype("I32")), r"model\.safetensors: tensor \S+ is I32; the model "
-                                                r"takes F32 or F16 or BF16"),
+    ("I32 float weight", header(retype("I32")),
+     r"model\.safetensors: tensor \S+ is I32; the model takes F32 or F16 or BF16"),
     ("F64 tensor", header(retype("F64", 2)), r"is F64, which MLX cannot read"),
-    ("F8_E5M2 tensor", header(retype("F8_E5M2", 1)), r"size does not match|MLX cannot read"),
+    ("F8_E5M2 tensor", header(retype("F8_E5M2")), r"is F8_E5M2, which MLX cannot read"),
     ("negative offset", header(first("data_offsets", [-4, 60])), r"bad data_offsets \[-4, 60\]"),
     ("string offset", header(first("data_offsets", ["0", "64"])), r"bad data_offsets"),
     ("float offset", header(first("data_offsets", [0.0, 64.0])), r"bad data_offsets"),
     ("bool in shape", header(first("shape", [True])), r"bad shape"),
     ("string dtype list", header(first("dtype", ["F32"])), r"unsupported dtype"),
     ("metadata list", header(lambda h, d: h.update(__metadata__=[1, 2])), r"__metadata__ must be"),
-    ("metadata numbers", header(lambda h, d: h.update(__metadata__={"a": 1})), r"__metadata__ must"),
+    ("metadata numbers", header(lambda h, d: h.update(__metadata__={"a": 1})),
+     r"__metadata__ must"),
     ("gap before data", header(shift_all(8)), r"8 unused bytes before tensor"),
     ("bytes after data", header(lambda h, d: d + b"\0" * 8), r"8 bytes after the last tensor"),
     ("no tensors", header(no_tensors), r"missing tensors"),
@@ -185,16 +188,21 @@ CASES = [
     ("index list", index([]), r"index\.json is not a valid index"),
     ("index escapes", index({"weight_map": {"a": "../model.safetensors"}}), r"not a valid index"),
     # config.json
-    ("config list", replace_json("config.json", []), r"config\.json must hold a JSON object \(got a list"),
-    ("config null", replace_json("config.json", None), r"config\.json must hold a JSON object \(got null"),
+    ("config list", replace_json("config.json", []),
+     r"config\.json must hold a JSON object \(got a list"),
+    ("config null", replace_json("config.json", None),
+     r"config\.json must hold a JSON object \(got null"),
     ("config fifo", fifo("config.json"), r"config\.json is not a regular file"),
-    ("config garbage", write("config.json", b"{\"model_type\": "), r"config\.json is not valid JSON"),
-    ("text_config list", top("text_config", [1]), r"text_config must be a JSON object \(got a list"),
-    ("hidden_size string", text("hidden_size", "64"), r"text_config\.hidden_size must be an integer "
-                                                       r">= 1 \(got the string '64'\)"),
+    ("config garbage", write("config.json", b"{\"model_type\": "),
+     r"config\.json is not valid JSON"),
+    ("text_config list", top("text_config", [1]),
+     r"text_config must be a JSON object \(got a list"),
+    ("hidden_size string", text("hidden_size", "64"),
+     r"text_config\.hidden_size must be an integer >= 1 \(got the string '64'\)"),
     ("rms_norm_eps string", text("rms_norm_eps", "1e-6"), r"rms_norm_eps must be a finite number"),
     ("rms_norm_eps NaN", text("rms_norm_eps", math.nan), r"rms_norm_eps must be a finite number"),
-    ("zero kv heads", text("num_key_value_heads", 0), r"num_key_value_heads must be an integer >= 1"),
+    ("zero kv heads", text("num_key_value_heads", 0),
+     r"num_key_value_heads must be an integer >= 1"),
     ("zero global kv heads", text("per_layer_config", {"5": {"num_key_value_heads": 0}}),
      r"per_layer_config\.5\.num_key_value_heads must be an integer >= 1"),
     ("odd head_dim", text("head_dim", 15), r"head_dim 15 is odd"),
@@ -210,7 +218,7 @@ CASES = [
      r"rope_type 'yarn' is not supported"),
     ("rope factor > 1", rope("full_attention", {"rope_type": "proportional", "rope_theta": 1e6,
                                                 "partial_rotary_factor": 2}),
-     r"partial_rotary_factor must be a finite number in \(0, 1\]|in \[0, 1\]"),
+     r"partial_rotary_factor must be a finite number in \(0, 1\] \(got 2\)"),
     ("canvas -4", top("canvas_length", -4), r"canvas_length must be an integer >= 1 \(got -4\)"),
     ("canvas 0", top("canvas_length", 0), r"canvas_length must be an integer >= 1 \(got 0\)"),
     ("canvas string", top("canvas_length", "32"), r"canvas_length must be an integer"),
@@ -221,11 +229,12 @@ CASES = [
     ("eos string", text("eos_token_id", "1"), r"eos_token_id must be an integer >= 0"),
     ("other model", top("model_type", "llama"), r"model_type is 'llama'"),
     # generation_config.json
-    ("gen list", replace_json("generation_config.json", []), r"generation_config\.json must hold a "
-                                                              r"JSON object \(got a list\)"),
-    ("gen null", replace_json("generation_config.json", None), r"must hold a JSON object \(got null"),
-    ("gen t_min string", gen("t_min", "0.4"), r"generation_config\.json: t_min must be a finite "
-                                                r"number >= 0 \(got the string '0\.4'\)"),
+    ("gen list", replace_json("generation_config.json", []),
+     r"generation_config\.json must hold a JSON object \(got a list\)"),
+    ("gen null", replace_json("generation_config.json", None),
+     r"must hold a JSON object \(got null"),
+    ("gen t_min string", gen("t_min", "0.4"),
+     r"generation_config\.json: t_min must be a finite number >= 0 \(got the string '0\.4'\)"),
     ("gen t_min NaN", gen("t_min", math.nan), r"t_min must be a finite number >= 0 \(got nan\)"),
     ("gen t_max inf", gen("t_max", math.inf), r"t_max must be a finite number"),
     ("gen steps 0", gen("max_denoising_steps", 0), r"max_denoising_steps must be an integer >= 1"),
@@ -235,7 +244,8 @@ CASES = [
      r"sampler_config\.entropy_bound must be a finite number > 0"),
     ("gen sampler list", gen("sampler_config", [0.1]), r"sampler_config must be a JSON object"),
     ("gen t order", gen("t_min", 0.9), r"t_max must be greater than t_min"),
-    ("gen eos string", gen("eos_token_id", ["1"]), r"generation_config\.json: eos_token_id must be"),
+    ("gen eos string", gen("eos_token_id", ["1"]),
+     r"generation_config\.json: eos_token_id must be"),
     ("gen fifo", fifo("generation_config.json"), r"generation_config\.json is not a regular file"),
 ]
 # What must still load: null means unset.

@@ -47,7 +47,7 @@ def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False) -> P
 
 
 def read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.exists() and not cfg_file.is_symlink():
         raise ConfigError(f"{path} has no config.json: not a model folder")
     config = read_json(cfg_file, ConfigError)

@@ -117,13 +117,18 @@ def alias_two(head, data):
         by_size[size] = k
 
 
-def retype(dtype, shrink=1):
-    """The first float weight declared as `dtype` (its last dimension divided by `shrink`, so
-    that its byte size is unchanged)."""
+BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "F8_E5M2": 1}
+
+
+def retype(dtype):
+    """The first weight whose bytes can be read as `dtype` declared so (its last dimension
+    rescaled: the byte size is unchanged, only the type is wrong)."""
     def fn(head, data):
-        k, v = next((k, v) for k, v in tensors(head)
-                    if k.endswith(".weight") and v["shape"][-1] % shrink == 0)
-        v["dtype"], v["shape"][-1] = dtype, v["shape"][-1] // shrink
+        for k, v in tensors(head):
+            nbytes = v["shape"][-1] * BYTES[v["dtype"]]
+            if k.endswith(".weight") and nbytes % BYTES[dtype] == 0:
+                v["dtype"], v["shape"][-1] = dtype, nbytes // BYTES[dtype]
+                return
     return fn
 
 
@@ -166,7 +171,7 @@ CASES = [
     ("overlapping offsets", header(alias_two), r"model\.safetensors: tensors .* overlap"),
     ("I32 float weight", header(retype("I32")),
      r"model\.safetensors: tensor \S+ is I32; the model takes F32 or F16 or BF16"),
-    ("F64 tensor", header(retype("F64", 2)), r"is F64, which MLX cannot read"),
+    ("F64 tensor", header(retype("F64")), r"is F64, which MLX cannot read"),
     ("F8_E5M2 tensor", header(retype("F8_E5M2")), r"is F8_E5M2, which MLX cannot read"),
     ("negative offset", header(first("data_offsets", [-4, 60])), r"bad data_offsets \[-4, 60\]"),
     ("string offset", header(first("data_offsets", ["0", "64"])), r"bad data_offsets"),
@@ -222,7 +227,9 @@ CASES = [
     ("canvas -4", top("canvas_length", -4), r"canvas_length must be an integer >= 1 \(got -4\)"),
     ("canvas 0", top("canvas_length", 0), r"canvas_length must be an integer >= 1 \(got 0\)"),
     ("canvas string", top("canvas_length", "32"), r"canvas_length must be an integer"),
-    ("canvas past context", top("canvas_length", 8192), r"exceeds max_position_embeddings"),
+    ("canvas past context", edit_json("config.json", lambda c: {
+        **c, "canvas_length": c["text_config"]["max_position_embeddings"] + 8}),
+     r"exceeds max_position_embeddings"),
     ("tie string", top("tie_word_embeddings", "yes"), r"tie_word_embeddings must be true or false"),
     ("quant bits 0", top("quantization", {"bits": 0, "group_size": 64}), r"quantization bits must"),
     ("quant list", top("quantization", [4]), r"quantization must be a JSON object"),

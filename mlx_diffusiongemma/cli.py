@@ -41,6 +41,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0 to 65535)")
+    return port
+
+
 def user_errors():
     """The exception classes that mean bad input (a file, a flag, a value), not a bug."""
     from .config import ConfigError

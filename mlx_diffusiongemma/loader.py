@@ -264,4 +264,9 @@ def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, "Toke
     except Exception as e:  # tokenizers and transformers raise many classes for a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({reason})") from None
+    n, vocab = len(tokenizer.get_vocab()), model.args.vocab_size
+    if n > vocab:  # its ids past the embedding would fail on every prompt that uses them
+        raise CheckpointError(
+            f"{path}: the tokenizer has {n} tokens, more than the model's vocabulary of {vocab} "
+            "(the tokenizer of another model?)")
     return model, tokenizer

@@ -115,3 +115,8 @@ def test_closed_stdout_is_quiet():
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_server_port_out_of_range_is_a_usage_error():
+    r = run("-m", "mlx_diffusiongemma.server", "--port", "70000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid port '70000'" in r.stderr

@@ -50,6 +50,17 @@ def gen(key, value):
     return edit_json("generation_config.json", lambda g: {**g, key: value})
 
 
+def one_more_token(tok):
+    """A tokenizer.json with one added token past its last id (more ids than the model has)."""
+    vocab = tok["model"]["vocab"]  # {piece: id}, or [[piece, score], ...] for Unigram
+    ids = [t["id"] for t in tok.get("added_tokens", [])]
+    ids += list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    tok.setdefault("added_tokens", []).append({
+        "id": max(ids) + 1, "content": "<|one too many|>", "single_word": False, "lstrip": False,
+        "rstrip": False, "normalized": False, "special": True})
+    return tok
+
+
 def write(name, data: bytes):
     return lambda folder: (folder / name).write_bytes(data)
 
@@ -167,6 +178,8 @@ CASES = [
     ("tokenizer fifo", fifo("tokenizer.json"), r"tokenizer\.json is not a regular file"),
     ("tokenizer garbage", write("tokenizer.json", b"{\"model\": 42}"),
      r"tokenizer cannot be loaded"),
+    ("tokenizer too big", edit_json("tokenizer.json", one_more_token),
+     r"the tokenizer has \d+ tokens, more than the model's vocabulary of \d+"),
     # safetensors headers
     ("overlapping offsets", header(alias_two), r"model\.safetensors: tensors .* overlap"),
     ("I32 float weight", header(retype("I32")),

@@ -203,7 +203,17 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "ModelArgs":
-        """Reads the top-level `diffusion_gemma` config (or a bare text config)."""
+        """Reads the top-level `diffusion_gemma` config (or a bare text config); every error
+        names config.json."""
+        try:
+            return cls._from_config(config)
+        except ConfigError as e:
+            if str(e).startswith("config.json"):
+                raise
+            raise _config_error(str(e)) from None
+
+    @classmethod
+    def _from_config(cls, config: Dict[str, Any]) -> "ModelArgs":
         check_object("the configuration", config, exc=_config_error)
         model_type = config.get("model_type")
         if model_type != "diffusion_gemma":

@@ -325,3 +325,13 @@ def test_converter_refuses_the_same(name, mutate, message, tmp_path, capsys, ala
     assert rc == 1 and re.search(message, err), err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_token_ids_need_no_tokenizer(tmp_path):
+    """The folder `load` refuses for text still serves token ids through `load_model`."""
+    from mlx_diffusiongemma import load_model, stream_generate
+
+    folder = spoiled(tmp_path, "ids only", remove("tokenizer.json"))
+    rs = list(stream_generate(load_model(folder), None, [5, 6, 7], max_tokens=8,
+                              max_denoising_steps=2, seed=0, eos_token_ids=[]))
+    assert len(rs[-1].tokens) == 8 and rs[-1].finish_reason == "length"

@@ -150,5 +150,5 @@ def run_cli(body, *args, interrupted: str = "interrupted", **kwargs) -> int:
     try:
         with one_line_errors(interrupted):
             return body(*args, **kwargs) or 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # sys.exit(): 0; sys.exit("message"): 1, as Python exits
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1

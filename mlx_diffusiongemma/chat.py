@@ -83,7 +83,7 @@ def repl(args) -> int:
 
     kw = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed)
     check_settings(**kw)
-    model, tokenizer = load_for_cli(args.model)
+    model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
     session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
     print("Type a message; 'r' resets the conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply.")
     while True:

@@ -1,6 +1,5 @@
 """Command line: `python -m mlx_diffusiongemma.generate --model PATH --prompt "..."`."""
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ def build_parser():
         description="Generate text with DiffusionGemma (block text diffusion) on MLX.",
     )
     add_model_argument(p)
-    p.add_argument("--prompt", "-p", default="hello", help="the prompt, or '-' to read it from stdin")
+    p.add_argument("--prompt", "-p", default=None,
+                   help="the prompt, or '-' to read it from stdin (default: hello, or the task's example)")
     p.add_argument("--max-tokens", "-m", type=int, default=None, help="tokens to generate (whole canvases)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt without the chat template")
@@ -40,6 +40,7 @@ def build_parser():
 def run(args):
     import mlx.core as mx
 
+    from .examples.task import answer, prompt_text, read_task, show
     from .generation import print_stats, stream_generate
     from .sampler import check_settings
 
@@ -49,7 +50,12 @@ def run(args):
     check_settings(max_tokens=args.max_tokens, **sampler_kw)  # before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, tokenizer = load_for_cli(args.model, dtype=dtype)
+    model, tokenizer = load_for_cli(args.model, dtype=dtype, adapter_path=args.adapter_path)
+    task = read_task(model.path)
+    if task is not None:  # a task model (the Sudoku demo): its input checked, its output a grid
+        prompt = prompt_text(task, prompt)
+    elif prompt is None:
+        prompt = "hello"
     if args.infill_file is not None or args.suffix is not None:
         from .infill import Gap, infill
 
@@ -66,18 +72,24 @@ def run(args):
 
         steps = args.steps or resolve_settings(model).max_denoising_steps
         view = CanvasView(tokenizer, steps)
-    last = None
+    last, text = None, []
     for last in stream_generate(
         model, tokenizer, prompt, max_tokens=args.max_tokens, **sampler_kw,
         system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
         apply_chat_template=not args.ignore_chat_template,
         draft_callback=view.draft if view else None,
     ):
+        text.append(last.text)
         if view:
             view.commit(last.text)
-        else:
+        elif task is None:
             print(last.text, end="", flush=True)
-    print()
+    if task is not None:
+        grid = answer(task, "".join(text))
+        print(" ".join(map(str, grid)))
+        print(show(task, grid))
+    else:
+        print()
     if args.verbose and last is not None:
         print_stats(last)
 

@@ -246,14 +246,21 @@ def check_tokenizer_files(path: Path):
         )
 
 
-def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, "TokenizerWrapper"]:
+def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None,
+         adapter_path: Optional[Union[str, Path]] = None) -> Tuple[Model, "TokenizerWrapper"]:
     """(model, tokenizer) like `mlx_lm.load`: the tokenizer is mlx-lm's TokenizerWrapper with
-    every EOS id from generation_config.json. A folder without a tokenizer is refused (for
-    token ids alone, `load_model` needs none)."""
+    every EOS id from generation_config.json; `adapter_path` adds fine-tuned adapters (a folder
+    written by `mlx_diffusiongemma.lora`). A folder without a tokenizer is refused (for token
+    ids alone, `load_model` needs none)."""
     path = resolve_path(path_or_hub_id, tokenizer=True)
     read_config(path)  # a folder that is no model at all is named as such first
     check_tokenizer_files(path)
     model = load_model(path, dtype=dtype)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)

@@ -157,6 +157,8 @@ def train(a):
             "--adapter-path", str(adapters), "--seed", str(a.seed), "-c", str(work / "lora.yaml"),
             "--steps-per-report", "20", "--steps-per-eval", "100", "--val-batches", "4",
             "--save-every", "100"]
+    if a.grad_checkpoint:
+        argv.append("--grad-checkpoint")
     (work / "lora.yaml").write_text(
         "optimizer: adamw\n"
         "optimizer_config:\n  adamw:\n    betas: [0.9, 0.99]\n    weight_decay: 0.01\n"
@@ -185,6 +187,12 @@ def export(a):
     print(f"wrote {a.out}")
 
 
+def mx_on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_diffusiongemma.examples.sudoku",
                                 description=__doc__.split("\n\n")[0])
@@ -193,16 +201,26 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="sudoku_run",
                    help="data, initial checkpoint, adapters and logs (default ./sudoku_run)")
-    p.add_argument("--train-puzzles", type=int, default=40000)
+    p.add_argument("--train-puzzles", type=int, default=30000)
     p.add_argument("--min-givens", type=int, default=None)
     p.add_argument("--max-givens", type=int, default=None)
     p.add_argument("--iters", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).parent.parent / "demo"),
                    help="export: the folder to write (default: the bundled demo)")
+    p.add_argument("--no-openblas", action="store_true",
+                   help="Linux: do not re-run with OpenBLAS preloaded (MLX's CPU wheel's own BLAS "
+                        "is ~20x slower for training)")
     a = p.parse_args(argv)
     from ..cli import one_line_errors
+
+    if a.command in ("train", "data") and mx_on_cpu():
+        from ..bench.common import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas(list(sys.argv[1:] if argv is None else argv),
+                                   [sys.executable, "-m", "mlx_diffusiongemma.examples.sudoku"])
 
     with one_line_errors():
         box_shape(a.size)
@@ -223,4 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

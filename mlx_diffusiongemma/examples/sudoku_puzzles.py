@@ -122,3 +122,16 @@ def parse(text: str, n: int) -> List[int]:
 def is_solution(grid: List[int], puzzle: List[int], n: int) -> bool:
     return (all(p == 0 or p == g for p, g in zip(puzzle, grid)) and 0 not in grid
             and count_solutions(grid, n) == 1)
+
+
+def grid_lines(grid: List[int], n: int) -> List[str]:
+    """The grid as rows, with box borders."""
+    r, c = box_shape(n)
+    lines = []
+    for i in range(n):
+        if i and i % r == 0:
+            lines.append("-+-".join(["-" * (2 * c - 1)] * (n // c)))
+        row = grid[i * n : (i + 1) * n]
+        lines.append(" | ".join(" ".join(str(d) if d else "." for d in row[j : j + c])
+                                for j in range(0, n, c)))
+    return lines

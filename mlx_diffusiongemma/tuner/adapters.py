@@ -6,6 +6,8 @@ alone) — and the self-conditioning MLP, which sits outside the layers. The key
 into the adapter config, so mlx-lm's `load_adapters` rebuilds exactly these layers.
 """
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -57,6 +59,10 @@ def prepare(model, fine_tune_type: str, num_layers: int, lora_parameters: dict) 
 def load_adapters(model, adapter_path):
     """mlx-lm's `load_adapters`, its multi-line complaint about tensors that do not fit made
     one line."""
+    folder = Path(adapter_path)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"adapter path {folder}: {name} is missing")
     try:
         return mlx_lm_load_adapters(model, str(adapter_path))
     except ValueError as e:
@@ -64,5 +70,5 @@ def load_adapters(model, adapter_path):
         more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
         raise ValueError(f"adapter {adapter_path} does not fit this model: "
                          + (lines[1] if len(lines) > 1 else lines[0]) + more) from None
-    except KeyError as e:
-        raise ValueError(f"adapter {adapter_path}: adapter_config.json lacks {e}") from None
+    except (KeyError, AttributeError) as e:
+        raise ValueError(f"adapter {adapter_path}: adapter_config.json lacks a setting ({e})") from None

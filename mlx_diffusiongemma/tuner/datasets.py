@@ -1,18 +1,17 @@
-"""Training data: mlx-lm's jsonl formats, split into what the encoder reads and the canvases.
+"""Training data: mlx-lm's jsonl formats (detected by their keys as mlx-lm does), split into
+what the encoder reads and the canvases.
 
 `{"messages": [...]}` (with `"tools"`) and `{"prompt", "completion"}` lines go through the chat
-template exactly as mlx-lm's datasets render them (which is also how a prompt is rendered at
-inference): everything before the last assistant turn is the prompt, the assistant turn (with its
-end-of-turn token) is the response. A `{"text"}` line has no prompt of its own: the encoder reads
-its first token (the tokenizer's BOS where it adds one) and the rest of the text is the response.
+template: everything before the last assistant turn, with the generation prompt, is the prompt
+(exactly what `generate` sends for it), the assistant turn with its end-of-turn token is the
+response. A `{"text"}` line has no prompt of its own: the encoder reads
+the BOS token alone (the text's first token for a tokenizer without one) and the whole text, with
+an EOS after it, is the response.
 """
 
 import json
-import types
 from pathlib import Path
 from typing import List, Tuple
-
-from mlx_lm.tuner.datasets import create_dataset
 
 Example = Tuple[List[int], List[int]]  # (prompt ids, response ids)
 
@@ -47,6 +46,35 @@ def _format(row) -> str:
     return "unknown"
 
 
+def render(tokenizer, row: dict, kind: str) -> Example:
+    """(prompt ids, response ids) of one line. The prompt is rendered as `generate` renders one
+    (generation prompt, thinking off); mlx-lm's datasets would turn thinking on for a tokenizer
+    that has it, and so split off a prompt that inference never sends."""
+    if kind == "text":
+        tokens = list(tokenizer.encode(row["text"]))
+        bos = tokenizer.bos_token_id
+        if bos is not None and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        if tokens and tokens[-1] != tokenizer.eos_token_id:
+            tokens.append(tokenizer.eos_token_id)
+        return tokens[:1], tokens[1:]
+    if kind == "completions":
+        messages = [{"role": "user", "content": row["prompt"]},
+                    {"role": "assistant", "content": row["completion"]}]
+    else:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or \
+                not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise ValueError("'messages' must end with an assistant message")
+    kw = dict(tools=row.get("tools"), enable_thinking=False)
+    full = list(tokenizer.apply_chat_template(messages, **kw))
+    prompt = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, **kw))
+    if full[: len(prompt)] != prompt:
+        raise ValueError("the chat template does not render the prompt as a prefix of the "
+                         "whole conversation")
+    return prompt, full[len(prompt) :]
+
+
 def tokenize(path: Path, tokenizer, canvas_length: int, max_seq_length: int) -> List[Example]:
     """Every line of one jsonl file as (prompt ids, response ids); errors name file and line."""
     rows = read_jsonl(path)
@@ -56,19 +84,14 @@ def tokenize(path: Path, tokenizer, canvas_length: int, max_seq_length: int) -> 
     if kind == "unknown":
         raise DataError(f"{path}:1: expected {{'messages'}}, {{'prompt', 'completion'}} or "
                         "{'text'} keys")
-    data = create_dataset(rows, tokenizer, types.SimpleNamespace(mask_prompt=kind != "text"))
     examples = []
     for n, row in enumerate(rows, 1):
         if _format(row) != kind:
             raise DataError(f"{path}:{n}: a {_format(row)} line in a file of {kind} lines")
         try:
-            tokens, offset = data.process(row)
-        except Exception as e:  # the chat template's own complaint, e.g. a bad role
+            prompt, response = render(tokenizer, row, kind)
+        except Exception as e:  # the line's or the chat template's complaint
             raise DataError(f"{path}:{n}: cannot render this example ({e})") from None
-        tokens = list(tokens)
-        if kind == "text":
-            offset = 1
-        prompt, response = tokens[:offset], tokens[offset:]
         if not prompt or not response:
             raise DataError(f"{path}:{n}: the example has an empty "
                             f"{'prompt' if not prompt else 'response'}")

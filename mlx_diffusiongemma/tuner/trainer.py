@@ -249,7 +249,9 @@ def train(model, optimizer, train_set, valid_set, train_args: TrainingArgs,
     mlx_lm_train(model, optimizer, train_set, valid_set, args=args, loss=make_loss(diffusion, parts),
                  iterate_batches=batches, training_callback=report)
     scratch.unlink(missing_ok=True)
-    return checkpoints.save(train_args.iters, numbered=False)
+    last = train_args.iters
+    report.collect(last)
+    return checkpoints.save(last, numbered=last % train_args.steps_per_save == 0)
 
 
 def evaluate_loss(model, dataset, batch_size: int, num_batches: int, diffusion: DiffusionArgs):

@@ -1,13 +1,25 @@
-"""DiffusionGemma for MLX."""
+"""DiffusionGemma for MLX.
 
-from .config import ModelArgs
-from .batch import batch_generate
-from .generation import GenerationResponse, generate, make_prompt_cache, stream_generate
-from .infill import infill
-from .loader import load, load_model
-from .model import Model
+The public names are imported on first use, so that the command-line tools start (and handle
+Ctrl-C) before MLX and the model code are loaded."""
 
-__all__ = [
-    "ModelArgs", "Model", "GenerationResponse", "batch_generate", "generate", "infill", "load", "load_model",
-    "make_prompt_cache", "stream_generate",
-]
+import importlib
+
+_EXPORTS = {
+    "ModelArgs": "config", "Model": "model", "GenerationResponse": "generation",
+    "batch_generate": "batch", "generate": "generation", "infill": "infill", "load": "loader",
+    "load_model": "loader", "make_prompt_cache": "generation", "stream_generate": "generation",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

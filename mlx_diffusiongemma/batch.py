@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from .generation import _check_context, _check_ids, block_generate, eos_ids_for, prepare_prompt, resolve_settings
 from .model import Model
+from .sampler import random_key
 
 
 @dataclass
@@ -63,7 +64,7 @@ def batch_generate(
     ids = mx.array([[pad] * (longest - len(r)) + r for r in rows], dtype=mx.int32)
     mask = mx.array([[False] * (longest - len(r)) + [True] * len(r) for r in rows])
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
-    key = mx.random.key(seed if seed is not None else time.time_ns() % (2**63))
+    key = random_key(seed)
     first = None
     if initial_canvases is not None:
         first = mx.array(initial_canvases, dtype=mx.int32)

@@ -78,6 +78,15 @@ class PromptCache:
         new.keys, new.values = list(self.keys), list(self.values)
         return new
 
+    def snapshot(self):
+        """The cache as it is now; `restore` returns to it (arrays are never written in place:
+        every update replaces them), e.g. when a chat reply is stopped half-way."""
+        return list(self.keys), list(self.values), self.offset, self.valid
+
+    def restore(self, snapshot):
+        keys, values, self.offset, self.valid = snapshot
+        self.keys, self.values = list(keys), list(values)
+
     def state(self):
         extra = [] if self.valid is None else [self.valid]
         return [a for a in self.keys + self.values if a is not None] + extra

@@ -1,10 +1,14 @@
 """Interactive chat that keeps the prompt KV cache across turns: each turn encodes only its new
-tokens. `python -m mlx_diffusiongemma.chat [--model PATH]`."""
+tokens. `python -m mlx_diffusiongemma.chat [--model PATH]`: Ctrl-C stops a reply and keeps the
+conversation, Ctrl-D (or `q`) quits, lines are edited with readline."""
 
-import argparse
+import sys
 from typing import List, Optional
 
-from .generation import make_prompt_cache, stream_generate
+from .cli import (
+    OneLineParser, add_model_argument, error_line, load_for_cli, rearm_interrupts, run_cli,
+    user_errors,
+)
 
 
 class ChatSession:
@@ -16,6 +20,8 @@ class ChatSession:
         self.reset()
 
     def reset(self):
+        from .generation import make_prompt_cache
+
         self.cache = make_prompt_cache(self.model)
         self.messages: List[dict] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         self.history: List[int] = []  # every token the cache holds
@@ -39,22 +45,80 @@ class ChatSession:
         return list(tok.encode(new, add_special_tokens=False))
 
     def send(self, text: str, **kwargs):
+        """Streams the reply to `text`. A reply that does not finish (an exception, Ctrl-C, or
+        the caller closing the generator) leaves the cache as it was before this turn; the turn
+        stays in the conversation with the part of the reply sent so far (none sent: the turn
+        is dropped), and the next turn encodes it from its text."""
+        from .generation import stream_generate
+
         if not text.strip():
             raise ValueError("the message is empty")
         ids = self.new_tokens(text)
-        reply, tokens, last = "", [], None
-        for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **kwargs):
-            reply += last.text
-            tokens += last.tokens
-            yield last
-        self.history += ids + tokens + ([last.stop_token] if last is not None and last.stop_token is not None else [])
-        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        saved = self.cache.snapshot()
+        reply, tokens, last, finished = "", [], None, False
+        try:
+            for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
+                                        **kwargs):
+                reply += last.text
+                tokens += last.tokens
+                yield last
+            finished = True
+        finally:
+            if finished:
+                stop = [last.stop_token] if last is not None and last.stop_token is not None else []
+                self.history += ids + tokens + stop
+            else:
+                self.cache.restore(saved)
+            if finished or reply:
+                self.messages += [{"role": "user", "content": text},
+                                  {"role": "assistant", "content": reply}]
+
+
+def repl(args) -> int:
+    try:  # line editing and history for input(), where Python has it
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+    from .sampler import check_settings
+
+    kw = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed)
+    check_settings(**kw)
+    model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
+    session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
+    print("Type a message; 'r' resets the conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply.")
+    while True:
+        try:
+            text = input(">> ")
+        except EOFError:
+            print()  # the shell's prompt on a line of its own
+            return 0
+        except KeyboardInterrupt:  # drops the line being typed, as a shell does
+            print()
+            rearm_interrupts()
+            continue
+        if text.strip() == "q":
+            return 0
+        if text.strip() == "r":
+            session.reset()
+            continue
+        if not text.strip():
+            continue
+        replies = session.send(text, **kw)
+        try:
+            for r in replies:
+                print(r.text, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            replies.close()  # the session takes its cache back to before this turn
+            print("\n[reply stopped]", flush=True)
+            rearm_interrupts()
+        except user_errors() as e:  # this turn fails; the conversation goes on
+            replies.close()
+            print(f"\nerror: {error_line(e)}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
-    from .cli import add_model_argument, load_for_cli, one_line_errors
-
-    p = argparse.ArgumentParser(prog="mlx_diffusiongemma.chat", description="Chat with DiffusionGemma.")
+    p = OneLineParser(prog="mlx_diffusiongemma.chat", description="Chat with DiffusionGemma.")
     add_model_argument(p)
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--max-tokens", "-m", type=int, default=None)
@@ -62,26 +126,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--enable-thinking", action="store_true")
     args = p.parse_args(argv)
-    with one_line_errors():
-        model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
-        session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
-        print("Type a message; 'r' resets the conversation, 'q' (or end of input) quits.")
-        while True:
-            try:
-                text = input(">> ")
-            except EOFError:
-                break
-            if text.strip() == "q":
-                break
-            if text.strip() == "r":
-                session.reset()
-                continue
-            if not text.strip():
-                continue
-            for r in session.send(text, max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed):
-                print(r.text, end="", flush=True)
-            print()
+    return run_cli(repl, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

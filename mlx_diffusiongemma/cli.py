@@ -1,12 +1,22 @@
-"""What the command-line tools share: the --model argument with its demo default, and turning
-known errors into one line on stderr with a non-zero exit."""
+"""What the command-line tools share: the --model argument with its demo default, and how a
+command ends on bad input or a signal: one line on stderr and a non-zero exit, never a
+traceback.
 
+For a new command: `sys.exit(run_cli(body, args))` in its `main` (or `with one_line_errors():`
+around the body), and `OneLineParser` for its arguments. Module-level imports of such a command
+stay light (no mlx), so that a Ctrl-C while it starts is handled too."""
+
+import argparse
+import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).parent / "demo"
 REAL_MODEL = "google/diffusiongemma-26B-A4B-it"
+INTERRUPTED = 130  # exit status after SIGINT / SIGTERM, as a shell reports it
 
 
 def add_model_argument(parser):
@@ -37,22 +47,121 @@ def load_for_cli(model_arg, dtype=None, adapter_path=None):
     return load(model_arg or DEMO_MODEL, dtype=dtype, adapter_path=adapter_path)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (`prog: error: ...`, exit 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (0 to 65535)")
+    return port
+
+
 def user_errors():
+    """The exception classes that mean bad input (a file, a flag, a value), not a bug."""
     from .config import ConfigError
     from .loader import ModelNotFoundError
     from .safetensors_check import CheckpointError
 
-    return (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError)
+    errors = (ValueError, ConfigError, CheckpointError, ModelNotFoundError, OSError)
+    try:  # a chat template that does not render
+        from jinja2 import TemplateError
+
+        errors += (TemplateError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error: the OS's reason and file name, or the message's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{f': {e.filename}' if e.filename else ''}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class _Signals:
+    """SIGINT and SIGTERM raise KeyboardInterrupt once; another one before `rearm` (while the
+    first is being handled: cleanup, the final message, interpreter shutdown) ends the process
+    at once, instead of a second KeyboardInterrupt's traceback. Either way the command's
+    `interrupted` line is written once."""
+
+    def __init__(self):
+        self.pending = False
+        self.message = None  # the line still to write, None once written
+
+    def __call__(self, signum, frame):
+        if self.pending:
+            if self.message is not None:
+                os.write(2, f"\n{self.message}\n".encode())
+            os._exit(INTERRUPTED)
+        self.pending = True
+        raise KeyboardInterrupt
+
+    def rearm(self, message=None):
+        self.pending = False
+        if message is not None:
+            self.message = message
+
+    def announce(self):
+        message, self.message = self.message, None
+        if message is not None:
+            print(f"\n{message}", file=sys.stderr, flush=True)
+
+
+_signals = _Signals()
+
+
+def rearm_interrupts():
+    """After an interrupt was handled and the command goes on (chat stopping one reply), the
+    next Ctrl-C raises KeyboardInterrupt again."""
+    _signals.rearm()
 
 
 @contextmanager
-def one_line_errors():
-    """Bad input ends the command with `error: ...` on stderr and exit status 1, no traceback."""
+def one_line_errors(interrupted: str = "interrupted"):
+    """Bad input ends the command with `error: ...` on stderr and exit status 1; SIGINT or
+    SIGTERM with `interrupted` and status 130; a closed stdout (`| head`) quietly. Meant for a
+    command's main: after an interrupt the handlers stay, so a further signal exits at once."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {s: signal.getsignal(s) for s in signals}
+    _signals.rearm(interrupted)
+    for s in previous:  # handlers can only be set from the main thread
+        signal.signal(s, _signals)
     try:
         yield
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        _signals.pending = True
+        _signals.announce()
+        sys.exit(INTERRUPTED)
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        if not _signals.pending:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def run_cli(body, *args, interrupted: str = "interrupted", **kwargs) -> int:
+    """`body(*args, **kwargs)` under `one_line_errors`; returns the exit status (body's own
+    return value, or 0) instead of exiting, for mains that return one."""
+    try:
+        with one_line_errors(interrupted):
+            return body(*args, **kwargs) or 0
+    except SystemExit as e:  # sys.exit(): 0; sys.exit("message"): 1, as Python exits
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1

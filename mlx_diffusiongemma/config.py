@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .checks import check_bool, check_int, check_number, check_object, check_token_ids, describe
+
 DEFAULT_ROPE = {
     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
     "full_attention": {
@@ -15,6 +17,118 @@ DEFAULT_ROPE = {
 
 class ConfigError(ValueError):
     """A config.json that is not a usable DiffusionGemma configuration."""
+
+
+def _config_error(message: str) -> ConfigError:
+    return ConfigError(f"config.json: {message}")
+
+
+# text_config keys the model reads, with their lowest value (ints are also capped at MLX's
+# int32 shapes). null means unset: the default applies.
+TEXT_INTS = dict(
+    vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1,
+    num_attention_heads=1, num_key_value_heads=1, head_dim=2, sliding_window=1, num_experts=1,
+    top_k_experts=1, moe_intermediate_size=1, max_position_embeddings=1, global_head_dim=2,
+    num_global_key_value_heads=1,
+)
+TEXT_BOOLS = ("attention_bias", "tie_word_embeddings", "attention_k_eq_v")
+MAX_DIM = 2**31 - 1
+ROPE_TYPES = ("default", "proportional")
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
+
+
+def check_text_config(text: Dict[str, Any]):
+    """Types and ranges of every text_config key the model reads, before any of them is used:
+    a string where a number belongs, a zero head count or a null block is named here rather
+    than failing later inside the model."""
+    err = _config_error
+    for key, lo in TEXT_INTS.items():
+        if text.get(key) is not None:
+            check_int(f"text_config.{key}", text[key], lo=lo, cap=MAX_DIM, exc=err)
+    for key in TEXT_BOOLS:
+        if text.get(key) is not None:
+            check_bool(f"text_config.{key}", text[key], exc=err)
+    if text.get("rms_norm_eps") is not None:
+        check_number("text_config.rms_norm_eps", text["rms_norm_eps"], lo=0, lo_open=True, exc=err)
+    if text.get("final_logit_softcapping") is not None:
+        check_number("text_config.final_logit_softcapping", text["final_logit_softcapping"], lo=0,
+                     lo_open=True, exc=err)
+    for key in ("eos_token_id", "pad_token_id"):
+        if text.get(key) is not None:
+            check_token_ids(f"text_config.{key}", text[key], exc=err)
+    act = text.get("hidden_activation")
+    if act is not None and act not in ACTIVATIONS:
+        raise err(f"text_config.hidden_activation {act!r} is not supported "
+                  f"(expected one of {', '.join(ACTIVATIONS)})")
+    types = text.get("layer_types")
+    if types is not None and not (
+        isinstance(types, list) and all(isinstance(t, str) for t in types)
+    ):
+        raise err(f"text_config.layer_types must be a list of strings (got {describe(types)})")
+    rope = text.get("rope_parameters")
+    if rope is not None:
+        check_object("text_config.rope_parameters", rope, exc=err)
+        for kind, block in rope.items():
+            if block is not None:
+                check_rope_block(f"text_config.rope_parameters.{kind}", block)
+    per_layer = text.get("per_layer_config")
+    if per_layer is not None:
+        check_object("text_config.per_layer_config", per_layer, exc=err)
+        for key, overrides in per_layer.items():
+            where = f"text_config.per_layer_config.{key}"
+            check_object(where, overrides, exc=err)
+            if overrides.get("head_dim") is not None:
+                check_int(f"{where}.head_dim", overrides["head_dim"], lo=2, cap=MAX_DIM, exc=err)
+            if overrides.get("num_key_value_heads") is not None:
+                check_int(f"{where}.num_key_value_heads", overrides["num_key_value_heads"],
+                          cap=MAX_DIM, exc=err)
+
+
+def check_rope_block(where: str, block):
+    err = _config_error
+    check_object(where, block, exc=err)
+    rope_type = block.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise err(f"{where}.rope_type {rope_type!r} is not supported "
+                  f"(expected one of {', '.join(ROPE_TYPES)})")
+    if "rope_theta" not in block:
+        raise err(f"{where} has no rope_theta")
+    check_number(f"{where}.rope_theta", block["rope_theta"], lo=0, lo_open=True, exc=err)
+    if block.get("factor") is not None:
+        check_number(f"{where}.factor", block["factor"], lo=0, lo_open=True, exc=err)
+    prf = block.get("partial_rotary_factor")
+    if prf is not None:
+        check_number(f"{where}.partial_rotary_factor", prf, lo=0, hi=1, lo_open=True, exc=err)
+        if rope_type == "default" and prf != 1:
+            raise err(f"{where}: default RoPE with partial_rotary_factor < 1 is not supported")
+
+
+def check_quantization(block) -> Optional[Dict[str, Any]]:
+    """The mlx-lm `quantization` block: defaults, and per-module overrides (a dict of the same
+    keys, or a bool). None when there is none, or when it is a transformers-side block
+    without `bits` (nothing MLX can apply)."""
+    from . import quant
+
+    if block is None:
+        return None
+    check_object("quantization", block, exc=_config_error)
+    if "bits" not in block:
+        return None
+    checked = set()
+    for where, params in [("quantization", block)] + [
+        (f"quantization.{k}", v) for k, v in block.items() if isinstance(v, dict)
+    ]:
+        key = tuple(params.get(k) for k in ("bits", "group_size", "mode"))
+        if key in checked:
+            continue
+        if key[0] is None or key[1] is None:
+            raise _config_error(f"{where} needs both bits and group_size")
+        try:
+            quant.resolve(*key[:2], mode=key[2] or "affine")
+        except quant.QuantizationError as e:
+            raise _config_error(f"{where}: {e}") from None
+        checked.add(key)
+    return block
 
 
 @dataclass
@@ -72,6 +186,9 @@ class ModelArgs:
             self.layer_head_dims = [self.head_dim] * self.num_hidden_layers
         if not self.layer_kv_heads:
             self.layer_kv_heads = [self.num_key_value_heads] * self.num_hidden_layers
+        for i, hd in enumerate(self.layer_head_dims):
+            if hd % 2:
+                raise ConfigError(f"layer {i}: head_dim {hd} is odd (RoPE rotates pairs)")
         for i, kv in enumerate(self.layer_kv_heads):
             if self.num_attention_heads % kv:
                 raise ConfigError(
@@ -86,31 +203,53 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> "ModelArgs":
-        """Reads the top-level `diffusion_gemma` config (or a bare text config)."""
+        """Reads the top-level `diffusion_gemma` config (or a bare text config); every error
+        names config.json."""
+        try:
+            return cls._from_config(config)
+        except ConfigError as e:
+            if str(e).startswith("config.json"):
+                raise
+            raise _config_error(str(e)) from None
+
+    @classmethod
+    def _from_config(cls, config: Dict[str, Any]) -> "ModelArgs":
+        check_object("the configuration", config, exc=_config_error)
         model_type = config.get("model_type")
         if model_type != "diffusion_gemma":
             raise ConfigError(
                 f"model_type is {model_type!r}, expected 'diffusion_gemma' "
                 "(a DiffusionGemma checkpoint such as google/diffusiongemma-26B-A4B-it)"
             )
-        text = dict(config.get("text_config") or {})
+        text = config.get("text_config")
+        text = {} if text is None else dict(check_object("text_config", text, exc=_config_error))
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError("use_bidirectional_attention='all' (bidirectional encoder) is not supported")
+        check_text_config(text)
         known = set(cls.__dataclass_fields__) - {"layer_head_dims", "layer_kv_heads", "quantization"}
         kwargs = {k: v for k, v in text.items() if k in known and v is not None}
-        kwargs["canvas_length"] = config.get("canvas_length") or 256
-        if "tie_word_embeddings" in config:
-            kwargs["tie_word_embeddings"] = config["tie_word_embeddings"]
+        if "final_logit_softcapping" in text:  # null turns the softcap off, as in the reference
+            kwargs["final_logit_softcapping"] = text["final_logit_softcapping"]
+        canvas = config.get("canvas_length")
+        kwargs["canvas_length"] = 256 if canvas is None else check_int(
+            "canvas_length", canvas, cap=MAX_DIM, exc=_config_error)
+        if config.get("tie_word_embeddings") is not None:
+            kwargs["tie_word_embeddings"] = check_bool(
+                "tie_word_embeddings", config["tie_word_embeddings"], exc=_config_error)
         rope = dict(DEFAULT_ROPE)
-        rope.update(text.get("rope_parameters") or {})
+        rope.update({k: v for k, v in (text.get("rope_parameters") or {}).items() if v is not None})
         kwargs["rope_parameters"] = rope
-        if kwargs.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
-            raise ConfigError(f"hidden_activation {kwargs['hidden_activation']!r} is not supported")
+        quantization = config.get("quantization")
+        if quantization is None:
+            quantization = config.get("quantization_config")
+        quantization = check_quantization(quantization)
         args = cls(**kwargs)
-        args.quantization = config.get("quantization") or config.get("quantization_config") or None
-        if args.quantization is not None and "bits" not in args.quantization:
-            args.quantization = None  # e.g. a transformers-side config we cannot apply
+        args.quantization = quantization
         args._resolve_full_attention_shapes(text)
+        if args.canvas_length > args.max_position_embeddings:
+            raise _config_error(
+                f"canvas_length {args.canvas_length} exceeds max_position_embeddings "
+                f"{args.max_position_embeddings}")
         return args
 
     def _resolve_full_attention_shapes(self, text: Dict[str, Any]):

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import sys
 from pathlib import Path
@@ -26,13 +25,14 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from . import quant
-from .config import ConfigError, ModelArgs
+from .cli import OneLineParser, run_cli
+from .config import ModelArgs
 from .loader import (
-    SKIPPED_PREFIXES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError, check_weights,
-    read_config, resolve_path, sanitize, weight_files,
+    SKIPPED_PREFIXES, TOKENIZER_FILES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError,
+    check_weights, load_generation_config, read_config, read_headers, resolve_path, sanitize,
 )
 from .model import Model
-from .safetensors_check import CheckpointError, read_header
+from .safetensors_check import CheckpointError
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 ST_DTYPES = {
@@ -79,15 +79,34 @@ def source_path(hf_path: str, revision=None) -> Path:
         ) from None
 
 
+def files_to_copy(src: Path) -> list:
+    """The files copied as they are (tokenizer, chat template, configs), checked before any
+    work is done: one that cannot be copied (a broken link, a FIFO) is an error, never a
+    silent omission that would leave a folder loading half-right."""
+    files = []
+    for pattern in COPIED:
+        for f in sorted(src.glob(pattern)):
+            if f.name == "config.json" or f.name.endswith(".index.json"):
+                continue
+            if f.is_symlink() and not f.exists():
+                raise ConvertError(
+                    f"cannot copy {f.name}: it is a broken link (to {os.readlink(f)})")
+            if not f.is_file():
+                raise ConvertError(f"cannot copy {f.name}: not a regular file")
+            if not os.access(f, os.R_OK):
+                raise ConvertError(f"cannot copy {f.name}: not readable")
+            files.append(f)
+    return files
+
+
 def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", text_only=False):
     """Every output tensor as a lazy array, grouped per source tensor (a quantized weight with
     its scales and biases), plus the per-module overrides of the quantization block and the
     parameter count. Nothing is read or computed yet; shapes, names and dtypes are checked."""
     model = Model(args)  # lazy: never evaluated, only its module tree and shapes are used
     modules = dict(model.named_modules())
-    groups, overrides, seen, text_shapes, n_params = [], {}, {}, {}, 0
-    for f in weight_files(src):
-        header = read_header(f)
+    groups, overrides, text_shapes, n_params = [], {}, {}, 0
+    for f, header in read_headers(src).items():
         if not header:
             continue
         if any(k.endswith(".scales") for k in header):
@@ -97,9 +116,6 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
         except (ValueError, RuntimeError) as e:
             raise CheckpointError(f"{f.name}: cannot be read ({e})") from None
         for key in header:
-            if key in seen:
-                raise CheckpointError(f"tensor {key} appears in both {seen[key]} and {f.name}")
-            seen[key] = f.name
             value = arrays.pop(key)
             vision = key.startswith(SKIPPED_PREFIXES)
             if vision and text_only:
@@ -254,6 +270,11 @@ def convert(hf_path, mlx_path="mlx_model", quantize=False, q_bits=None, q_group_
     args = ModelArgs.from_config(config)
     if config.get("quantization") or config.get("quantization_config"):
         raise ConvertError(f"{src} is already quantized; convert from the bf16 Hugging Face checkpoint")
+    load_generation_config(src)
+    copied = files_to_copy(src)
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        log(f"[WARN] {src} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the converted "
+            "model will take token ids only, until its tokenizer files are copied next to it")
 
     log(f"[INFO] Planning {src}")
     groups, overrides, n_params = plan(src, args, DTYPES.get(dtype), qdefault, quant_recipe, text_only)
@@ -282,10 +303,8 @@ def convert(hf_path, mlx_path="mlx_model", quantize=False, q_bits=None, q_group_
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
         qblock = quant.config_block(qdefault, overrides) if quantize else None
         (tmp / "config.json").write_text(json.dumps(output_config(config, args, qblock, dtype, text_only), indent=4))
-        for pattern in COPIED:
-            for f in src.glob(pattern):
-                if f.is_file() and f.name != "config.json" and not f.name.endswith(".index.json"):
-                    shutil.copy(f, tmp / f.name)
+        for f in copied:
+            shutil.copy(f, tmp / f.name)
         bpw = total * 8 / max(n_params, 1)
         if quantize:
             summary = (f"{qdefault['mode']} {qdefault['bits']}-bit (group {qdefault['group_size']}), "
@@ -332,13 +351,12 @@ def upload(path: Path, repo: str):
 
 
 # ---- command line ----------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mlx_diffusiongemma.convert", description="Convert a Hugging Face DiffusionGemma checkpoint to MLX (optionally quantized).")
+    p = OneLineParser(
+        prog="mlx_diffusiongemma.convert",
+        description="Convert a Hugging Face DiffusionGemma checkpoint to MLX "
+        "(optionally quantized).",
+    )
     p.add_argument("--hf-path", "--model", required=True, help="local folder or Hugging Face hub id")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
@@ -357,10 +375,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
@@ -368,23 +382,13 @@ def main(argv=None):
     given += ["--q-mode"] * (a.q_mode != "affine") + ["--quant-recipe"] * (a.quant_recipe != "mixed")
     if given and not a.quantize:
         p.error(f"{', '.join(given)} need -q/--quantize")
-    # `kill` cleans up like Ctrl-C: the temporary folder is removed, OUT is left as it was.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+
+    def body():
         convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.q_mode, a.quant_recipe,
                 a.dtype, a.max_shard_size, a.text_only, a.force, a.upload_repo, a.revision)
-    except (ConvertError, ConfigError, CheckpointError, ModelNotFoundError, quant.QuantizationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+
+    # `kill` cleans up like Ctrl-C: the temporary folder is removed, OUT is left as it was.
+    return run_cli(body, interrupted="error: interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """Command line: `python -m mlx_diffusiongemma.generate --model PATH --prompt "..."`."""
 
-import argparse
 import sys
 from pathlib import Path
 
-from .cli import add_model_argument, load_for_cli, one_line_errors
+from .cli import OneLineParser, add_model_argument, load_for_cli, run_cli
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="mlx_diffusiongemma.generate",
         description="Generate text with DiffusionGemma (block text diffusion) on MLX.",
     )
@@ -41,21 +40,22 @@ def build_parser():
 def run(args):
     import mlx.core as mx
 
-    from .generation import print_stats, stream_generate
-
     from .examples.task import answer, prompt_text, read_task, show
+    from .generation import print_stats, stream_generate
+    from .sampler import check_settings
 
+    sampler_kw = dict(max_denoising_steps=args.steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
+                      t_max=args.t_max, stability_threshold=args.stability_threshold,
+                      confidence_threshold=args.confidence_threshold, seed=args.seed)
+    check_settings(max_tokens=args.max_tokens, **sampler_kw)  # before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_for_cli(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None,
-                                    adapter_path=args.adapter_path)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    model, tokenizer = load_for_cli(args.model, dtype=dtype, adapter_path=args.adapter_path)
     task = read_task(model.path)
     if task is not None:  # a task model (the Sudoku demo): its input checked, its output a grid
         prompt = prompt_text(task, prompt)
     elif prompt is None:
         prompt = "hello"
-    sampler_kw = dict(max_denoising_steps=args.steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
-                      t_max=args.t_max, stability_threshold=args.stability_threshold,
-                      confidence_threshold=args.confidence_threshold, seed=args.seed)
     if args.infill_file is not None or args.suffix is not None:
         from .infill import Gap, infill
 
@@ -96,9 +96,8 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with one_line_errors():
-        run(args)
+    return run_cli(run, args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from .cache import CanvasKV
 from .model import Model
-from .sampler import SamplerSettings, denoise_sample, stop_update, temperature
+from .sampler import SamplerSettings, denoise_sample, random_key, stop_update, temperature
 
 
 @dataclass
@@ -311,7 +311,7 @@ def stream_generate(
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     _check_context(model, len(ids), cache.offset, settings)
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
-    key = mx.random.key(seed if seed is not None else time.time_ns() % (2**63))
+    key = random_key(seed)
     C = model.args.canvas_length
     first = None
     if initial_canvas is not None:

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .checks import check_int
 from .generation import Pins, eos_ids_for, stream_generate, cut_at_eos
 from .model import Model
 
@@ -48,6 +49,9 @@ def layout(segments: Sequence[Union[str, Gap, Sequence[int]]], tokenizer, canvas
             return list(tokenizer.encode(seg, add_special_tokens=first)) if seg else []
         return [int(t) for t in seg]
 
+    for s in segments:
+        if isinstance(s, Gap) and s.length is not None:
+            check_int("gap length", s.length)
     prefix = ids(segments[0], first=True)
     if not prefix:
         raise ValueError("infilling needs some text before the first gap")
@@ -85,7 +89,8 @@ def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwar
             tokens[pos : pos + len(v)] = v
             pos += len(v)
     pins = Pins(mx.array([mask]), mx.array([tokens], dtype=mx.int32))
-    kwargs.setdefault("max_tokens", C)
+    if kwargs.get("max_tokens") is None:
+        kwargs["max_tokens"] = C
     if kwargs["max_tokens"] > C:
         raise ValueError(f"infilling fills one canvas ({C} tokens)")
     canvas = None

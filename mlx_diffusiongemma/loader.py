@@ -1,6 +1,5 @@
 """Finding, checking and loading DiffusionGemma checkpoints (Hugging Face or MLX layout)."""
 
-import json
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -8,13 +7,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .checks import check_token_ids, describe, read_json
 from .config import ConfigError, ModelArgs
 from .cpu_memory import keep_freed_memory
 from .model import Model
-from .safetensors_check import CheckpointError, read_header
+from .safetensors_check import CheckpointError, check_dtype, read_header
+from .sampler import SamplerSettings
 
 WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "*.safetensors.index.json"]
 TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 
 
@@ -45,23 +47,28 @@ def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False) -> P
 
 
 def read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists() and not cfg_file.is_symlink():
         raise ConfigError(f"{path} has no config.json: not a model folder")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file} is not valid JSON ({e})") from None
+    config = read_json(cfg_file, ConfigError)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{cfg_file} must hold a JSON object (got {describe(config)})")
+    return config
 
 
 def weight_files(path: Path) -> list:
     """The safetensors files of a checkpoint; with an index, every shard it names must exist."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index.name} is not a valid index ({e})") from None
+    if index.exists() or index.is_symlink():
+        weight_map = read_json(index, CheckpointError)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and _plain_name(v) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index.name} is not a valid index (expected a weight_map from tensor names to "
+                "file names in the same folder)"
+            )
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).exists()]
         if missing:
@@ -73,6 +80,11 @@ def weight_files(path: Path) -> list:
             raise CheckpointError(f"{path} holds only pickle weights; only safetensors are loaded")
         raise CheckpointError(f"{path} has no model*.safetensors files")
     return files
+
+
+def _plain_name(name: str) -> bool:
+    """A file name inside the folder: no separators, no `..`, not hidden."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
@@ -132,20 +144,39 @@ def _names(keys, n=6):
     return ", ".join(keys[:n]) + more
 
 
+def read_headers(path: Path) -> Dict[Path, dict]:
+    """The checked header of every weight file, {file: {tensor: (dtype, shape)}}, before any
+    tensor is read: tensors named in two shards are an error, and each text tensor must have
+    a dtype the model takes (see `check_dtype`)."""
+    headers = {f: read_header(f) for f in weight_files(path)}
+    where = {}
+    for f, header in headers.items():
+        for k in header:
+            if k in where:
+                raise CheckpointError(f"tensor {k} appears in both {where[k]} and {f.name}")
+            where[k] = f.name
+    for f, header in headers.items():
+        for k, (dtype, _) in header.items():
+            if k.startswith(SKIPPED_PREFIXES) or "rotary_emb" in k:
+                continue
+            module = k[: -len(".weight")] if k.endswith(".weight") else k
+            check_dtype(k, dtype, f"{module}.scales" in where, f.name)
+    return headers
+
+
 def load_weights_lazily(path: Path) -> Dict[str, mx.array]:
     """Every tensor of the checkpoint as a lazy MLX array (nothing is read until evaluated),
-    after checking each file's header; tensors named in two shards are an error."""
+    after checking every file's header (`read_headers`)."""
     weights = {}
-    for f in weight_files(path):
-        header = read_header(f)
+    for f, header in read_headers(path).items():
         wanted = [k for k in header if not k.startswith(SKIPPED_PREFIXES)]
         if not wanted:
             continue
-        arrays = mx.load(str(f))
-        for k in wanted:
-            if k in weights:
-                raise CheckpointError(f"tensor {k} appears in more than one shard")
-            weights[k] = arrays[k]
+        try:
+            arrays = mx.load(str(f))
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f.name}: cannot be read ({e})") from None
+        weights.update((k, arrays[k]) for k in wanted)
     return weights
 
 
@@ -157,6 +188,7 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     path = resolve_path(path_or_hub_id)
     config = read_config(path)
     args = ModelArgs.from_config(config)
+    generation_config = load_generation_config(path)
     keep_freed_memory()
     weights = sanitize(load_weights_lazily(path), args)
     model = Model(args)
@@ -173,28 +205,56 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     if not lazy:
         mx.eval(model.parameters())
     model.path = path
-    model.generation_config = load_generation_config(path)
+    model.generation_config = generation_config
     return model
 
 
 def load_generation_config(path: Path) -> dict:
-    """generation_config.json with `null` fields dropped (null means unset)."""
+    """generation_config.json with `null` fields dropped (null means unset), after checking
+    the values generation uses: sampler settings, EOS and pad ids."""
     f = Path(path) / "generation_config.json"
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():
         return {}
+    cfg = read_json(f, ConfigError)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{f.name} must hold a JSON object (got {describe(cfg)})")
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f} is not valid JSON ({e})") from None
-    return {k: v for k, v in cfg.items() if v is not None}
+        SamplerSettings.resolve(cfg)
+        for key in ("eos_token_id", "pad_token_id"):
+            if key in cfg:
+                check_token_ids(key, cfg[key])
+    except ValueError as e:
+        raise ConfigError(f"{f.name}: {e}") from None
+    return cfg
+
+
+def check_tokenizer_files(path: Path):
+    """A tokenizer file is there and readable. Without one, transformers builds an empty
+    tokenizer that turns every prompt into <unk>: refused here instead."""
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if f.is_symlink() and not f.exists():
+            raise CheckpointError(f"{f} is a broken link: the tokenizer cannot be read")
+        if f.exists() and not f.is_file():
+            raise CheckpointError(f"{f} is not a regular file")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path} has no tokenizer (neither {' nor '.join(TOKENIZER_FILES)}): text prompts "
+            "need one; copy the original model's tokenizer files there (token ids need none: "
+            "load_model loads the model alone)"
+        )
 
 
 def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None,
          adapter_path: Optional[Union[str, Path]] = None) -> Tuple[Model, "TokenizerWrapper"]:
     """(model, tokenizer) like `mlx_lm.load`: the tokenizer is mlx-lm's TokenizerWrapper with
     every EOS id from generation_config.json; `adapter_path` adds fine-tuned adapters (a folder
-    written by `mlx_diffusiongemma.lora`)."""
+    written by `mlx_diffusiongemma.lora`). A folder without a tokenizer is refused (for token
+    ids alone, `load_model` needs none)."""
     path = resolve_path(path_or_hub_id, tokenizer=True)
+    read_config(path)  # a folder that is no model at all is named as such first
+    check_tokenizer_files(path)
     model = load_model(path, dtype=dtype)
     if adapter_path is not None:
         from .tuner.adapters import load_adapters
@@ -206,5 +266,14 @@ def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None,
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
     if isinstance(eos, int):
         eos = [eos]
-    tokenizer = load_tokenizer(path, eos_token_ids=eos)
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=eos)
+    except Exception as e:  # tokenizers and transformers raise many classes for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({reason})") from None
+    n, vocab = len(tokenizer.get_vocab()), model.args.vocab_size
+    if n > vocab:  # its ids past the embedding would fail on every prompt that uses them
+        raise CheckpointError(
+            f"{path}: the tokenizer has {n} tokens, more than the model's vocabulary of {vocab} "
+            "(the tokenizer of another model?)")
     return model, tokenizer

@@ -10,6 +10,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .checks import check_int
+
 # (group_size, bits) when not given, as mlx-lm and mlx-vlm choose them.
 MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
 RECIPES = ("mixed", "uniform")
@@ -21,16 +23,19 @@ class QuantizationError(ValueError):
 
 
 def resolve(bits: Optional[int] = None, group_size: Optional[int] = None, mode: str = "affine") -> dict:
-    """{"group_size", "bits", "mode"} with the mode's defaults filled in, after checking with
-    `mx.quantize` itself that this MLX build supports the combination."""
-    if mode not in MODE_DEFAULTS:
+    """{"group_size", "bits", "mode"} with the mode's defaults filled in where not given (None;
+    a zero is refused, never replaced), after checking with `mx.quantize` itself that this MLX
+    build supports the combination."""
+    if not isinstance(mode, str) or mode not in MODE_DEFAULTS:
         raise QuantizationError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODE_DEFAULTS)})")
     dg, db = MODE_DEFAULTS[mode]
-    params = {"group_size": group_size or dg, "bits": bits or db, "mode": mode}
-    gs, b = params["group_size"], params["bits"]
+    if group_size is not None:
+        check_int("quantization group size", group_size, hi=1 << 16, exc=QuantizationError)
+    if bits is not None:
+        check_int("quantization bits", bits, hi=64, exc=QuantizationError)
+    gs = dg if group_size is None else group_size
+    b = db if bits is None else bits
     try:
-        if gs <= 0 or b <= 0:
-            raise ValueError("bits and group size must be positive")
         mx.eval(mx.quantize(mx.zeros((2, 4 * gs)), gs, b, mode=mode))
     except (ValueError, RuntimeError) as e:
         reason = str(e).replace("[quantize] ", "")
@@ -38,7 +43,7 @@ def resolve(bits: Optional[int] = None, group_size: Optional[int] = None, mode: 
             f"{mode} quantization with {b} bits and group size {gs} is not supported by "
             f"MLX {mx.__version__}: {reason}"
         ) from None
-    return params
+    return {"group_size": gs, "bits": b, "mode": mode}
 
 
 def is_high_precision(path: str) -> bool:

@@ -5,6 +5,7 @@ inverse-CDF sample and the self-conditioning probabilities; everything after tha
 canvas-sized. On the CPU it runs in cache-sized slices on one stream per core with a polynomial
 exp (cpu_streams.py, cpu_math.py)."""
 
+import time
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Optional
@@ -12,6 +13,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import cpu_math
+from .checks import check_int, check_number, check_object
 from .cpu_streams import row_parallel
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
@@ -19,6 +21,24 @@ DEFAULTS = dict(
     max_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
     stability_threshold=1, confidence_threshold=0.005,
 )
+
+
+# What each setting must be: (integer?, lowest value, lowest excluded?). Steps and tokens
+# count from 1; zero is refused rather than replaced by a default.
+LIMITS = dict(
+    max_tokens=(True, 1, False), max_denoising_steps=(True, 1, False),
+    entropy_bound=(False, 0, True), t_min=(False, 0, False), t_max=(False, 0, False),
+    stability_threshold=(True, 0, False), confidence_threshold=(False, 0, True),
+)
+
+
+def check_setting(name: str, value, label: Optional[str] = None):
+    """One sampler setting, finite and in range; `label` is how the message names it (the key
+    of the file or request it came from)."""
+    is_int, lo, lo_open = LIMITS[name]
+    if is_int:
+        return check_int(label or name, value, lo=lo)
+    return check_number(label or name, value, lo=lo, lo_open=lo_open)
 
 
 @dataclass
@@ -34,40 +54,57 @@ class SamplerSettings:
     @classmethod
     def resolve(cls, generation_config: Optional[dict] = None, **overrides) -> "SamplerSettings":
         """Explicit arguments > the checkpoint's generation_config.json (null = unset) > the
-        reference's global defaults."""
+        reference's global defaults. Every value is checked where it comes from, so a message
+        names the key that was given (`max_new_tokens`, `sampler_config.entropy_bound`)."""
         gen = {k: v for k, v in (generation_config or {}).items() if v is not None}
         values = dict(DEFAULTS)
         if "max_new_tokens" in gen:
-            values["max_tokens"] = gen["max_new_tokens"]
+            values["max_tokens"] = check_setting("max_tokens", gen["max_new_tokens"],
+                                                 "max_new_tokens")
         sampler_cfg = gen.get("sampler_config")
-        if isinstance(sampler_cfg, dict) and sampler_cfg.get("entropy_bound") is not None:
-            values["entropy_bound"] = sampler_cfg["entropy_bound"]
+        if sampler_cfg is not None:
+            check_object("sampler_config", sampler_cfg)
+            if sampler_cfg.get("entropy_bound") is not None:
+                values["entropy_bound"] = check_setting(
+                    "entropy_bound", sampler_cfg["entropy_bound"], "sampler_config.entropy_bound")
         for f in fields(cls):
             if f.name in gen and f.name != "max_tokens":
-                values[f.name] = gen[f.name]
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                values[f.name] = check_setting(f.name, gen[f.name])
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = check_setting(k, v) if k in LIMITS else v
         settings = cls(**values)
         settings.validate()
         return settings
 
     def validate(self):
-        def bad(msg):
-            raise ValueError(msg)
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            bad(f"max_tokens must be a positive integer (got {self.max_tokens})")
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
-            bad(f"max_denoising_steps must be a positive integer (got {self.max_denoising_steps})")
-        if not self.entropy_bound > 0:
-            bad(f"entropy_bound must be > 0 (got {self.entropy_bound})")
-        if self.t_min < 0 or self.t_max < 0:
-            bad(f"temperatures must be >= 0 (got t_min={self.t_min}, t_max={self.t_max})")
+        for f in fields(self):
+            check_setting(f.name, getattr(self, f.name))
         if self.t_max <= self.t_min:
-            bad(f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            bad(f"stability_threshold must be an integer >= 0 (got {self.stability_threshold})")
-        if not self.confidence_threshold > 0:
-            bad(f"confidence_threshold must be > 0 (got {self.confidence_threshold})")
+            raise ValueError(
+                f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
+
+
+SEED_MAX = 2**64 - 1
+
+
+def check_settings(**values):
+    """Each given setting on its own (None: not given), e.g. command-line flags before the
+    model loads; how t_min and t_max relate is known only once every source is merged."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "seed":
+            check_int("seed", value, lo=0, hi=SEED_MAX)
+        else:
+            check_setting(name, value)
+
+
+def random_key(seed: Optional[int] = None) -> mx.array:
+    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else the clock."""
+    if seed is None:
+        return mx.random.key(time.time_ns() % (2**63))
+    return mx.random.key(check_int("seed", seed, lo=0, hi=SEED_MAX))
 
 
 def temperature(steps_remaining: int, settings: SamplerSettings) -> float:

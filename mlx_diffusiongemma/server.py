@@ -40,14 +40,14 @@ def make_server(state, sock, max_connections=64, keep_alive_timeout=5, header_ti
 
 
 def main(argv=None):
-    from .cli import add_model_argument, load_for_cli, one_line_errors
+    from .cli import add_model_argument, load_for_cli, one_line_errors, port_number
     from .serving.app import Limits
 
     p = argparse.ArgumentParser(prog="mlx_diffusiongemma.server",
                                 description="OpenAI-compatible DiffusionGemma server.")
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=port_number, default=8080)
     p.add_argument("--max-tokens-limit", type=int, default=32768,
                    help="largest max_tokens a request may ask")
     p.add_argument("--max-batch", type=int, default=8,

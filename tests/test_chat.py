@@ -61,3 +61,71 @@ def test_chat_repl_runs_turns(text_demo):
                        cwd=ROOT, input="hi\nr\nhow are you\nq\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(">> ") == 4
+
+
+def test_stopped_reply_keeps_the_conversation(text_demo):
+    """A reply stopped half-way (Ctrl-C) leaves the cache as before the turn and the turn in the
+    conversation with what was sent of the reply; the next turn encodes it from its text and
+    the session's invariant (the cache holds exactly `history`) still holds."""
+    model, tok = load(text_demo)
+    s = ChatSession(model, tok)
+    list(s.send("Hello there", seed=0, max_denoising_steps=2))
+    before = (s.cache.offset, list(s.history), list(s.messages))
+
+    C = model.args.canvas_length
+    replies = s.send("Tell me more", seed=1, max_denoising_steps=2, max_tokens=8 * C,
+                     eos_token_ids=[])
+    first = next(replies)
+    replies.close()  # what the REPL does on Ctrl-C
+    assert (s.cache.offset, s.history) == before[:2] and s.cache.offset == len(s.history)
+    assert s.messages == before[2] + [{"role": "user", "content": "Tell me more"},
+                                       {"role": "assistant", "content": first.text}]
+
+    def stop(draft):
+        raise KeyboardInterrupt
+
+    try:  # stopped inside the model, before any text: the turn is dropped
+        list(s.send("Never mind", seed=2, max_denoising_steps=2, draft_callback=stop))
+    except KeyboardInterrupt:
+        pass
+    assert s.cache.offset == len(s.history) and len(s.messages) == len(before[2]) + 2
+
+    text = tok.decode(s.history + s.new_tokens("Go on"))
+    assert "Tell me more" in text and "Never mind" not in text and "Go on" in text
+    list(s.send("Go on", seed=3, max_denoising_steps=2))
+    assert s.cache.offset == len(s.history)
+
+
+def test_repl_ctrl_c_stops_a_reply_and_ctrl_d_quits(monkeypatch, capsys, text_demo):
+    """The REPL: Ctrl-C while typing drops the line, Ctrl-C during a reply stops it and the
+    chat goes on, Ctrl-D ends it with a newline and status 0."""
+    import os
+    import signal
+
+    from mlx_diffusiongemma import chat, generation
+
+    lines = iter([KeyboardInterrupt, "hi", "again", EOFError])
+
+    def fake_input(prompt):
+        print(prompt, end="")
+        item = next(lines)
+        if isinstance(item, type):
+            raise item()
+        return item
+
+    real, calls = generation.stream_generate, []
+
+    def interrupted_second_turn(*a, **kw):
+        calls.append(1)
+        for r in real(*a, **kw):
+            yield r
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the CLI's handler
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(generation, "stream_generate", interrupted_second_turn)
+    rc = chat.main(["--model", str(text_demo), "--steps", "2", "--seed", "0", "--max-tokens", "256"])
+    out = capsys.readouterr().out
+    assert rc == 0 and len(calls) == 2
+    assert "[reply stopped]" in out and out.endswith(">> \n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,8 +1,11 @@
 """The real `generate` command on the bundled demo checkpoint."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +42,16 @@ def test_max_tokens_is_exact_in_the_cli(text_demo):
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path, text_demo):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(text_demo, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
     cases = [
         (["--prompt", ""], "prompt is empty"),
+        (["--t-min", "nan"], "t_min must be a finite number >= 0 (got nan)"),
+        (["--t-max", "inf"], "t_max must be a finite number"),
+        (["--entropy-bound", "0"], "entropy_bound must be a finite number > 0 (got 0.0)"),
+        (["--seed", "-1"], "seed must be an integer in [0, 18446744073709551615]"),
+        (["--gap-length", "0", "--suffix", "x"], "gap length must be an integer >= 1"),
+        (["--model", str(no_tokenizer)], "has no tokenizer (neither tokenizer.json"),
         (["--max-tokens", "0"], "max_tokens"),
         (["--steps", "-2"], "max_denoising_steps"),
         (["--t-min", "0.9", "--t-max", "0.8"], "t_max must be greater"),
@@ -84,3 +95,37 @@ def test_visualize_draws_live_in_a_terminal_and_degrades_without_one(text_demo):
     plain = run("generate.py", "--model", str(text_demo), "--visualize", "--seed", "1", "--steps", "5",
                 "--prompt", "hi")
     assert plain.returncode == 0 and "\x1b[" not in plain.stdout and plain.stdout.strip()
+
+
+def test_two_quick_sigints_end_with_one_line():
+    """Ctrl-C twice in a row while a command runs: status 130 and a line, never a traceback;
+    so does SIGTERM."""
+    for signals in ([signal.SIGINT, signal.SIGINT], [signal.SIGTERM]):
+        proc = subprocess.Popen([sys.executable, "generate.py", "--steps", "48"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc.stderr.readline()  # the demo notice: the command runs, and now loads the model
+        for s in signals:
+            proc.send_signal(s)
+            time.sleep(0.005)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130, err
+        assert "Traceback" not in err and "interrupted" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_closed_stdout_is_quiet(text_demo):
+    """`generate ... | head -c1`: no BrokenPipeError report."""
+    argv = ["generate.py", "--model", str(text_demo), "--max-tokens", "256", "--steps", "3",
+            "--seed", "0", "--ignore-chat-template"]
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_server_port_out_of_range_is_a_usage_error():
+    r = run("-m", "mlx_diffusiongemma.server", "--port", "70000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid port '70000'" in r.stderr

@@ -411,12 +411,33 @@ def test_bad_sources(tiny_src, tmp_path, capsys):
         assert not out.exists() and leftovers(out) == [], name
 
 
+def test_what_cannot_be_copied_is_an_error(tiny_src, tmp_path, capsys):
+    """A tokenizer file the converter cannot copy would be left out silently, giving a folder
+    that loads without its tokenizer: refused before any work instead."""
+    for name, spoil, message in [
+        ("tokenizer.json", lambda f: f.symlink_to(tmp_path / "gone.json"),
+         "cannot copy tokenizer.json: it is a broken link"),
+        ("chat_template.jinja", os.mkfifo, "cannot copy chat_template.jinja: not a regular file"),
+    ]:
+        src = _copy(tiny_src, tmp_path / f"src-{name}")
+        (src / name).unlink()
+        spoil(src / name)
+        out = tmp_path / f"out-{name}"
+        rc, err = cli(["--hf-path", src, "--mlx-path", out], capsys)
+        assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and leftovers(out) == []
+
+
 @pytest.mark.parametrize("flags, message", [
     (["-q", "--q-bits", "7"], "not supported by MLX"),
     (["-q", "--q-group-size", "48"], "group size 48"),
-    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"], "mxfp4 quantization requires group size 32"),
+    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"],
+     "mxfp4 quantization requires group size 32"),
     (["-q", "--q-mode", "nvfp4", "--q-bits", "8"], "nvfp4"),
     (["-q", "--q-mode", "mxfp8", "--q-bits", "4"], "mxfp8"),
+    (["-q", "--q-bits", "0"], "quantization bits must be an integer in [1, 64] (got 0)"),
+    (["-q", "--q-group-size", "0"],
+     "quantization group size must be an integer in [1, 65536] (got 0)"),
 ])
 def test_unsupported_quantization(tiny_src, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -427,7 +448,8 @@ def test_unsupported_quantization(tiny_src, tmp_path, capsys, flags, message):
 
 def test_usage_errors(tiny_src, tmp_path, capsys):
     for argv, message in [
-        (["--hf-path", tiny_src, "--mlx-path", tmp_path / "o", "--q-bits", "8"], "need -q/--quantize"),
+        (["--hf-path", tiny_src, "--mlx-path", tmp_path / "o", "--q-bits", "8"],
+         "need -q/--quantize"),
         (["--hf-path", tiny_src, "--quant-recipe", "uniform"], "--quant-recipe need -q/--quantize"),
         (["--hf-path", tiny_src, "--q-mode", "int4"], "invalid choice"),
         (["--hf-path", tiny_src, "--max-shard-size", "lots"], "invalid size"),

@@ -106,12 +106,47 @@ def test_settings_from_generation_config():
 
 @pytest.mark.parametrize("bad, msg", [
     (dict(max_tokens=0), "max_tokens"), (dict(max_denoising_steps=-1), "max_denoising_steps"),
-    (dict(t_min=0.5, t_max=0.5), "t_max must be greater"), (dict(entropy_bound=0.0), "entropy_bound"),
-    (dict(stability_threshold=-1), "stability_threshold"), (dict(confidence_threshold=0), "confidence"),
+    (dict(t_min=0.5, t_max=0.5), "t_max must be greater"), (dict(entropy_bound=0.0),
+     "entropy_bound"),
+    (dict(stability_threshold=-1), "stability_threshold"), (dict(confidence_threshold=0),
+     "confidence"),
 ])
 def test_bad_settings(bad, msg):
     with pytest.raises(ValueError, match=msg):
         SamplerSettings.resolve(None, **bad)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("gen, over, msg", [
+    ({}, dict(t_min=NAN), r"t_min must be a finite number >= 0 \(got nan\)"),
+    ({}, dict(t_max=INF), r"t_max must be a finite number >= 0 \(got inf\)"),
+    ({}, dict(entropy_bound=NAN), r"entropy_bound must be a finite number > 0"),
+    ({}, dict(confidence_threshold=-INF), r"confidence_threshold must be a finite number > 0"),
+    ({}, dict(max_denoising_steps=4.0),
+     r"max_denoising_steps must be an integer >= 1 \(got 4\.0\)"),
+    ({}, dict(stability_threshold=True),
+     r"stability_threshold must be an integer >= 0 \(got true\)"),
+    ({}, dict(max_tokens="64"), r"max_tokens must be an integer >= 1 \(got the string '64'\)"),
+    ({"t_min": "0.4"}, {}, r"t_min must be a finite number >= 0 \(got the string '0\.4'\)"),
+    ({"max_new_tokens": 0}, {}, r"max_new_tokens must be an integer >= 1"),
+    ({"sampler_config": {"entropy_bound": NAN}}, {}, r"sampler_config\.entropy_bound must be"),
+    ({"sampler_config": []}, {}, r"sampler_config must be a JSON object"),
+])
+def test_non_finite_and_mistyped_settings_are_refused(gen, over, msg):
+    """NaN fails every comparison, so it needs its own test; strings and bools are not numbers."""
+    with pytest.raises(ValueError, match=msg):
+        SamplerSettings.resolve(gen, **over)
+
+
+def test_seed_range():
+    from mlx_diffusiongemma.sampler import random_key
+
+    assert random_key(0).shape == random_key(2**64 - 1).shape
+    for bad in (-1, 2**64, 1.5, "3", True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            random_key(bad)
 
 
 def test_chunked_position_pass_gives_the_same_step(monkeypatch):

@@ -109,8 +109,13 @@ def test_draft_events_are_opt_in(server):
     (b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 9}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "t_min": 0.9, "t_max": 0.1}, "t_max must be greater"),
+    ({"messages": [{"role": "user", "content": "x"}], "t_min": 0.9, "t_max": 0.1},
+     "t_max must be greater"),
     ({"messages": [{"role": "user"}]}, "content"),
+    ({"messages": [{"role": "user", "content": "x"}], "t_min": float("nan")},
+     "t_min must be a finite number"),
+    ({"messages": [{"role": "user", "content": "x"}], "t_max": float("inf")},
+     "t_max must be a finite number"),
 ])
 def test_bad_requests_get_400_json_and_server_keeps_serving(server, body, msg):
     status, text = raw(server, "/v1/chat/completions", body)

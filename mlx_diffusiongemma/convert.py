@@ -28,7 +28,7 @@ import mlx.core as mx
 from . import quant
 from .config import ConfigError, ModelArgs
 from .loader import (
-    SKIPPED_PREFIXES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError, check_weights,
+    VISION_PREFIXES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError, check_weights,
     read_config, resolve_path, sanitize, weight_files,
 )
 from .model import Model
@@ -101,7 +101,7 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
                 raise CheckpointError(f"tensor {key} appears in both {seen[key]} and {f.name}")
             seen[key] = f.name
             value = arrays.pop(key)
-            vision = key.startswith(SKIPPED_PREFIXES)
+            vision = key.startswith(VISION_PREFIXES)
             if vision and text_only:
                 continue
             # The text tree goes through the loader's own mapping (drops tied copies and rotary

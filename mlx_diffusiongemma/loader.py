@@ -15,7 +15,9 @@ from .safetensors_check import CheckpointError, read_header
 
 WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "*.safetensors.index.json"]
 TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model"]
-SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
+CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -80,7 +82,11 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
     the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
     out = {}
     for key, value in weights.items():
-        if key.startswith(SKIPPED_PREFIXES) or "rotary_emb" in key:
+        if "rotary_emb" in key:
+            continue
+        if key.startswith(VISION_PREFIXES):
+            if args.vision is not None:
+                out[_vision_key(key)] = value
             continue
         if key.startswith("model.encoder.language_model."):
             if key.endswith(".layer_scalar"):
@@ -92,6 +98,18 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
             key += ".weight"
         out[key] = value
     return out
+
+
+def _vision_key(key: str) -> str:
+    """The tower's linears as `<proj>.linear.weight`, also from a layout without the infix."""
+    path, name = key.rsplit(".", 1)
+    if name == "weight" and key.startswith(VISION_PREFIXES[0]) and path.endswith(CLIPPABLE):
+        return f"{path}.linear.{name}"
+    return key
+
+
+def has_vision_weights(keys) -> bool:
+    return any(k.startswith(VISION_PREFIXES) for k in keys)
 
 
 def _quantize(model: Model, args: ModelArgs, keys):
@@ -132,13 +150,14 @@ def _names(keys, n=6):
     return ", ".join(keys[:n]) + more
 
 
-def load_weights_lazily(path: Path) -> Dict[str, mx.array]:
-    """Every tensor of the checkpoint as a lazy MLX array (nothing is read until evaluated),
-    after checking each file's header; tensors named in two shards are an error."""
+def load_weights_lazily(path: Path, vision: bool = True) -> Dict[str, mx.array]:
+    """Every tensor of the checkpoint (without the vision tower's unless `vision`) as a lazy MLX
+    array (nothing is read until evaluated), after checking each file's header; tensors named
+    in two shards are an error."""
     weights = {}
     for f in weight_files(path):
         header = read_header(f)
-        wanted = [k for k in header if not k.startswith(SKIPPED_PREFIXES)]
+        wanted = [k for k in header if vision or not k.startswith(VISION_PREFIXES)]
         if not wanted:
             continue
         arrays = mx.load(str(f))
@@ -158,7 +177,10 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     config = read_config(path)
     args = ModelArgs.from_config(config)
     keep_freed_memory()
-    weights = sanitize(load_weights_lazily(path), args)
+    weights = load_weights_lazily(path, vision=args.vision is not None)
+    if args.vision is not None and not has_vision_weights(weights):
+        args.vision = None  # the config names a tower its weights leave out: load text-only
+    weights = sanitize(weights, args)
     model = Model(args)
     if args.quantization:
         _quantize(model, args, weights.keys())

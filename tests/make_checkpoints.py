@@ -2,7 +2,7 @@
 
 Used by the tests (and runnable by hand: `python tests/make_checkpoints.py OUT_DIR`). Norm
 weights, router scales and layer scalars are randomised so that none of them is a silent 1.0;
-so are the vision tower's norms and its standardize bias and scale.
+so are the vision tower's norms, position table and standardize bias and scale.
 """
 
 import json
@@ -43,6 +43,8 @@ def build_reference(seed=0, canvas_length=16, sharpen=1.0, vision=None, **text_o
             if "vision" in name:
                 if name.endswith("norm.weight"):
                     p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gv))
+                elif name.endswith("position_embedding_table"):  # initialised to ones
+                    p.copy_(torch.randn(p.shape, generator=gv))
                 continue
             if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))

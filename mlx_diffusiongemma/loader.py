@@ -14,7 +14,8 @@ from .model import Model
 from .safetensors_check import CheckpointError, read_header
 
 WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "*.safetensors.index.json"]
-TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model"]
+TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model",
+                      "processor_config.json", "preprocessor_config.json"]
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 # The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
 CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
@@ -196,7 +197,26 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
         mx.eval(model.parameters())
     model.path = path
     model.generation_config = load_generation_config(path)
+    model.processor_config = load_processor_config(path)
     return model
+
+
+def load_processor_config(path: Path) -> dict:
+    """The image processor's soft-token budget, from preprocessor_config.json or the
+    processor_config.json Gemma 4 checkpoints carry; {} when neither names one."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = Path(path) / name
+        if not f.exists():
+            continue
+        try:
+            cfg = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f} is not valid JSON ({e})") from None
+        nested = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else {}
+        n = cfg.get("max_soft_tokens") or nested.get("max_soft_tokens") or cfg.get("image_seq_length")
+        if n:
+            return {"max_soft_tokens": int(n)}
+    return {}
 
 
 def load_generation_config(path: Path) -> dict:

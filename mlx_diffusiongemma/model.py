@@ -383,6 +383,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.embed_scale = math.sqrt(args.hidden_size)
         self.generation_config = {}  # the checkpoint's generation_config.json, set by load_model
+        self.processor_config = {}  # its image processor's settings (max_soft_tokens), idem
 
     @property
     def layers(self):

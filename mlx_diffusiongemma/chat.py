@@ -23,6 +23,9 @@ class ChatSession:
     def new_tokens(self, text: str) -> List[int]:
         """Tokens the next user turn adds after the cached conversation: the chat template of the
         whole conversation, minus the text the cache already holds."""
+        return list(self.tokenizer.encode(self.new_text(text), add_special_tokens=False))
+
+    def new_text(self, text: str) -> str:
         tok = self.tokenizer
         messages = self.messages + [{"role": "user", "content": text}]
         full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
@@ -36,14 +39,30 @@ class ChatSession:
             bos = getattr(tok, "bos_token", None)
             if bos and new.startswith(bos):
                 new = new[len(bos):]
-        return list(tok.encode(new, add_special_tokens=False))
+        return new
 
-    def send(self, text: str, **kwargs):
+    def send(self, text: str, images=None, **kwargs):
+        """Streams the reply to `text`; `images` (paths, URLs, PIL images, ...) join this turn,
+        placed before its text."""
         if not text.strip():
             raise ValueError("the message is empty")
-        ids = self.new_tokens(text)
+        if images:
+            from .image_processor import load_image
+            from .multimodal import expand_text, placeholders
+
+            if not self.model.has_vision:
+                raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
+                                 "it cannot read images")
+            images = [load_image(i) for i in images]  # read once: layout here, tower below
+            # Placeholders in the turn's text: past turns render the same way, whatever the
+            # template does with content parts.
+            text = placeholders(self.model, self.tokenizer, len(images)) + text
+            ids = expand_text(self.model, self.tokenizer, self.new_text(text), images)
+        else:
+            ids = self.new_tokens(text)
         reply, tokens, last = "", [], None
-        for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache, **kwargs):
+        for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
+                                    images=images, **kwargs):
             reply += last.text
             tokens += last.tokens
             yield last
@@ -53,6 +72,7 @@ class ChatSession:
 
 def main(argv=None):
     from .cli import add_model_argument, load_for_cli, one_line_errors
+    from .image_processor import load_image
 
     p = argparse.ArgumentParser(prog="mlx_diffusiongemma.chat", description="Chat with DiffusionGemma.")
     add_model_argument(p)
@@ -65,7 +85,9 @@ def main(argv=None):
     with one_line_errors():
         model, tokenizer = load_for_cli(args.model)
         session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
-        print("Type a message; 'r' resets the conversation, 'q' (or end of input) quits.")
+        print("Type a message; '/image PATH' attaches an image to the next one; 'r' resets the "
+              "conversation, 'q' (or end of input) quits.")
+        pending = []
         while True:
             try:
                 text = input(">> ")
@@ -76,9 +98,17 @@ def main(argv=None):
             if text.strip() == "r":
                 session.reset()
                 continue
+            if text.startswith("/image "):
+                try:  # read now: a bad path is reported here, the session goes on
+                    pending.append(load_image(text[len("/image "):].strip()))
+                except ValueError as e:
+                    print(f"error: {e}")
+                continue
             if not text.strip():
                 continue
-            for r in session.send(text, max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed):
+            images, pending = pending, []
+            for r in session.send(text, images=images, max_tokens=args.max_tokens,
+                                  max_denoising_steps=args.steps, seed=args.seed):
                 print(r.text, end="", flush=True)
             print()
 

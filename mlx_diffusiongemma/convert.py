@@ -13,6 +13,7 @@ to the destination and renamed into place only when complete.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -83,7 +84,9 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
     """Every output tensor as a lazy array, grouped per source tensor (a quantized weight with
     its scales and biases), plus the per-module overrides of the quantization block and the
     parameter count. Nothing is read or computed yet; shapes, names and dtypes are checked."""
-    model = Model(args)  # lazy: never evaluated, only its module tree and shapes are used
+    # lazy: never evaluated, only its module tree and shapes are used; the tower's tensors are
+    # copied through as they are, so only the text tree is checked
+    model = Model(dataclasses.replace(args, vision=None))
     modules = dict(model.named_modules())
     groups, overrides, seen, text_shapes, n_params = [], {}, {}, {}, 0
     for f in weight_files(src):

@@ -88,8 +88,7 @@ def prompt_ids(model: Model, tokenizer, prompt, images=None, videos=None, system
     from .multimodal import vision_prompt
 
     vp = vision_prompt(model, tokenizer, prompt, images, videos, system_prompt, enable_thinking,
-                       apply_chat_template, image_soft_tokens,
-                       bos_token_id=getattr(tokenizer, "bos_token_id", None))
+                       apply_chat_template, image_soft_tokens)
     return vp.ids, vp.vision
 
 

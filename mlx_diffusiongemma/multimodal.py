@@ -31,14 +31,15 @@ def _marker(tokenizer, token_id: int, default: str) -> str:
     return text if isinstance(text, str) and text.startswith("<") else default
 
 
-def _blocks(model, images, videos, max_soft_tokens=None, video_frames=None):
-    """Token blocks per image and per video, and the features for them."""
+def _blocks(model, images, videos, max_soft_tokens=None, video_frames=None, features=True):
+    """Token blocks per image and per video, and (with `features`) the tower's features."""
     args = model.args
     image_blocks, video_blocks, vision = [], [], {}
     if images:
         processed = ImageProcessor.for_model(model, max_soft_tokens)(list(images))
-        vision[args.image_token_id] = model.image_features(processed.pixel_values,
-                                                           processed.image_position_ids)
+        if features:
+            vision[args.image_token_id] = model.image_features(processed.pixel_values,
+                                                               processed.image_position_ids)
         image_blocks = [[args.boi_token_id] + [args.image_token_id] * n + [args.eoi_token_id]
                         for n in processed.num_soft_tokens]
     if videos:
@@ -47,11 +48,13 @@ def _blocks(model, images, videos, max_soft_tokens=None, video_frames=None):
         for v in videos:
             clip = read_video(v, num_frames=video_frames)
             processed = proc(clip.frames)
-            feats.append(model.image_features(processed.pixel_values,
-                                              processed.image_position_ids))
+            if features:
+                feats.append(model.image_features(processed.pixel_values,
+                                                  processed.image_position_ids))
             frames.append([(timestamp(t), n) for t, n in zip(clip.timestamps,
                                                              processed.num_soft_tokens)])
-        vision[args.video_token_id] = mx.concatenate(feats, axis=0)
+        if features:
+            vision[args.video_token_id] = mx.concatenate(feats, axis=0)
         video_blocks = [
             [(f"{stamp} ", [args.boi_token_id] + [args.video_token_id] * n + [args.eoi_token_id])
              for stamp, n in clip_frames]
@@ -102,6 +105,27 @@ def _encode(tokenizer, text: str) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
+def placeholders(model, tokenizer, n_images: int, n_videos: int = 0) -> str:
+    """The text that marks where `n_images` images and `n_videos` videos go in a prompt."""
+    return (_marker(tokenizer, model.args.image_token_id, IMAGE_MARKER) * n_images
+            + _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER) * n_videos)
+
+
+def expand_text(model, tokenizer, text: str, images=None, videos=None,
+                max_soft_tokens: Optional[int] = None) -> List[int]:
+    """Token ids of already templated `text` (no BOS added) whose placeholders, one per image
+    and video in order, become their blocks (the tower is not run: pass the same images with
+    these ids to `stream_generate`)."""
+    images, videos = list(images or []), list(videos or [])
+    markers = (_marker(tokenizer, model.args.image_token_id, IMAGE_MARKER),
+               _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER))
+    if text.count(markers[0]) != len(images) or text.count(markers[1]) != len(videos):
+        raise ValueError(f"the text has {text.count(markers[0])} image placeholders for "
+                         f"{len(images)} images")
+    image_blocks, video_blocks, _ = _blocks(model, images, videos, max_soft_tokens, features=False)
+    return _expand(tokenizer, text, markers, image_blocks, video_blocks)
+
+
 def vision_prompt(model, tokenizer, prompt: Union[str, Sequence[int]], images=None, videos=None,
                   system_prompt=None, enable_thinking=False, apply_chat_template=True,
                   max_soft_tokens: Optional[int] = None, video_frames: Optional[int] = None,
@@ -113,6 +137,11 @@ def vision_prompt(model, tokenizer, prompt: Union[str, Sequence[int]], images=No
     if not model.has_vision:
         raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
                          "it cannot read images")
+    args = model.args
+    used = [args.boi_token_id, args.eoi_token_id] + [args.image_token_id] * bool(images)
+    if any(t >= args.vocab_size for t in used + [args.video_token_id] * bool(videos)):
+        raise ValueError(f"this checkpoint's image token ids lie outside its vocabulary "
+                         f"({args.vocab_size} tokens): it cannot read images")
     image_blocks, video_blocks, vision = _blocks(model, images, videos, max_soft_tokens,
                                                  video_frames)
     if isinstance(prompt, str):
@@ -143,5 +172,7 @@ def vision_prompt(model, tokenizer, prompt: Union[str, Sequence[int]], images=No
         for n, (stamp, block) in enumerate(clip):
             blocks += _encode(tokenizer, (" " if n else "") + stamp) if tokenizer else []
             blocks += block
+    if bos_token_id is None:
+        bos_token_id = getattr(tokenizer, "bos_token_id", None)
     at = 1 if ids and bos_token_id is not None and ids[0] == bos_token_id else 0
     return VisionPrompt(ids[:at] + blocks + ids[at:], vision)

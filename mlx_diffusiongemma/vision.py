@@ -189,6 +189,9 @@ class VisionTower(nn.Module):
         args = self.args
         positions_np = np.asarray(positions).astype(np.int64)
         B, N, _ = positions_np.shape
+        if positions_np.max(initial=0) >= args.position_embedding_size:
+            raise ValueError(f"patch position {positions_np.max()} is beyond the tower's position "
+                             f"table ({args.position_embedding_size})")
         k = args.pooling_kernel_size
         length = N // (k * k)
         positions = mx.array(positions_np.astype(np.int32))

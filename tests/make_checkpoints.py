@@ -22,7 +22,7 @@ TINY_TEXT = dict(
 # 4-pixel patches keep images small (70 soft tokens: 630 patches of 4 px, ~100 x 100 px).
 TINY_VISION = dict(
     model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=128,
     patch_size=4, standardize=True,
 )
 # Image tokens inside the tiny vocabulary.

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers import AutoModel, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
 TINY_TEXT = dict(
     vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
@@ -19,9 +20,15 @@ TINY_TEXT = dict(
     moe_intermediate_size=32, max_position_embeddings=4096, attention_k_eq_v=True,
     use_bidirectional_attention="vision", final_logit_softcapping=30.0,
 )
+# The tower the text weights were first drawn beside: building it first keeps their random
+# stream (and so every text test's weights) as it was; TINY_VISION then replaces it.
+FIRST_VISION = dict(
+    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+)
 # 4-pixel patches keep images small (70 soft tokens: 630 patches of 4 px, ~100 x 100 px).
 TINY_VISION = dict(
-    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2,
     num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=128,
     patch_size=4, standardize=True,
 )
@@ -32,10 +39,14 @@ TINY_VIDEO_TOKEN = 383
 
 def build_reference(seed=0, canvas_length=16, sharpen=1.0, vision=None, **text_overrides):
     text = dict(TINY_TEXT, **text_overrides)
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION, **(vision or {})),
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=FIRST_VISION,
                                canvas_length=canvas_length, **TINY_TOKENS)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    vision_cfg = Gemma4VisionConfig(**dict(TINY_VISION, **(vision or {})))
+    torch.manual_seed(seed + 3)
+    model.model.encoder.vision_tower = AutoModel.from_config(vision_cfg).eval()
+    model.config.vision_config = vision_cfg
     g = torch.Generator().manual_seed(seed + 1)
     gv = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():

@@ -158,8 +158,10 @@ def image_prompt(rng, counts, texts=(5, 4, 3)):
     return ids
 
 
-def test_tower_features_equal_reference(tiny):
-    path, ref = tiny
+@pytest.mark.parametrize("variant", ["default", "clipped"])
+def test_tower_features_equal_reference(checkpoint_factory, variant):
+    vision = dict(use_clipped_linears=True) if variant == "clipped" else None
+    path, ref = checkpoint_factory(variant, vision=vision) if vision else checkpoint_factory()
     model = load_model(path)
     rng = np.random.default_rng(1)
     (pv1, pos1, _), (pv2, pos2, _) = patches(rng, 9, 12, 630), patches(rng, 6, 3, 630)

@@ -405,3 +405,19 @@ def test_cli_image_errors_are_one_line(tiny, tmp_path, capsys):
         assert e.value.code != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_full_tower_size_matches_the_release():
+    """Tower + embed_vision ≈ 573M parameters, 1.07 GiB in bf16 (facts of the released model),
+    from the module tree itself."""
+    from mlx.utils import tree_flatten
+
+    from mlx_diffusiongemma.bench.vision import FULL_VISION, tower_bytes
+    from mlx_diffusiongemma.config import VisionArgs
+    from mlx_diffusiongemma.vision import VisionEmbedder, VisionTower
+
+    args = VisionArgs(**FULL_VISION)
+    n, bf16 = tower_bytes(args)
+    lazy = [VisionTower(args), VisionEmbedder(args, 2816)]  # never evaluated
+    assert n == sum(v.size for m in lazy for _, v in tree_flatten(m.parameters()))
+    assert 572e6 < n < 574e6 and abs(bf16 / 2**30 - 1.07) < 0.005

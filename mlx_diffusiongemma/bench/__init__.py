@@ -10,6 +10,8 @@ asserts nothing.
     python -m mlx_diffusiongemma.benchmark gpu        # full shape on a GPU (CUDA or Metal): prefill tok/s,
                                                       # decoder step latency, decode tok/s at 16 fixed steps
     python -m mlx_diffusiongemma.benchmark graph      # full shape: Python time to build one step's graph
+    python -m mlx_diffusiongemma.benchmark vision     # the vision tower at full shape vs the reference,
+                                                      # its weight bytes, an image prompt's prefill
 
 Every section prints a header (date, machine, MLX version, device, BLAS, git commit). `--json FILE`
 appends each section's figures as one JSON line.
@@ -23,5 +25,5 @@ interposing OpenBLAS under PyTorch's MKL makes it ~8x slower.
 Modules: cli (arguments, dispatch), common (process setup, machine header, timing, JSON lines, the
 mid-size checkpoint), shapes (model shapes, targets), models (weight bytes per recipe, random
 full-shape models), step (one denoising step timed in parts), fullshape (weights, build,
-fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph.
+fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph, vision.
 """

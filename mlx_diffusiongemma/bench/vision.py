@@ -1,0 +1,158 @@
+"""Section `vision`: the vision tower at its full shape (27 layers, width 1152, head_dim 72), in
+float32 on this machine: ms per 280-token image, ours beside the transformers reference (in a
+child process, as in `peers`); the tower's weight bytes; and an image prompt's prefill at the mid
+text shape (tower + encoder) beside a text prompt of the same length."""
+
+import json
+import os
+import subprocess
+
+from .common import ENTRY, GB, GiB, ROOT, release, rss_bytes, say, timeit
+from .shapes import MID_TEXT
+
+# google/diffusiongemma-26B-A4B-it's vision_config (the facts file in the project's notes).
+FULL_VISION = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3,
+    position_embedding_size=10240, standardize=True,
+)
+# 672 x 960 px: 42 x 60 patches of 16 px, exactly 280 soft tokens (the default budget).
+IMAGE_HW = (672, 960)
+
+
+def image_inputs(seed=0):
+    import numpy as np
+
+    from ..image_processor import ImageProcessor
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
+    return ImageProcessor()([image])
+
+
+def tower_bytes(args, text_hidden=2816):
+    """Parameters of the tower and embed_vision, and their bytes in bf16 (float32: twice)."""
+    v = args
+    attn = 4 * v.hidden_size * v.num_attention_heads * v.head_dim
+    layer = attn + 3 * v.hidden_size * v.intermediate_size + 4 * v.hidden_size + 2 * v.head_dim
+    n = (v.num_hidden_layers * layer + 3 * v.patch_size**2 * v.hidden_size
+         + 2 * v.position_embedding_size * v.hidden_size + 2 * v.hidden_size
+         + v.hidden_size * text_hidden)
+    return n, 2 * n
+
+
+def random_tower(args, text_hidden):
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from ..vision import VisionEmbedder, VisionTower
+
+    tower, embed = VisionTower(args), VisionEmbedder(args, text_hidden)
+    for part in [tower.patch_embedder, *tower.encoder.layers, embed]:
+        part.update(tree_map(lambda a: a * 1.0, part.parameters()))
+        mx.eval(part.parameters())
+    tower.std_bias, tower.std_scale = mx.zeros((args.hidden_size,)), mx.ones((args.hidden_size,))
+    return tower, embed
+
+
+def run_reference_child(repeat):
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["DG_BENCH_REEXEC"] = "1"
+    cmd = [*ENTRY, "_vision_reference", "--repeat", str(repeat)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    for line in p.stdout.splitlines():
+        if line.startswith("JSON "):
+            return json.loads(line[5:])
+    return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]}
+
+
+def reference_main(opts):
+    """Child: transformers' Gemma4VisionModel at the full shape, float32, one image per call."""
+    import torch
+    import transformers
+    from transformers import AutoModel
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(Gemma4VisionConfig(**FULL_VISION)).eval()
+    with torch.no_grad():
+        model.std_bias.zero_()
+        model.std_scale.fill_(1.0)
+    p = image_inputs()
+    pv, pos = torch.tensor(p.pixel_values), torch.tensor(p.image_position_ids)
+
+    def run():
+        with torch.no_grad():
+            model(pixel_values=pv, pixel_position_ids=pos)
+
+    s = timeit(run, n=opts.repeat)
+    res = dict(version=transformers.__version__, torch=torch.__version__,
+               threads=torch.get_num_threads(), ms_per_image=1000 * s,
+               peak_gb=(rss_bytes("VmHWM") or 0) / GB)
+    print("JSON " + json.dumps(res), flush=True)
+
+
+def section_vision(opts, rep):
+    import mlx.core as mx
+
+    from ..config import VisionArgs
+    from ..model import Model
+    from .models import build_random_float, make_args
+
+    rep.header("vision: the tower at full shape (float32, one 280-token image) and an image "
+               "prompt's prefill")
+    vargs = VisionArgs(**FULL_VISION)
+    n, bf16 = tower_bytes(vargs)
+    say(f"  tower + embed_vision: {n / 1e6:.1f} M parameters, {bf16 / GiB:.2f} GiB in bf16 "
+        f"(kept unquantized by convert), {2 * bf16 / GiB:.2f} GiB in float32")
+    p = image_inputs()
+    tokens = p.num_soft_tokens[0]
+    tower, embed = random_tower(vargs, 2816)
+    pv, pos = mx.array(p.pixel_values), p.image_position_ids
+
+    def ours():
+        mx.eval(embed(tower(pv, pos)))
+
+    mx.reset_peak_memory()
+    s = timeit(ours, n=opts.repeat)
+    peak = mx.get_peak_memory()
+    say(f"  ours: {1000 * s:.0f} ms per {tokens}-token image ({pv.shape[1]} patches), "
+        f"MLX peak {peak / GiB:.2f} GiB (weights included)")
+    del tower, embed
+    release()
+    ref = run_reference_child(opts.repeat)
+    if "error" in ref:
+        say(f"  reference: failed ({ref['error']})")
+    else:
+        say(f"  transformers {ref['version']} (torch {ref['torch']}, {ref['threads']} threads): "
+            f"{ref['ms_per_image']:.0f} ms per image, peak RSS {ref['peak_gb']:.2f} GB; "
+            f"ours / reference time {1000 * s / ref['ms_per_image']:.2f}")
+
+    # An image prompt's prefill at the mid text shape: the tower, then the encoder over
+    # [BOS, 20 text, <|image>, 280 image tokens, <image|>, 20 text] with the image block rule.
+    args = make_args(MID_TEXT)
+    V = args.vocab_size
+    args.vision = vargs
+    args.boi_token_id, args.image_token_id, args.eoi_token_id = V - 3, V - 2, V - 1
+    model = build_random_float(args, mx.float32, verbose=False)
+    text = list(range(3, 23))
+    ids = [2] + text + [args.boi_token_id] + [args.image_token_id] * tokens + [args.eoi_token_id] + text
+    plain = [2] + list(range(3, 3 + len(ids) - 1))
+    prompt = mx.array([ids], dtype=mx.int32)
+
+    def image_prefill():
+        feats = model.image_features(pv, pos)
+        model.encode(prompt, model.make_cache(), vision={args.image_token_id: feats})
+
+    def text_prefill():
+        model.encode(mx.array([plain], dtype=mx.int32), model.make_cache())
+
+    s_img = timeit(image_prefill, n=opts.repeat)
+    s_txt = timeit(text_prefill, n=opts.repeat)
+    say(f"  mid-shape prefill of {len(ids)} tokens with one image: {1000 * s_img:.0f} ms "
+        f"({len(ids) / s_img:.0f} tok/s, the tower included); the same length of text: "
+        f"{1000 * s_txt:.0f} ms ({len(ids) / s_txt:.0f} tok/s)")
+    rep.save("vision", dict(params=n, bf16_bytes=bf16, image_tokens=tokens, patches=pv.shape[1],
+                            ours_ms=1000 * s, ours_peak_gib=peak / GiB, reference=ref,
+                            prefill_tokens=len(ids), image_prefill_ms=1000 * s_img,
+                            text_prefill_ms=1000 * s_txt))

@@ -44,16 +44,20 @@ class VisionArgs:
         rope = config.get("rope_parameters") or {}
         # transformers reads the tower's rope_type "default" as axial (2-D); nothing else exists
         if rope.get("rope_type", "default") not in ("default", "axial"):
-            raise ConfigError(f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported")
+            raise ConfigError(f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} "
+                              "is not supported")
         if "rope_theta" in rope:
             kwargs["rope_theta"] = float(rope["rope_theta"])
-        if kwargs.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
-            raise ConfigError(f"vision_config.hidden_activation {kwargs['hidden_activation']!r} is not supported")
+        act = kwargs.get("hidden_activation", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ConfigError(f"vision_config.hidden_activation {act!r} is not supported")
         args = cls(**kwargs)
         if args.head_dim % 4:
-            raise ConfigError(f"vision_config.head_dim {args.head_dim} is not a multiple of 4 (2-D RoPE)")
+            raise ConfigError(f"vision_config.head_dim {args.head_dim} is not a multiple of 4 "
+                              "(2-D RoPE)")
         if args.num_attention_heads % args.num_key_value_heads:
-            raise ConfigError("vision_config.num_attention_heads is not a multiple of num_key_value_heads")
+            raise ConfigError("vision_config.num_attention_heads is not a multiple of "
+                              "num_key_value_heads")
         return args
 
 

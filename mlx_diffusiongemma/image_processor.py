@@ -166,7 +166,8 @@ class ImageProcessor:
         if max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
             raise ValueError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, "
                              f"got {max_soft_tokens}")
-        self.patch_size, self.k, self.max_soft_tokens = patch_size, pooling_kernel_size, max_soft_tokens
+        self.patch_size, self.k = patch_size, pooling_kernel_size
+        self.max_soft_tokens = max_soft_tokens
 
     @classmethod
     def for_model(cls, model, max_soft_tokens=None) -> "ImageProcessor":

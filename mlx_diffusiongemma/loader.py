@@ -213,7 +213,8 @@ def load_processor_config(path: Path) -> dict:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{f} is not valid JSON ({e})") from None
         nested = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else {}
-        n = cfg.get("max_soft_tokens") or nested.get("max_soft_tokens") or cfg.get("image_seq_length")
+        n = (cfg.get("max_soft_tokens") or nested.get("max_soft_tokens")
+             or cfg.get("image_seq_length"))
         if n:
             return {"max_soft_tokens": int(n)}
     return {}

@@ -57,7 +57,9 @@ def read_video(path, num_frames: Optional[int] = None, fps: Optional[float] = No
             video_fps = float(stream.average_rate) if stream.average_rate else None
             total = stream.frames
             # With a known frame count only the sampled frames are kept (memory stays bounded).
-            wanted = set(sample_indices(total, num_frames, fps, video_fps).tolist()) if total else None
+            wanted = None
+            if total:
+                wanted = set(sample_indices(total, num_frames, fps, video_fps).tolist())
             decoded = {}
             for i, frame in enumerate(container.decode(stream)):
                 if wanted is None or i in wanted:

@@ -75,14 +75,15 @@ def build_reference(seed=0, canvas_length=16, sharpen=1.0, vision=None, **text_o
     return model
 
 
-def write_checkpoint(out_dir, seed=0, canvas_length=16, sharpen=1.0, generation=None, vision=None,
-                     **text_overrides):
+def write_checkpoint(out_dir, seed=0, canvas_length=16, sharpen=1.0, generation=None,
+                     vision=None, **text_overrides):
     model = build_reference(seed, canvas_length, sharpen, vision, **text_overrides)
     out = Path(out_dir)
     model.save_pretrained(out)
     cfg_file = out / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["video_token_id"] = TINY_VIDEO_TOKEN  # Gemma 4's <|video|>; DiffusionGemma's config lacks it
+    # Gemma 4's <|video|>: DiffusionGemma's config has no such key
+    cfg["video_token_id"] = TINY_VIDEO_TOKEN
     cfg_file.write_text(json.dumps(cfg, indent=2))
     if generation is not None:
         gen_file = out / "generation_config.json"

@@ -25,7 +25,7 @@ from mlx_diffusiongemma.image_processor import ImageProcessor, load_image
 from mlx_diffusiongemma.multimodal import vision_prompt
 
 TOL = 1e-4
-IMG, BOI, EOI = TINY_TOKENS["image_token_id"], TINY_TOKENS["boi_token_id"], TINY_TOKENS["eoi_token_id"]
+IMG, BOI, EOI = (TINY_TOKENS[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id"))
 NEAR_GREEDY = dict(t_min=1e-4, t_max=2e-4)
 
 
@@ -299,12 +299,16 @@ def test_text_only_checkpoint_refuses_images(tiny, tmp_path):
     out = convert(path, tmp_path / "text", text_only=True, log=lambda *a: None)
     model = load_model(out)
     assert not model.has_vision
-    assert gen.generate(model, None, [2, 5, 6], max_tokens=16, max_denoising_steps=2, seed=0) == ""
+    text = list(gen.stream_generate(model, None, [2, 5, 6], max_tokens=16, max_denoising_steps=2,
+                                    seed=0, eos_token_ids=[]))
+    assert len(text[0].tokens) == 16  # a text-only conversion still generates
     with pytest.raises(ValueError, match="no vision tower"):
         gen.generate(model, None, [2, 5, 6], images=[np.zeros((8, 8, 3), np.uint8)])
     # a conversion keeps the tower, unquantized, and it loads
-    q = load_model(convert(path, tmp_path / "q", quantize=True, q_group_size=32, log=lambda *a: None))
-    assert q.has_vision and "scales" not in q.model.encoder.vision_tower.encoder.layers[0].mlp.up_proj.linear
+    q = load_model(convert(path, tmp_path / "q", quantize=True, q_group_size=32,
+                           log=lambda *a: None))
+    up = q.model.encoder.vision_tower.encoder.layers[0].mlp.up_proj.linear
+    assert q.has_vision and "scales" not in up
 
 
 def test_tower_loads_from_a_layout_without_the_linear_infix(tiny, tmp_path):
@@ -390,7 +394,8 @@ def test_video_frames_are_laid_out_as_gemma4(tiny, tmp_path):
     assert list(runs) == [n] * 4  # each frame its own run
     assert vp.vision[TINY_VIDEO_TOKEN].shape[0] == 4 * n
     assert vp.ids[-2:] == [7, 8] and vp.ids[1:1 + 6] == tok.encode("00:00 ", False)
-    got = gen.generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2, seed=0)
+    got = gen.generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2,
+                       seed=0)
     assert isinstance(got, str)
 
 

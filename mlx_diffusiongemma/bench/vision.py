@@ -136,7 +136,8 @@ def section_vision(opts, rep):
     args.boi_token_id, args.image_token_id, args.eoi_token_id = V - 3, V - 2, V - 1
     model = build_random_float(args, mx.float32, verbose=False)
     text = list(range(3, 23))
-    ids = [2] + text + [args.boi_token_id] + [args.image_token_id] * tokens + [args.eoi_token_id] + text
+    block = [args.boi_token_id] + [args.image_token_id] * tokens + [args.eoi_token_id]
+    ids = [2] + text + block + text
     plain = [2] + list(range(3, 3 + len(ids) - 1))
     prompt = mx.array([ids], dtype=mx.int32)
 

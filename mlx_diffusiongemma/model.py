@@ -410,11 +410,9 @@ class Model(nn.Module):
             raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
                              "it cannot read images")
         enc = self.model.encoder
-        dtype = enc.embed_vision.embedding_projection.weight.dtype
-        pixels = mx.array(pixel_values)
-        if not mx.issubdtype(dtype, mx.floating):  # quantized projection: its scales' dtype
-            dtype = enc.embed_vision.embedding_projection.scales.dtype
-        return enc.embed_vision(enc.vision_tower(pixels.astype(dtype), image_position_ids))
+        # float32 pixels: the tower normalises them before casting to its weights' dtype
+        pixels = mx.array(pixel_values).astype(mx.float32)
+        return enc.embed_vision(enc.vision_tower(pixels, image_position_ids))
 
     def vision_token_ids(self):
         return (self.args.image_token_id, self.args.video_token_id)

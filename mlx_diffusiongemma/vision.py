@@ -82,13 +82,11 @@ def apply_rope_2d(x, cos, sin):
 
 
 def vision_attention(q, k, v, mask):
-    """Bidirectional attention (scale 1) with padding keys masked. Head dims the fused kernel
-    does not take are zero-padded to one it does; the CPU's float32 path takes any."""
+    """Bidirectional attention (scale 1) with padding keys masked. On Metal and CUDA, head dims
+    the fused kernel does not take are zero-padded to one it does; the CPU takes any."""
     D = q.shape[-1]
-    if (mx.default_device() == mx.cpu and q.dtype == mx.float32) or D in FUSED_HEAD_DIMS:
-        return attention(q, k, v, mask)
-    target = next((d for d in FUSED_HEAD_DIMS if d > D), None)
-    if target is None:
+    target = next((d for d in FUSED_HEAD_DIMS if d >= D), D)
+    if mx.default_device() == mx.cpu or target == D:
         return attention(q, k, v, mask)
     pad = [(0, 0)] * 3 + [(0, target - D)]
     out = attention(mx.pad(q, pad), mx.pad(k, pad), mx.pad(v, pad), mask)

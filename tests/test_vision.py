@@ -426,3 +426,22 @@ def test_full_tower_size_matches_the_release():
     lazy = [VisionTower(args), VisionEmbedder(args, 2816)]  # never evaluated
     assert n == sum(v.size for m in lazy for _, v in tree_flatten(m.parameters()))
     assert 572e6 < n < 574e6 and abs(bf16 / 2**30 - 1.07) < 0.005
+
+
+def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
+    """Metal / CUDA: head_dim 72 runs the fused kernel zero-padded to 80; same result."""
+    from mlx_diffusiongemma import vision
+    from mlx_diffusiongemma.model import attention_cpu
+
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.standard_normal((2, 4, 30, 72)).astype(np.float32)) for _ in range(3))
+    mask = mx.array(rng.random((2, 1, 1, 30)) > 0.2)
+    want = attention_cpu(q, k, v, mask)
+    padded = []
+    real_pad = mx.pad
+    monkeypatch.setattr(vision.mx, "pad", lambda a, w: padded.append(w) or real_pad(a, w))
+    monkeypatch.setattr(vision.mx, "default_device", lambda: mx.Device(mx.gpu))
+    got = vision.vision_attention(q, k, v, mask)
+    monkeypatch.undo()
+    assert padded and padded[0][-1] == (0, 8)
+    assert np.abs(np.array(got) - np.array(want)).max() < 1e-5

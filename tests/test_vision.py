@@ -445,3 +445,24 @@ def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
     monkeypatch.undo()
     assert padded and padded[0][-1] == (0, 8)
     assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
+
+
+def test_chat_turn_with_an_image_extends_the_cache_exactly(tiny):
+    """A second turn with an image is encoded after the cached first turn (its block starts
+    past the cache's offset); the cache equals one pass over the whole conversation."""
+    from mlx_diffusiongemma.chat import ChatSession
+
+    path, _ = tiny
+    model = load_model(path)
+    img = random_image(np.random.default_rng(3), 40, 30)
+    s = ChatSession(model, TemplateTokenizer())
+    kw = dict(max_tokens=16, max_denoising_steps=2, seed=0, eos_token_ids=[])
+    list(s.send("hi", **kw))
+    list(s.send("look", images=[img], **kw))
+    p = ImageProcessor.for_model(model)([img])
+    assert s.history.count(IMG) == p.num_soft_tokens[0]
+    feats = model.image_features(p.pixel_values, p.image_position_ids)
+    fresh = model.encode(mx.array([s.history]), model.make_cache(), vision={IMG: feats})
+    assert fresh.offset == s.cache.offset
+    for a, b in zip(fresh.keys, s.cache.keys):
+        assert np.abs(np.array(a) - np.array(b)).max() < 1e-4

@@ -73,7 +73,7 @@ def _render(tokenizer, prompt, n_images, n_videos, system_prompt, enable_thinkin
     try:
         text = tokenizer.apply_chat_template(head + [{"role": "user", "content": parts}], **kw)
         if (text.count(markers[0]) == n_images and text.count(markers[1]) == n_videos
-                and prompt in text):
+                and prompt.strip() in text):
             return text
     except Exception:  # templates that take string content only
         pass

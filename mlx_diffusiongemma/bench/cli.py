@@ -37,7 +37,8 @@ def parse(argv):
     p.add_argument("--ar-tokens", type=int, default=256, help="autoregressive tokens (peers)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference"], help="peers to leave out")
+    p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference", "prefill"],
+                   help="peers (vision: parts) to leave out")
     p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")

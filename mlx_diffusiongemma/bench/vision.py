@@ -55,10 +55,10 @@ def random_tower(args, text_hidden):
     return tower, embed
 
 
-def run_reference_child(repeat):
+def run_reference_child(repeat, layers):
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["DG_BENCH_REEXEC"] = "1"
-    cmd = [*ENTRY, "_vision_reference", "--repeat", str(repeat)]
+    cmd = [*ENTRY, "_vision_reference", "--repeat", str(repeat), "--layers", str(layers)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     for line in p.stdout.splitlines():
         if line.startswith("JSON "):
@@ -74,7 +74,8 @@ def reference_main(opts):
     from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
     torch.manual_seed(0)
-    model = AutoModel.from_config(Gemma4VisionConfig(**FULL_VISION)).eval()
+    shape = dict(FULL_VISION, num_hidden_layers=opts.layers or FULL_VISION["num_hidden_layers"])
+    model = AutoModel.from_config(Gemma4VisionConfig(**shape)).eval()
     with torch.no_grad():
         model.std_bias.zero_()
         model.std_scale.fill_(1.0)
@@ -99,8 +100,10 @@ def section_vision(opts, rep):
 
     rep.header("vision: the tower at full shape (float32, one 280-token image) and an image "
                "prompt's prefill")
-    vargs = VisionArgs(**FULL_VISION)
-    n, bf16 = tower_bytes(vargs)
+    n, bf16 = tower_bytes(VisionArgs(**FULL_VISION))
+    layers = opts.layers or FULL_VISION["num_hidden_layers"]
+    # --layers: fewer layers of the full width (a loaded machine); times scale with the layers
+    vargs = VisionArgs(**dict(FULL_VISION, num_hidden_layers=layers))
     say(f"  tower + embed_vision: {n / 1e6:.1f} M parameters, {bf16 / GiB:.2f} GiB in bf16 "
         f"(kept unquantized by convert), {2 * bf16 / GiB:.2f} GiB in float32")
     p = image_inputs()
@@ -117,13 +120,13 @@ def section_vision(opts, rep):
         mx.reset_peak_memory()
         s = timeit(ours, n=opts.repeat)
         peak = mx.get_peak_memory()
-        say(f"  ours: {1000 * s:.0f} ms per {tokens}-token image ({pv.shape[1]} patches), "
-            f"MLX peak {peak / GiB:.2f} GiB (weights included)")
-        figures.update(ours_ms=1000 * s, ours_peak_gib=peak / GiB)
+        say(f"  ours, {layers} layers: {1000 * s:.0f} ms per {tokens}-token image "
+            f"({pv.shape[1]} patches), MLX peak {peak / GiB:.2f} GiB (weights included)")
+        figures.update(layers=layers, ours_ms=1000 * s, ours_peak_gib=peak / GiB)
         del tower, embed
         release()
     if "reference" not in skip:
-        ref = run_reference_child(opts.repeat)
+        ref = run_reference_child(opts.repeat, layers)
         figures["reference"] = ref
         if "error" in ref:
             say(f"  reference: failed ({ref['error']})")
@@ -131,7 +134,7 @@ def section_vision(opts, rep):
             ratio = (f"; ours / reference time {figures['ours_ms'] / ref['ms_per_image']:.2f}"
                      if "ours_ms" in figures else "")
             say(f"  transformers {ref['version']} (torch {ref['torch']}, {ref['threads']} "
-                f"threads): {ref['ms_per_image']:.0f} ms per image, peak RSS "
+                f"threads), {layers} layers: {ref['ms_per_image']:.0f} ms per image, peak RSS "
                 f"{ref['peak_gb']:.2f} GB{ratio}")
     if "prefill" not in skip:
         figures.update(encoder_prefill(opts, vargs, tokens))

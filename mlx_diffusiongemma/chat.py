@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--enable-thinking", action="store_true")
     args = p.parse_args(argv)
     with one_line_errors():
-        model, tokenizer = load_for_cli(args.model)
+        model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
         session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
         print("Type a message; '/image PATH' attaches an image to the next one; 'r' resets the "
               "conversation, 'q' (or end of input) quits.")

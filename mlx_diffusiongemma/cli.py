@@ -12,16 +12,29 @@ REAL_MODEL = "google/diffusiongemma-26B-A4B-it"
 def add_model_argument(parser):
     parser.add_argument("--model", default=None,
                         help=f"local folder or Hugging Face id (e.g. {REAL_MODEL}); default: the bundled demo checkpoint")
+    parser.add_argument("--adapter-path", default=None,
+                        help="fine-tuned adapters to add (a folder written by mlx_diffusiongemma.lora)")
 
 
-def load_for_cli(model_arg, dtype=None):
-    """`load` of --model, or of the demo checkpoint with a one-line notice that it is one."""
+def demo_notice() -> str:
+    from .examples.task import example_puzzle, read_task
+
+    task = read_task(DEMO_MODEL)
+    if task is None:
+        return "Using the bundled demo checkpoint."
+    n = task["size"]
+    return (f"Using the bundled demo: a small DiffusionGemma trained in this repo to solve {n}x{n} "
+            f"Sudoku (prompt: the {n * n} digits row by row, 0 for a blank), e.g. "
+            f"--prompt \"{example_puzzle(n)}\". Pass --model {REAL_MODEL} for the real model.")
+
+
+def load_for_cli(model_arg, dtype=None, adapter_path=None):
+    """`load` of --model, or of the demo checkpoint with a one-line notice of what it is."""
     from .loader import load
 
     if model_arg is None:
-        print(f"Using the bundled demo checkpoint: random weights for trying the pipeline (its text is noise). "
-              f"Pass --model {REAL_MODEL} for the real model.", file=sys.stderr)
-    return load(model_arg or DEMO_MODEL, dtype=dtype)
+        print(demo_notice(), file=sys.stderr)
+    return load(model_arg or DEMO_MODEL, dtype=dtype, adapter_path=adapter_path)
 
 
 def user_errors():

@@ -17,6 +17,8 @@ import threading
 
 import mlx.core as mx
 
+from .backend import stream_splitting
+
 MAX_STREAMS = 8
 # Slices for `cache_sized` calls hold at most this many elements of the first split argument:
 # MLX's compiled CPU graphs still write some intermediates to memory, and while they stay in the
@@ -34,7 +36,7 @@ def _core_count() -> int:
 
 def cpu_streams():
     """This thread's CPU streams (none with one core or off the CPU)."""
-    if mx.default_device() != mx.cpu:
+    if not stream_splitting():
         return []
     streams = getattr(_local, "streams", None)
     if streams is None:

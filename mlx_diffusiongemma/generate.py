@@ -13,7 +13,8 @@ def build_parser():
         description="Generate text with DiffusionGemma (block text diffusion) on MLX.",
     )
     add_model_argument(p)
-    p.add_argument("--prompt", "-p", default="hello", help="the prompt, or '-' to read it from stdin")
+    p.add_argument("--prompt", "-p", default=None,
+                   help="the prompt, or '-' to read it from stdin (default: hello, or the task's example)")
     p.add_argument("--max-tokens", "-m", type=int, default=None, help="tokens to generate (whole canvases)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt without the chat template")
@@ -49,8 +50,16 @@ def run(args):
 
     from .generation import print_stats, stream_generate
 
+    from .examples.task import answer, prompt_text, read_task, show
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_for_cli(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None)
+    model, tokenizer = load_for_cli(args.model, dtype=getattr(mx, args.dtype) if args.dtype else None,
+                                    adapter_path=args.adapter_path)
+    task = read_task(model.path)
+    if task is not None:  # a task model (the Sudoku demo): its input checked, its output a grid
+        prompt = prompt_text(task, prompt)
+    elif prompt is None:
+        prompt = "hello"
     sampler_kw = dict(max_denoising_steps=args.steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
                       t_max=args.t_max, stability_threshold=args.stability_threshold,
                       confidence_threshold=args.confidence_threshold, seed=args.seed,
@@ -72,18 +81,24 @@ def run(args):
 
         steps = args.steps or resolve_settings(model).max_denoising_steps
         view = CanvasView(tokenizer, steps)
-    last = None
+    last, text = None, []
     for last in stream_generate(
         model, tokenizer, prompt, max_tokens=args.max_tokens, **sampler_kw,
         system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
         apply_chat_template=not args.ignore_chat_template,
         draft_callback=view.draft if view else None,
     ):
+        text.append(last.text)
         if view:
             view.commit(last.text)
-        else:
+        elif task is None:
             print(last.text, end="", flush=True)
-    print()
+    if task is not None:
+        grid = answer(task, "".join(text))
+        print(" ".join(map(str, grid)))
+        print(show(task, grid))
+    else:
+        print()
     if args.verbose and last is not None:
         print_stats(last)
 

@@ -232,11 +232,18 @@ def load_generation_config(path: Path) -> dict:
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None) -> Tuple[Model, "TokenizerWrapper"]:
+def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None,
+         adapter_path: Optional[Union[str, Path]] = None) -> Tuple[Model, "TokenizerWrapper"]:
     """(model, tokenizer) like `mlx_lm.load`: the tokenizer is mlx-lm's TokenizerWrapper with
-    every EOS id from generation_config.json."""
+    every EOS id from generation_config.json; `adapter_path` adds fine-tuned adapters (a folder
+    written by `mlx_diffusiongemma.lora`)."""
     path = resolve_path(path_or_hub_id, tokenizer=True)
     model = load_model(path, dtype=dtype)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)

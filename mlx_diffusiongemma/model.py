@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
+from .backend import cpu_strategies
 from .cache import CanvasKV, PromptCache
 from . import cpu_math
 from .config import ModelArgs
@@ -115,7 +116,7 @@ def final_softcap(logits, cap: float):
 def gelu_glu(gate, up, axis=-2):
     """gelu(gate, tanh approximation) * up. On the CPU, where MLX's tanh is scalar, from a fused
     polynomial exp (cpu_math.py), in cache-sized slices along `axis` (cpu_streams.py)."""
-    if mx.default_device() == mx.cpu:
+    if cpu_strategies():
         return row_parallel(cpu_math.gelu_glu, (gate, up), (axis, axis), cache_sized=True)
     return nn.gelu_approx(gate) * up
 
@@ -123,7 +124,7 @@ def gelu_glu(gate, up, axis=-2):
 def attention(q, keys, values, mask):
     """Scaled dot-product attention (scale 1: the q/k norms take its place). Metal and CUDA run
     mx.fast.scaled_dot_product_attention; the CPU runs `attention_cpu` in float32."""
-    if mx.default_device() == mx.cpu and q.dtype == mx.float32:
+    if cpu_strategies() and q.dtype == mx.float32:
         return attention_cpu(q, keys, values, mask)
     return _sdpa(q, keys, values, mask)
 
@@ -202,18 +203,19 @@ class Router(nn.Module):
         x = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
         probs = mx.softmax(self.proj(x).astype(mx.float32), axis=-1)
         k = self.top_k
-        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        # the choice of experts carries no gradient (as mlx-lm's MoE blocks)
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         w = w * self.per_expert_scale[idx].astype(mx.float32)
-        return mx.stop_gradient(idx), w
+        return idx, w
 
 
 def switch_matmul(linear, x, idx, sorted_indices):
     """mlx-lm's (quantized) SwitchLinear, except that unquantized non-float32 weights on the CPU
     run in float32: MLX's CPU gathered matmul takes float32 only (Metal and CUDA run natively)."""
-    w = getattr(linear, "weight", None)
-    if hasattr(linear, "scales") or w.dtype == mx.float32 or mx.default_device() != mx.cpu:
+    w = getattr(linear, "weight", None)  # None for LoRA-wrapped experts (they cast themselves)
+    if w is None or hasattr(linear, "scales") or w.dtype == mx.float32 or mx.default_device() != mx.cpu:
         return linear(x, idx, sorted_indices=sorted_indices)
     y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
                      rhs_indices=idx, sorted_indices=sorted_indices)
@@ -239,7 +241,7 @@ class Experts(nn.Module):
         # share an expert (expert_tiles.py). Metal and CUDA keep the row layout, and so does the
         # CPU's quantized one, whose cost follows the rows, padding included (measured 1.5-2x
         # slower tiled).
-        tiles_pay = mx.default_device() == mx.cpu and not hasattr(self.gate_up_proj, "scales")
+        tiles_pay = cpu_strategies() and not hasattr(self.gate_up_proj, "scales")
         tile = tile_rows(idx.size, E) if tiles_pay else 0
         if tile:
             y = tiled_experts(
@@ -392,7 +394,8 @@ class Model(nn.Module):
     def make_cache(self) -> PromptCache:
         return PromptCache([self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window)
 
-    def _embed(self, ids):
+    def embed(self, ids):
+        """Token embeddings times sqrt(hidden), in the embedding's dtype."""
         emb = self.model.decoder.embed_tokens
         return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
 
@@ -474,7 +477,7 @@ class Model(nn.Module):
 
     def _encode_chunk(self, ids, cache: PromptCache, pad_mask, vision=None, runs=None):
         T, L = cache.offset, ids.shape[1]
-        h = self._embed(ids)
+        h = self.embed(ids)
         for features, hits, at in vision or ():
             # image features replace the token embeddings, without the text embed scale
             h = mx.where(hits[..., None], features[at].astype(h.dtype), h)
@@ -543,7 +546,7 @@ class Model(nn.Module):
         if isinstance(cache, PromptCache):
             cache = CanvasKV(cache, canvas.shape[1])
         dec = self.model.decoder
-        h = dec.self_conditioning(self._embed(canvas), soft_embeds)
+        h = dec.self_conditioning(self.embed(canvas), soft_embeds)
         for i, layer in enumerate(dec.layers):
             attend = partial(cache.attend, i)
             h, _ = layer(h, cache.offset, attend, cache.masks[i], layer.layer_scalar)

@@ -349,7 +349,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     name = args.model or "diffusiongemma-demo"
     with one_line_errors():
-        model, tokenizer = load_for_cli(args.model)
+        model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
         server = make_server(model, tokenizer, name, args.host, args.port, args.max_tokens_limit)
     server.verbose = args.verbose
     print(f"Serving {name} on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)

@@ -27,3 +27,15 @@ def checkpoint_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(checkpoint_factory):
     return checkpoint_factory("default")
+
+
+@pytest.fixture(scope="session")
+def text_demo(tmp_path_factory):
+    """A text checkpoint with random weights and a byte-level BPE tokenizer with a Gemma 4 style
+    chat template (what the bundled demo was before it learned Sudoku): tests that send free
+    text through the pipeline use it."""
+    from make_demo_checkpoint import main
+
+    out = tmp_path_factory.mktemp("text_demo") / "demo"
+    main(out)
+    return out

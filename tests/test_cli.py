@@ -13,23 +13,23 @@ def run(*args, stdin=None):
                           input=stdin, timeout=300)
 
 
-def test_generate_demo_streams_with_stats():
-    r = run("generate.py", "--prompt", "Why is the sky blue?", "--seed", "0", "--steps", "6", "--verbose")
+def test_generate_streams_with_stats(text_demo):
+    r = run("generate.py", "--model", str(text_demo), "--prompt", "Why is the sky blue?", "--seed", "0",
+            "--steps", "6", "--verbose")
     assert r.returncode == 0, r.stderr
-    assert "random weights" in r.stderr and "--model google/diffusiongemma-26B-A4B-it" in r.stderr
     for figure in ("Prompt:", "tokens-per-sec", "steps per canvas", "tokens per forward", "Peak memory"):
         assert figure in r.stdout
 
 
-def test_module_and_stdin_prompt_are_repeatable():
-    a = run("-m", "mlx_diffusiongemma.generate", "--prompt", "-", "--seed", "3", "--steps", "4",
-            "--max-tokens", "8", "--ignore-chat-template", stdin="Hello there")
-    b = run("generate.py", "--prompt", "Hello there", "--seed", "3", "--steps", "4", "--max-tokens", "8",
-            "--ignore-chat-template")
+def test_module_and_stdin_prompt_are_repeatable(text_demo):
+    a = run("-m", "mlx_diffusiongemma.generate", "--model", str(text_demo), "--prompt", "-", "--seed", "3",
+            "--steps", "4", "--max-tokens", "8", "--ignore-chat-template", stdin="Hello there")
+    b = run("generate.py", "--model", str(text_demo), "--prompt", "Hello there", "--seed", "3", "--steps", "4",
+            "--max-tokens", "8", "--ignore-chat-template")
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
-def test_bad_input_is_one_line_without_traceback(tmp_path):
+def test_bad_input_is_one_line_without_traceback(tmp_path, text_demo):
     cases = [
         (["--prompt", ""], "prompt is empty"),
         (["--max-tokens", "0"], "max_tokens"),
@@ -40,19 +40,20 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         (["--max-tokens", "100000"], "exceeds the model's context"),
     ]
     for args, msg in cases:
-        r = run("generate.py", *args)
+        r = run("generate.py", "--model", str(text_demo), *args)
         assert r.returncode != 0, args
         assert "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
         assert r.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_visualize_draws_live_in_a_terminal_and_degrades_without_one():
+def test_visualize_draws_live_in_a_terminal_and_degrades_without_one(text_demo):
     import pty
     import select
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "generate.py", "--visualize", "--seed", "1", "--steps", "5",
-                             "--prompt", "hi"], cwd=ROOT, stdout=slave, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "generate.py", "--model", str(text_demo), "--visualize", "--seed",
+                             "1", "--steps", "5", "--prompt", "hi"], cwd=ROOT, stdout=slave,
+                            stderr=subprocess.PIPE)
     os.close(slave)
     out = b""
     while True:
@@ -71,5 +72,6 @@ def test_visualize_draws_live_in_a_terminal_and_degrades_without_one():
     text = out.decode("utf-8", "replace")
     assert proc.returncode == 0
     assert "step 1/5" in text and "\x1b[" in text and "accepted" in text
-    plain = run("generate.py", "--visualize", "--seed", "1", "--steps", "5", "--prompt", "hi")
+    plain = run("generate.py", "--model", str(text_demo), "--visualize", "--seed", "1", "--steps", "5",
+                "--prompt", "hi")
     assert plain.returncode == 0 and "\x1b[" not in plain.stdout and plain.stdout.strip()

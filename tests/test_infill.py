@@ -56,8 +56,8 @@ def test_gap_too_long_for_canvas(tiny):
         infill(model, None, [[1, 2], Gap(10), [3] * 7], seed=0)
 
 
-def test_suffix_through_generate_on_demo():
-    model, tok = load("mlx_diffusiongemma/demo")
+def test_suffix_through_generate(text_demo):
+    model, tok = load(text_demo)
     fill = generate(model, tok, "def add(a, b):\n    return", suffix="\n\nprint(add(1, 2))\n", gap_length=6,
                     seed=0, max_denoising_steps=4)
     assert isinstance(fill, str)

@@ -12,12 +12,13 @@ from .graph import section_graph
 from .peers import reference_main, section_peers
 from .profile import section_profile
 from .shapes import SHAPES
+from .sudoku import section_sudoku
 from .vision import reference_main as vision_reference_main
 from .vision import section_vision
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
             "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph,
-            "vision": section_vision}
+            "sudoku": section_sudoku, "vision": section_vision}
 
 
 def parse(argv):
@@ -43,16 +44,19 @@ def parse(argv):
     p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
     p.add_argument("--force", action="store_true", help="build: ignore the free-memory check")
-    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--path", help="sudoku: the checkpoint (default: the bundled demo)")
     p.add_argument("--wait-idle", type=float, default=300,
                    help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)")
     p.add_argument("--reference-malloc", action="store_true",
                    help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)")
+    p.add_argument("--puzzles", type=int, default=256, help="sudoku: held-out puzzles at half givens")
+    p.add_argument("--exclude", help="sudoku: a train.jsonl whose puzzles are kept out")
     p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
                 "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
-                "graph": (30, 4096), "vision": (None, None), "_vision_reference": (None, None)}
+                "graph": (30, 4096), "sudoku": (None, None), "vision": (None, None),
+                "_vision_reference": (None, None)}
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
@@ -82,7 +86,7 @@ def main(argv=None):
     except ImportError:
         pass
     rep = Report(opts.json)
-    if opts.wait_idle and opts.section not in ("weights", "graph"):
+    if opts.wait_idle and opts.section not in ("weights", "graph", "sudoku"):
         wait_idle(opts.wait_idle)
     meter = CpuMeter()
     t = time.perf_counter()

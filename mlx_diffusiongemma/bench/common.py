@@ -38,8 +38,9 @@ def find_openblas():
     return None
 
 
-def maybe_reexec_with_openblas(argv):
-    """Re-runs this command with OpenBLAS preloaded (Linux, library present, not yet loaded)."""
+def maybe_reexec_with_openblas(argv, entry=None):
+    """Re-runs this command (`entry` + argv; default the benchmark's) with OpenBLAS preloaded
+    (Linux, library present, not yet loaded)."""
     if not sys.platform.startswith("linux") or "--no-openblas" in argv:
         return
     if os.environ.get("DG_BENCH_REEXEC") or "openblas" in os.environ.get("LD_PRELOAD", ""):
@@ -52,7 +53,7 @@ def maybe_reexec_with_openblas(argv):
     env = dict(os.environ, DG_BENCH_REEXEC="1",
                LD_PRELOAD=" ".join(x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x))
     sys.stdout.flush()
-    os.execve(sys.executable, [*ENTRY, *argv], env)
+    os.execve(sys.executable, [*(entry or ENTRY), *argv], env)
 
 
 def blas_in_process():

@@ -1,0 +1,260 @@
+"""Training on mlx-lm's `train`: DiffusionGemma's loss and batches plugged into its loop.
+
+mlx-lm's loop compiles the step, accumulates gradients, evaluates and reports. What it is given
+here: `loss` (the diffusion objective, returning mlx-lm's (loss, tokens) pair), and
+`iterate_batches`, which draws each batch's noise from the seed (so a run is reproducible and a
+resumed run continues the same stream) and, between steps, writes the numbered checkpoints. The
+checkpoints are written here, atomically, with the optimizer state beside them, instead of by
+mlx-lm's loop (whose saves are plain writes); its own saves are pointed at a scratch file.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import TrainingArgs, evaluate
+from mlx_lm.tuner.trainer import train as mlx_lm_train
+
+from .losses import Batch, batch_loss, canvas_count, pack
+
+PAD_TO = 32  # batch lengths rounded up to this: few distinct shapes for the compiled step
+
+
+@dataclass
+class DiffusionArgs:
+    canvas_length: int
+    fill_token: int
+    vocab_size: int
+    self_conditioning_prob: float = 0.5
+    encoder_loss_weight: float = 1.0
+    t_min: float = 1e-4  # t uniform in [t_min, 1 - t_min]
+    seed: int = 0
+
+
+def draw_noise(rng: np.random.Generator, examples, args: DiffusionArgs):
+    """Per example: a canvas of its response, t, the replaced positions and their tokens, and
+    the self-conditioning coin."""
+    B, C = len(examples), args.canvas_length
+    counts = np.array([canvas_count(len(r), C) for _, r in examples])
+    canvas_index = (rng.random(B) * counts).astype(np.int32)
+    t = rng.uniform(args.t_min, 1 - args.t_min, size=(B, 1))
+    replace = rng.random((B, C)) < t
+    random_tokens = rng.integers(0, args.vocab_size, (B, C), dtype=np.int32)
+    self_condition = rng.random(B) < args.self_conditioning_prob
+    return canvas_index, replace, random_tokens, self_condition
+
+
+def make_batch(examples, noise, args: DiffusionArgs) -> Batch:
+    tokens, prompt_len, seq_len = pack([p for p, _ in examples], [r for _, r in examples],
+                                       args.canvas_length, args.fill_token, PAD_TO)
+    ci, replace, rand, sc = noise
+    return Batch(*(mx.array(a) for a in (tokens, prompt_len, seq_len, ci, replace, rand, sc)))
+
+
+def make_loss(args: DiffusionArgs, parts: Optional[dict] = None):
+    """mlx-lm's loss signature: (model, *batch) -> (loss, tokens). `parts`, when given, is a
+    dict that is part of the compiled step's state (the optimizer's): the step's diffusion and
+    AR losses are written there, so the report can show them without another forward."""
+
+    def loss(model, *batch):
+        batch = Batch(*batch)
+        total, diffusion, ar = batch_loss(model, batch, args.encoder_loss_weight)
+        if parts is not None:
+            parts["loss_parts"] = mx.stack([diffusion, ar])
+        return total, batch.seq_len.sum()
+
+    return loss
+
+
+class Batches:
+    """`iterate_batches` for mlx-lm's train and evaluate. Examples are grouped by length (as
+    mlx-lm does) and the groups shuffled each epoch; batch i of a run always gets the same
+    examples and noise for a seed. Validation batches get fixed noise, so evaluations compare.
+    In the training loop, `on_step(i)` runs once step i is done (before batch i + 1)."""
+
+    def __init__(self, args: DiffusionArgs, start_step: int = 0, on_step=None):
+        self.args = args
+        self.start_step = start_step
+        self.on_step = on_step
+        self.tokens_seen = 0
+
+    def __call__(self, dataset, batch_size, max_seq_length=None, loop=False, seed=None,
+                 comm_group=None):
+        if comm_group is not None and comm_group.size() > 1:
+            raise ValueError("distributed training is not supported")
+        if len(dataset) < batch_size:
+            raise ValueError(f"the split has {len(dataset)} examples, fewer than --batch-size "
+                             f"{batch_size}")
+        order = sorted(range(len(dataset)), key=lambda i: sum(map(len, dataset[i])))
+        groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        if not loop:
+            for i, g in enumerate(groups):
+                rng = np.random.default_rng((self.args.seed, 1, i))
+                examples = [dataset[j] for j in g]
+                yield make_batch(examples, draw_noise(rng, examples, self.args), self.args)
+            return
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, len(groups))
+            perm = np.random.default_rng((self.args.seed, 0, epoch)).permutation(len(groups))
+            examples = [dataset[j] for j in groups[perm[k]]]
+            rng = np.random.default_rng((self.args.seed, 2, step))
+            batch = make_batch(examples, draw_noise(rng, examples, self.args), self.args)
+            if step > self.start_step and self.on_step is not None:
+                self.on_step(step)
+            self.tokens_seen += int(sum(len(p) + canvas_count(len(r), self.args.canvas_length)
+                                        * self.args.canvas_length for p, r in examples))
+            step += 1
+            yield batch
+
+
+def atomic_save(path: Path, arrays: dict, metadata: Optional[dict] = None):
+    """Writes to a temporary name in the same folder, then renames: a reader never sees a
+    half-written file under `path`."""
+    tmp = path.with_name(f".{path.name}.partial.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def optimizer_file(adapter_file: Path) -> Path:
+    """Where the optimizer state of an adapter file is kept."""
+    return adapter_file.with_name(adapter_file.name.replace("adapters", "optimizer"))
+
+
+class Checkpoints:
+    """adapters.safetensors (latest) and NNNNNNN_adapters.safetensors, each with its
+    optimizer state (NNNNNNN_optimizer.safetensors) for resuming."""
+
+    def __init__(self, model, optimizer, adapter_path: Path, every: int):
+        self.model, self.optimizer = model, optimizer
+        self.path, self.every = adapter_path, every
+
+    def save(self, step: int, numbered: bool = True):
+        weights = dict(tree_flatten(self.model.trainable_parameters()))
+        state = {k: v for k, v in tree_flatten(self.optimizer.state) if k != "loss_parts"}
+        meta = {"iteration": str(step)}
+        names = ["adapters.safetensors"] + ([f"{step:07d}_adapters.safetensors"] if numbered else [])
+        for name in names:
+            atomic_save(self.path / name, weights, meta)
+            atomic_save(optimizer_file(self.path / name), state, meta)
+        return self.path / names[-1]
+
+    def on_step(self, step: int):
+        if self.every and step % self.every == 0:
+            print(f"Iter {step}: saved {self.save(step).name}", flush=True)
+
+
+def resume(model, optimizer, adapter_file: str) -> int:
+    """Loads adapter (or fully trained) weights; with their optimizer state beside them, the
+    optimizer too, and returns the iteration they were saved at (else 0)."""
+    f = Path(adapter_file)
+    if not f.is_file():
+        raise FileNotFoundError(f"--resume-adapter-file {f}: no such file")
+    weights = mx.load(str(f))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k, v in weights.items() if k not in expected or v.shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{f} does not fit this model and fine-tune type (e.g. {bad[0]})")
+    model.load_weights(list(weights.items()), strict=False)
+    opt = optimizer_file(f)
+    if not opt.is_file():
+        return 0
+    state, meta = mx.load(str(opt), return_metadata=True)
+    optimizer.state = tree_unflatten(list(state.items()))
+    return int(meta.get("iteration", 0))
+
+
+class Report(TrainingCallback):
+    """One line per report: total, diffusion and AR loss, learning rate, it/s, tokens/s, peak
+    memory; one per validation."""
+
+    def __init__(self, parts: dict, batches: Batches, start_step: int, log=None):
+        self.parts, self.batches, self.start = parts, batches, start_step
+        self.sums = np.zeros(2)
+        self.count = 0
+        self.done = start_step
+        self.log = log
+        self.tokens_at_report = 0
+        self.t_report = time.perf_counter()
+
+    def collect(self, step: int):
+        """Adds the diffusion/AR losses of step `step` (once)."""
+        if step > self.done and "loss_parts" in self.parts:
+            self.sums += np.array(self.parts["loss_parts"].tolist())
+            self.count += 1
+            self.done = step
+
+    def _emit(self, record: dict, line: str):
+        print(line, flush=True)
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def on_train_loss_report(self, info):
+        step = self.start + info["iteration"]
+        self.collect(step)
+        diffusion, ar = self.sums / max(self.count, 1)
+        it_s = info["iterations_per_second"]
+        tok_s = info["tokens_per_second"]
+        record = dict(iteration=step, loss=info["train_loss"], diffusion_loss=diffusion,
+                      ar_loss=ar, learning_rate=info["learning_rate"], it_per_s=it_s,
+                      tokens_per_s=tok_s, peak_memory_gb=info["peak_memory"])
+        self._emit(record, (
+            f"Iter {step}: train loss {info['train_loss']:.4f} (diffusion {diffusion:.4f}, "
+            f"AR {ar:.4f}), lr {info['learning_rate']:.3e}, {it_s:.3f} it/s, "
+            f"{tok_s:.1f} tokens/s, peak mem {info['peak_memory']:.3f} GB"))
+        self.sums[:] = 0
+        self.count = 0
+
+    def on_val_loss_report(self, info):
+        step = self.start + info["iteration"]
+        self._emit(dict(iteration=step, val_loss=info["val_loss"], val_time=info["val_time"]),
+                   f"Iter {step}: val loss {info['val_loss']:.4f} ({info['val_time']:.1f} s)")
+
+
+def train(model, optimizer, train_set, valid_set, train_args: TrainingArgs,
+          diffusion: DiffusionArgs, adapter_path: Path, start_step: int = 0, log=None):
+    """Runs mlx-lm's loop from `start_step` to `train_args.iters` (the run's total)."""
+    parts = optimizer.state
+    checkpoints = Checkpoints(model, optimizer, adapter_path, train_args.steps_per_save)
+    batches = Batches(diffusion, start_step, on_step=None)
+    report = Report(parts, batches, start_step, log)
+
+    def on_step(step):
+        report.collect(step)
+        checkpoints.on_step(step)
+
+    batches.on_step = on_step
+    remaining = train_args.iters - start_step
+    if remaining <= 0:
+        raise ValueError(f"the run is already at iteration {start_step} of --iters "
+                         f"{train_args.iters}")
+    scratch = adapter_path / ".mlx_lm_final.safetensors"
+    args = TrainingArgs(**{**train_args.__dict__, "iters": remaining,
+                           "steps_per_save": remaining + 1, "adapter_file": str(scratch)})
+    parts["loss_parts"] = mx.zeros((2,))
+    mlx_lm_train(model, optimizer, train_set, valid_set, args=args, loss=make_loss(diffusion, parts),
+                 iterate_batches=batches, training_callback=report)
+    scratch.unlink(missing_ok=True)
+    last = train_args.iters
+    report.collect(last)
+    return checkpoints.save(last, numbered=last % train_args.steps_per_save == 0)
+
+
+def evaluate_loss(model, dataset, batch_size: int, num_batches: int, diffusion: DiffusionArgs):
+    """The mean loss over `num_batches` batches (-1: all) with fixed noise, by mlx-lm's evaluate."""
+    return evaluate(model, dataset, batch_size, num_batches, loss=make_loss(diffusion),
+                    iterate_batches=Batches(diffusion))

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 WORKDIR=${DG_BENCH_WORKDIR:-/tmp/dg-bench}
 mkdir -p benchmarks/logs
-SECTIONS=${*:-weights build fullwidth peers profile graph gpu serve lora}
+SECTIONS=${*:-weights build fullwidth peers profile graph gpu serve lora vision}
 for s in $SECTIONS; do
   extra=""
   [ "$s" = peers ] && extra="--reference-malloc"  # the reference also with our malloc thresholds

@@ -6,7 +6,9 @@ from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .generation import _check_context, _check_ids, block_generate, eos_ids_for, prepare_prompt, resolve_settings
+from .generation import (
+    _check_context, _check_ids, block_generate, eos_ids_for, prompt_ids, resolve_settings,
+)
 from .model import Model
 from .sampler import random_key
 
@@ -43,11 +45,13 @@ def batch_generate(
     apply_chat_template: bool = True,
     prefill_step_size: int = 2048,
     verbose: bool = False,
+    images: Optional[Sequence[Sequence]] = None,
+    image_soft_tokens: Optional[int] = None,
 ) -> BatchResponse:
     """Generates for prompts of different lengths together. Prompts are left-padded and the
     padding is masked in the prompt pass, in every canvas-commit pass and in the decoder, so
     each row matches a run of its prompt alone. Rows stop denoising on their own (their state
-    freezes) and leave the batch once they hit EOS."""
+    freezes) and leave the batch once they hit EOS. `images` holds one list per prompt."""
     if not prompts:
         raise ValueError("no prompts given")
     settings = resolve_settings(
@@ -55,7 +59,16 @@ def batch_generate(
         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )
-    rows = [prepare_prompt(tokenizer, p, system_prompt, enable_thinking, apply_chat_template) for p in prompts]
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images: one list per prompt ({len(prompts)}), got {len(images)}")
+    rows, vision = [], {}
+    for i, p in enumerate(prompts):
+        ids, feats = prompt_ids(model, tokenizer, p, images[i] if images else None, None,
+                                system_prompt, enable_thinking, apply_chat_template,
+                                image_soft_tokens)
+        rows.append(ids)
+        for token, f in (feats or {}).items():  # row-major: the order the encoder reads them
+            vision[token] = f if token not in vision else mx.concatenate([vision[token], f])
     for r in rows:
         _check_ids(model, r)
     longest = max(len(r) for r in rows)
@@ -74,7 +87,8 @@ def batch_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     cache = model.make_cache()
-    model.encode(ids, cache, step=prefill_step_size, mask=None if all(mask.all(axis=1).tolist()) else mask)
+    model.encode(ids, cache, step=prefill_step_size,
+                 mask=None if all(mask.all(axis=1).tolist()) else mask, vision=vision or None)
     prompt_tps = sum(len(r) for r in rows) / max(time.perf_counter() - tic, 1e-9)
 
     tic = time.perf_counter()

@@ -29,6 +29,9 @@ class ChatSession:
     def new_tokens(self, text: str) -> List[int]:
         """Tokens the next user turn adds after the cached conversation: the chat template of the
         whole conversation, minus the text the cache already holds."""
+        return list(self.tokenizer.encode(self.new_text(text), add_special_tokens=False))
+
+    def new_text(self, text: str) -> str:
         tok = self.tokenizer
         messages = self.messages + [{"role": "user", "content": text}]
         full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
@@ -42,23 +45,37 @@ class ChatSession:
             bos = getattr(tok, "bos_token", None)
             if bos and new.startswith(bos):
                 new = new[len(bos):]
-        return list(tok.encode(new, add_special_tokens=False))
+        return new
 
-    def send(self, text: str, **kwargs):
-        """Streams the reply to `text`. A reply that does not finish (an exception, Ctrl-C, or
-        the caller closing the generator) leaves the cache as it was before this turn; the turn
+    def send(self, text: str, images=None, **kwargs):
+        """Streams the reply to `text`; `images` (paths, URLs, PIL images, ...) join this turn,
+        placed before its text. A reply that does not finish (an exception, Ctrl-C, or the
+        caller closing the generator) leaves the cache as it was before this turn; the turn
         stays in the conversation with the part of the reply sent so far (none sent: the turn
         is dropped), and the next turn encodes it from its text."""
         from .generation import stream_generate
 
         if not text.strip():
             raise ValueError("the message is empty")
-        ids = self.new_tokens(text)
+        if images:
+            from .image_processor import load_image
+            from .multimodal import expand_text, placeholders
+
+            if not self.model.has_vision:
+                raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
+                                 "it cannot read images")
+            images = [load_image(i) for i in images]  # read once: layout here, tower below
+            # Placeholders in the turn's text: past turns render the same way, whatever the
+            # template does with content parts.
+            text = placeholders(self.model, self.tokenizer, len(images)) + text
+            ids = expand_text(self.model, self.tokenizer, self.new_text(text), images)
+        else:
+            ids = self.new_tokens(text)
         saved = self.cache.snapshot()
         reply, tokens, last, finished = "", [], None, False
         try:
             for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
-                                        **kwargs):
+                                        images=images, **kwargs):
                 reply += last.text
                 tokens += last.tokens
                 yield last
@@ -79,13 +96,16 @@ def repl(args) -> int:
         import readline  # noqa: F401
     except ImportError:
         pass
+    from .image_processor import load_image
     from .sampler import check_settings
 
     kw = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed)
     check_settings(**kw)
     model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
     session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
-    print("Type a message; 'r' resets the conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply.")
+    print("Type a message; '/image PATH' attaches an image to the next one; 'r' resets the "
+          "conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply.")
+    pending = []
     while True:
         try:
             text = input(">> ")
@@ -101,9 +121,16 @@ def repl(args) -> int:
         if text.strip() == "r":
             session.reset()
             continue
+        if text.startswith("/image "):
+            try:  # read now: a bad path is reported here, the session goes on
+                pending.append(load_image(text[len("/image "):].strip()))
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
         if not text.strip():
             continue
-        replies = session.send(text, **kw)
+        images, pending = pending, []
+        replies = session.send(text, images=images, **kw)
         try:
             for r in replies:
                 print(r.text, end="", flush=True)

@@ -132,6 +132,50 @@ def check_quantization(block) -> Optional[Dict[str, Any]]:
 
 
 @dataclass
+class VisionArgs:
+    """The Gemma 4 vision tower (`vision_config`, model_type gemma4_vision); defaults are
+    transformers' `Gemma4VisionConfig`."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    rope_theta: float = 100.0
+    hidden_activation: str = "gelu_pytorch_tanh"
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> "VisionArgs":
+        known = set(cls.__dataclass_fields__) - {"rope_theta"}
+        kwargs = {k: v for k, v in config.items() if k in known and v is not None}
+        rope = config.get("rope_parameters") or {}
+        # transformers reads the tower's rope_type "default" as axial (2-D); nothing else exists
+        if rope.get("rope_type", "default") not in ("default", "axial"):
+            raise ConfigError(f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} "
+                              "is not supported")
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = float(rope["rope_theta"])
+        act = kwargs.get("hidden_activation", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ConfigError(f"vision_config.hidden_activation {act!r} is not supported")
+        args = cls(**kwargs)
+        if args.head_dim % 4:
+            raise ConfigError(f"vision_config.head_dim {args.head_dim} is not a multiple of 4 "
+                              "(2-D RoPE)")
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ConfigError("vision_config.num_attention_heads is not a multiple of "
+                              "num_key_value_heads")
+        return args
+
+
+@dataclass
 class ModelArgs:
     """The text model of DiffusionGemma (encoder and decoder share it).
 
@@ -165,6 +209,12 @@ class ModelArgs:
     layer_head_dims: List[int] = field(default_factory=list)
     layer_kv_heads: List[int] = field(default_factory=list)
     quantization: Optional[Dict[str, Any]] = None
+    # The vision tower (None: a text-only checkpoint) and the prompt's image / video token ids.
+    vision: Optional[VisionArgs] = None
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    video_token_id: int = 258_884
 
     def __post_init__(self):
         if not self.layer_types:
@@ -226,7 +276,9 @@ class ModelArgs:
         if text.get("use_bidirectional_attention") == "all":
             raise ConfigError("use_bidirectional_attention='all' (bidirectional encoder) is not supported")
         check_text_config(text)
-        known = set(cls.__dataclass_fields__) - {"layer_head_dims", "layer_kv_heads", "quantization"}
+        own = {"layer_head_dims", "layer_kv_heads", "quantization", "vision", "image_token_id",
+               "boi_token_id", "eoi_token_id", "video_token_id"}
+        known = set(cls.__dataclass_fields__) - own
         kwargs = {k: v for k, v in text.items() if k in known and v is not None}
         if "final_logit_softcapping" in text:  # null turns the softcap off, as in the reference
             kwargs["final_logit_softcapping"] = text["final_logit_softcapping"]
@@ -243,6 +295,14 @@ class ModelArgs:
         if quantization is None:
             quantization = config.get("quantization_config")
         quantization = check_quantization(quantization)
+        if kwargs.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ConfigError(f"hidden_activation {kwargs['hidden_activation']!r} is not supported")
+        for key in ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id"):
+            if config.get(key) is not None:
+                kwargs[key] = check_int(key, config[key], lo=0, exc=_config_error)
+        if config.get("vision_config"):
+            vision = check_object("vision_config", config["vision_config"], exc=_config_error)
+            kwargs["vision"] = VisionArgs.from_config(vision)
         args = cls(**kwargs)
         args.quantization = quantization
         args._resolve_full_attention_shapes(text)

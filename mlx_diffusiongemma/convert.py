@@ -13,6 +13,7 @@ to the destination and renamed into place only when complete.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -28,8 +29,9 @@ from . import quant
 from .cli import OneLineParser, run_cli
 from .config import ModelArgs
 from .loader import (
-    SKIPPED_PREFIXES, TOKENIZER_FILES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError,
+    TOKENIZER_FILES, TOKENIZER_PATTERNS, VISION_PREFIXES, WEIGHT_PATTERNS, ModelNotFoundError,
     check_weights, load_generation_config, read_config, read_headers, resolve_path, sanitize,
+    weight_files,
 )
 from .model import Model
 from .safetensors_check import CheckpointError
@@ -103,7 +105,9 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
     """Every output tensor as a lazy array, grouped per source tensor (a quantized weight with
     its scales and biases), plus the per-module overrides of the quantization block and the
     parameter count. Nothing is read or computed yet; shapes, names and dtypes are checked."""
-    model = Model(args)  # lazy: never evaluated, only its module tree and shapes are used
+    # lazy: never evaluated, only its module tree and shapes are used; the tower's tensors are
+    # copied through as they are, so only the text tree is checked
+    model = Model(dataclasses.replace(args, vision=None))
     modules = dict(model.named_modules())
     groups, overrides, text_shapes, n_params = [], {}, {}, 0
     for f, header in read_headers(src).items():
@@ -117,7 +121,7 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
             raise CheckpointError(f"{f.name}: cannot be read ({e})") from None
         for key in header:
             value = arrays.pop(key)
-            vision = key.startswith(SKIPPED_PREFIXES)
+            vision = key.startswith(VISION_PREFIXES)
             if vision and text_only:
                 continue
             # The text tree goes through the loader's own mapping (drops tied copies and rotary

@@ -32,6 +32,13 @@ def build_parser():
     p.add_argument("--gap-length", type=int, default=None, help="infill: tokens in the gap (default: rest of the canvas)")
     p.add_argument("--infill-file", default=None,
                    help="infill: a text file with <|gap|> or <|gap:N|> markers; prints it with the gaps filled")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image (path, http(s) URL or data URL) for the prompt; repeatable")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file for the prompt (frames as Gemma 4 lays them out; needs PyAV)")
+    p.add_argument("--image-soft-tokens", type=int, default=None,
+                   choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image at most (default: the checkpoint's, else 280)")
     p.add_argument("--visualize", action="store_true", help="show the canvas denoising live (needs a terminal)")
     p.add_argument("--verbose", action="store_true", help="print speed and memory figures at the end")
     return p
@@ -56,6 +63,7 @@ def run(args):
         prompt = prompt_text(task, prompt)
     elif prompt is None:
         prompt = "hello"
+    sampler_kw.update(images=args.image, videos=args.video, image_soft_tokens=args.image_soft_tokens)
     if args.infill_file is not None or args.suffix is not None:
         from .infill import Gap, infill
 

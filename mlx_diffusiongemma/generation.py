@@ -78,6 +78,20 @@ def prepare_prompt(tokenizer, prompt, system_prompt=None, enable_thinking=False,
     return ids
 
 
+def prompt_ids(model: Model, tokenizer, prompt, images=None, videos=None, system_prompt=None,
+               enable_thinking=False, apply_chat_template=True, image_soft_tokens=None):
+    """(token ids, features per vision token id or None): `prepare_prompt`, or with images /
+    videos their blocks laid out and encoded by the tower (multimodal.py)."""
+    if not images and not videos:
+        return prepare_prompt(tokenizer, prompt, system_prompt, enable_thinking,
+                              apply_chat_template), None
+    from .multimodal import vision_prompt
+
+    vp = vision_prompt(model, tokenizer, prompt, images, videos, system_prompt, enable_thinking,
+                       apply_chat_template, image_soft_tokens)
+    return vp.ids, vp.vision
+
+
 def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
     if eos_token_ids is None:
         eos_token_ids = model.generation_config.get("eos_token_id", model.args.eos_token_id)
@@ -292,6 +306,9 @@ def stream_generate(
     prompt_cache=None,
     pins: Optional[Pins] = None,
     prefill_step_size: int = 2048,
+    images: Optional[Sequence] = None,
+    videos: Optional[Sequence] = None,
+    image_soft_tokens: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Yields one `GenerationResponse` per committed canvas.
 
@@ -300,13 +317,18 @@ def stream_generate(
     `decoder_input_ids`); `draft_callback(Draft)` sees every denoising step. With a
     `prompt_cache` (from `make_prompt_cache`), `prompt` holds only the new tokens: they are
     encoded after what the cache holds, and when generation ends the response (up to and with
-    its EOS) is encoded too, so the cache holds the whole conversation for the next turn."""
+    its EOS) is encoded too, so the cache holds the whole conversation for the next turn.
+    `images` (paths, URLs, data URLs, PIL images, arrays) go where the chat template puts
+    them (token-id prompts: after the BOS, unless the ids already hold their blocks), each with
+    at most `image_soft_tokens` soft tokens (default: the checkpoint's); `videos` (paths) as
+    Gemma 4 lays out video frames."""
     settings = resolve_settings(
         model, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )
-    ids = prepare_prompt(tokenizer, prompt, system_prompt, enable_thinking, apply_chat_template)
+    ids, vision = prompt_ids(model, tokenizer, prompt, images, videos, system_prompt,
+                             enable_thinking, apply_chat_template, image_soft_tokens)
     _check_ids(model, ids)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     _check_context(model, len(ids), cache.offset, settings)
@@ -321,7 +343,7 @@ def stream_generate(
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    model.encode(mx.array([ids], dtype=mx.int32), cache, step=prefill_step_size)
+    model.encode(mx.array([ids], dtype=mx.int32), cache, step=prefill_step_size, vision=vision)
     prompt_tps = len(ids) / max(time.perf_counter() - tic, 1e-9)
 
     on_step = None

@@ -15,9 +15,12 @@ from .safetensors_check import CheckpointError, check_dtype, read_header
 from .sampler import SamplerSettings
 
 WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "*.safetensors.index.json"]
-TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model"]
+TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model",
+                      "processor_config.json", "preprocessor_config.json"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
+CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -92,7 +95,11 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
     the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
     out = {}
     for key, value in weights.items():
-        if key.startswith(SKIPPED_PREFIXES) or "rotary_emb" in key:
+        if "rotary_emb" in key:
+            continue
+        if key.startswith(VISION_PREFIXES):
+            if args.vision is not None:
+                out[_vision_key(key)] = value
             continue
         if key.startswith("model.encoder.language_model."):
             if key.endswith(".layer_scalar"):
@@ -104,6 +111,18 @@ def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.arra
             key += ".weight"
         out[key] = value
     return out
+
+
+def _vision_key(key: str) -> str:
+    """The tower's linears as `<proj>.linear.weight`, also from a layout without the infix."""
+    path, name = key.rsplit(".", 1)
+    if name == "weight" and key.startswith(VISION_PREFIXES[0]) and path.endswith(CLIPPABLE):
+        return f"{path}.linear.{name}"
+    return key
+
+
+def has_vision_weights(keys) -> bool:
+    return any(k.startswith(VISION_PREFIXES) for k in keys)
 
 
 def _quantize(model: Model, args: ModelArgs, keys):
@@ -157,19 +176,20 @@ def read_headers(path: Path) -> Dict[Path, dict]:
             where[k] = f.name
     for f, header in headers.items():
         for k, (dtype, _) in header.items():
-            if k.startswith(SKIPPED_PREFIXES) or "rotary_emb" in k:
+            if k.startswith(VISION_PREFIXES) or "rotary_emb" in k:
                 continue
             module = k[: -len(".weight")] if k.endswith(".weight") else k
             check_dtype(k, dtype, f"{module}.scales" in where, f.name)
     return headers
 
 
-def load_weights_lazily(path: Path) -> Dict[str, mx.array]:
-    """Every tensor of the checkpoint as a lazy MLX array (nothing is read until evaluated),
-    after checking every file's header (`read_headers`)."""
+def load_weights_lazily(path: Path, vision: bool = True) -> Dict[str, mx.array]:
+    """Every tensor of the checkpoint (without the vision tower's unless `vision`) as a lazy MLX
+    array (nothing is read until evaluated), after checking every file's header
+    (`read_headers`)."""
     weights = {}
     for f, header in read_headers(path).items():
-        wanted = [k for k in header if not k.startswith(SKIPPED_PREFIXES)]
+        wanted = [k for k in header if vision or not k.startswith(VISION_PREFIXES)]
         if not wanted:
             continue
         try:
@@ -190,7 +210,10 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     args = ModelArgs.from_config(config)
     generation_config = load_generation_config(path)
     keep_freed_memory()
-    weights = sanitize(load_weights_lazily(path), args)
+    weights = load_weights_lazily(path, vision=args.vision is not None)
+    if args.vision is not None and not has_vision_weights(weights):
+        args.vision = None  # the config names a tower its weights leave out: load text-only
+    weights = sanitize(weights, args)
     model = Model(args)
     if args.quantization:
         _quantize(model, args, weights.keys())
@@ -206,7 +229,27 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
         mx.eval(model.parameters())
     model.path = path
     model.generation_config = generation_config
+    model.processor_config = load_processor_config(path)
     return model
+
+
+def load_processor_config(path: Path) -> dict:
+    """The image processor's soft-token budget, from preprocessor_config.json or the
+    processor_config.json Gemma 4 checkpoints carry; {} when neither names one."""
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = Path(path) / name
+        if not f.exists():
+            continue
+        try:
+            cfg = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f} is not valid JSON ({e})") from None
+        nested = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else {}
+        n = (cfg.get("max_soft_tokens") or nested.get("max_soft_tokens")
+             or cfg.get("image_seq_length"))
+        if n:
+            return {"max_soft_tokens": int(n)}
+    return {}
 
 
 def load_generation_config(path: Path) -> dict:

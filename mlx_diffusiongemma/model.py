@@ -11,6 +11,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .backend import cpu_strategies
@@ -344,9 +345,17 @@ class EncoderLanguageModel(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The encoder's own weights: its layer scalars and, unless the checkpoint is text-only, the
+    vision tower and the projection of its soft tokens to the text width."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.language_model = EncoderLanguageModel(args)
+        if args.vision is not None:
+            from .vision import VisionEmbedder, VisionTower  # vision.py builds on this file
+
+            self.vision_tower = VisionTower(args.vision)
+            self.embed_vision = VisionEmbedder(args.vision, args.hidden_size)
 
 
 class Backbone(nn.Module):
@@ -376,6 +385,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.embed_scale = math.sqrt(args.hidden_size)
         self.generation_config = {}  # the checkpoint's generation_config.json, set by load_model
+        self.processor_config = {}  # its image processor's settings (max_soft_tokens), idem
 
     @property
     def layers(self):
@@ -389,29 +399,103 @@ class Model(nn.Module):
         emb = self.model.decoder.embed_tokens
         return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
 
+    # ---- vision --------------------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        """Whether the checkpoint has its vision tower (a text-only conversion has none)."""
+        return "vision_tower" in self.model.encoder
+
+    def image_features(self, pixel_values, image_position_ids) -> mx.array:
+        """Soft tokens of a batch of images, projected to the text width: (total tokens, D).
+        pixel_values (B, patches, 3·p²) in [0, 1], image_position_ids (B, patches, 2), -1 for
+        padding, as the image processor makes them."""
+        if not self.has_vision:
+            raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
+                             "it cannot read images")
+        enc = self.model.encoder
+        # float32 pixels: the tower normalises them before casting to its weights' dtype
+        pixels = mx.array(pixel_values).astype(mx.float32)
+        return enc.embed_vision(enc.vision_tower(pixels, image_position_ids))
+
+    def vision_token_ids(self):
+        return (self.args.image_token_id, self.args.video_token_id)
+
     # ---- encoder -------------------------------------------------------------------------
     def encode(self, input_ids: mx.array, cache: PromptCache, step: int = 2048,
-               mask: Optional[mx.array] = None) -> PromptCache:
+               mask: Optional[mx.array] = None, vision: Optional[dict] = None) -> PromptCache:
         """Causally encodes `input_ids` (B, L) after what `cache` holds, appending their K/V.
         `mask` (B, L) marks real tokens (False = padding, masked from every later query).
-        Long inputs go in chunks of `step`; sliding layers keep `window - 1` positions, which is
-        all any later query can see, so chunking gives the same cache as one pass."""
+        `vision` maps a token id (image / video) to the features (n, D) written, in order
+        (row-major over the batch), over the embeddings of that token; tokens of one run of
+        such ids see each other both ways. Long inputs go in chunks of about `step`, never
+        splitting a run; sliding layers keep `window - 1` positions, which is all any later
+        query can see, so chunking gives the same cache as one pass."""
         L = input_ids.shape[1]
-        for start in range(0, L, step):
-            chunk_mask = None if mask is None else mask[:, start : start + step]
-            self._encode_chunk(input_ids[:, start : start + step], cache, chunk_mask)
+        places = self._vision_places(input_ids, vision)
+        start = 0
+        while start < L:
+            end = self._chunk_end(places, start, step, L)
+            chunk_mask = None if mask is None else mask[:, start:end]
+            chunk = None if places is None else [(f, ids[:, start:end], at[:, start:end])
+                                                 for f, ids, at in places["feats"]]
+            runs = None if places is None else places["runs"][:, start:end]
+            self._encode_chunk(input_ids[:, start:end], cache, chunk_mask, chunk, runs)
             mx.eval(cache.state())
+            start = end
         return cache
 
-    def _encode_chunk(self, ids, cache: PromptCache, pad_mask):
+    def _vision_places(self, input_ids, vision):
+        """Where each feature row goes, and the run of vision tokens each position lies in
+        (-1: none), as the reference's `get_block_sequence_ids_for_mask`."""
+        if not vision:
+            return None
+        ids = np.array(input_ids)
+        feats = []
+        for token, features in vision.items():
+            hits = ids == token
+            n = int(hits.sum())
+            if n != features.shape[0]:
+                raise ValueError(f"the prompt has {n} tokens of id {token} for "
+                                 f"{features.shape[0]} image features")
+            at = np.maximum(np.cumsum(hits.reshape(-1)) - 1, 0).reshape(ids.shape)
+            feats.append((features, mx.array(hits), mx.array(at.astype(np.int32))))
+        is_vision = np.isin(ids, list(vision))
+        starts = is_vision & ~np.pad(is_vision, ((0, 0), (1, 0)))[:, :-1]
+        runs = np.where(is_vision, np.cumsum(starts, axis=1) - 1, -1)
+        return {"feats": feats, "runs": runs, "is_vision": is_vision}
+
+    @staticmethod
+    def _chunk_end(places, start, step, L):
+        """start + step, moved past the end of any run of vision tokens it would split."""
+        end = min(start + step, L)
+        if places is None:
+            return end
+        is_vision = places["is_vision"]
+        while end < L and (is_vision[:, end - 1] & is_vision[:, end]).any():
+            end += 1
+        return end
+
+    def _encode_chunk(self, ids, cache: PromptCache, pad_mask, vision=None, runs=None):
         T, L = cache.offset, ids.shape[1]
         h = self.embed(ids)
+        for features, hits, at in vision or ():
+            # image features replace the token embeddings, without the text embed scale
+            h = mx.where(hits[..., None], features[at].astype(h.dtype), h)
+        block = None
+        if runs is not None and (runs >= 0).any():
+            r = mx.array(runs.astype(np.int32))
+            block = (r[:, :, None] == r[:, None, :]) & (r[:, :, None] >= 0)  # (B, L, L)
         cache.add_validity(ids.shape, pad_mask)
         scalars = self.model.encoder.language_model.layers
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             P = cache.layer_len(i)
             mask = self._causal_mask(T, L, P, cache.is_sliding[i])
+            if block is not None:
+                # a run of image tokens is one bidirectional block, on every layer and past
+                # the window; runs never span chunks, so cached keys are never in it
+                pad = mx.zeros((block.shape[0], L, P), dtype=mx.bool_)
+                mask = (mask | mx.concatenate([pad, block], axis=2))[:, None]
             if cache.valid is not None:
                 # padded keys are hidden from every query but their own (no empty softmax rows)
                 keys_valid = cache.valid[:, cache.valid.shape[1] - (P + L) :, None]
@@ -488,8 +572,14 @@ class Model(nn.Module):
             soft_embeds = self.soft_embeddings(self_conditioning_logits)
         return self.lm_logits(self.decode_hidden(canvas, cache, soft_embeds), softcap)
 
-    def __call__(self, input_ids, decoder_input_ids, self_conditioning_logits=None):
-        """Same call as the reference forward: encodes `input_ids` into a fresh cache and returns
-        float32 logits (batch, canvas, vocab) for `decoder_input_ids`."""
-        cache = self.encode(mx.array(input_ids), self.make_cache())
+    def __call__(self, input_ids, decoder_input_ids, self_conditioning_logits=None,
+                 pixel_values=None, image_position_ids=None):
+        """Same call as the reference forward: encodes `input_ids` (with the images'
+        soft tokens over its image tokens) into a fresh cache and returns float32 logits
+        (batch, canvas, vocab) for `decoder_input_ids`."""
+        vision = None
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values, image_position_ids)
+            vision = {self.args.image_token_id: feats}
+        cache = self.encode(mx.array(input_ids), self.make_cache(), vision=vision)
         return self.decode(mx.array(decoder_input_ids), cache, self_conditioning_logits)

@@ -85,7 +85,8 @@ def test_graph(tmp_path):
     assert g["layers"] == 30 and len(g["times_s"]) == 2 and g["build_s"] > 0
 
 
-@pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference", "lora"])
+@pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference", "lora", "vision",
+                                     "_vision_reference"])
 def test_long_sections_parse(section):
     from mlx_diffusiongemma.bench.cli import parse
 

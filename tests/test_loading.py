@@ -37,11 +37,13 @@ def test_sharded_checkpoint_loads_the_same(tiny, tmp_path):
     assert all(np.array_equal(np.array(fa[k]), np.array(fb[k])) for k in fa)
 
 
-def test_one_copy_of_shared_weights_and_no_vision(tiny):
+def test_one_copy_of_shared_weights_and_the_vision_tower(tiny):
     model = load_model(tiny[0])
     names = [k for k, _ in tree_flatten(model.parameters())]
-    assert not any("vision" in k for k in names)
-    enc = [k for k in names if k.startswith("model.encoder.")]
+    vision = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+    assert any(k.startswith(vision) for k in names) and model.has_vision
+    # the encoder's text weights are the decoder's: only its layer scalars are its own
+    enc = [k for k in names if k.startswith("model.encoder.") and not k.startswith(vision)]
     assert enc and all(k.endswith("layer_scalar") for k in enc)
     # the encoder's scalars are its own, not the decoder's
     s_enc = [float(l.layer_scalar[0]) for l in model.model.encoder.language_model.layers]

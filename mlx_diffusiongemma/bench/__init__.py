@@ -13,6 +13,8 @@ asserts nothing.
     python -m mlx_diffusiongemma.benchmark serve      # the server: N requests at once vs in turn
     python -m mlx_diffusiongemma.benchmark lora       # LoRA training step: peak memory at full width, extrapolated
                                                       # to 30 layers (with and without grad checkpointing); it/s at mid
+    python -m mlx_diffusiongemma.benchmark vision     # the vision tower at full shape vs the reference,
+                                                      # its weight bytes, an image prompt's prefill
 
 Every section prints a header (date, machine, MLX version, device, BLAS, git commit). `--json FILE`
 appends each section's figures as one JSON line.
@@ -27,5 +29,5 @@ Modules: cli (arguments, dispatch), common (process setup, machine header, timin
 mid-size checkpoint), shapes (model shapes, targets), models (weight bytes per recipe, random
 full-shape models), step (one denoising step timed in parts), fullshape (weights, build,
 fullwidth, gpu), peers (ours vs the reference, mlx-vlm and mlx-lm AR), profile, graph, serve,
-lora (LoRA step memory and speed), sudoku.
+lora (LoRA step memory and speed), sudoku, vision.
 """

@@ -15,16 +15,19 @@ from .profile import section_profile
 from .serve import section_serve
 from .shapes import SHAPES
 from .sudoku import section_sudoku
+from .vision import reference_main as vision_reference_main
+from .vision import section_vision
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
             "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph,
-            "serve": section_serve, "lora": section_lora, "sudoku": section_sudoku}
+            "serve": section_serve, "lora": section_lora, "sudoku": section_sudoku,
+            "vision": section_vision}
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m mlx_diffusiongemma.benchmark",
                                 description=DOC.split("\n\n")[0])
-    p.add_argument("section", choices=[*SECTIONS, "_reference"])
+    p.add_argument("section", choices=[*SECTIONS, "_reference", "_vision_reference"])
     p.add_argument("--json", help="append each section's figures to this file as JSON lines")
     p.add_argument("--workdir", default=os.environ.get("DG_BENCH_WORKDIR", "/tmp/dg-bench"),
                    help="where the mid-size checkpoint is written (default /tmp/dg-bench)")
@@ -38,7 +41,8 @@ def parse(argv):
     p.add_argument("--ar-tokens", type=int, default=256, help="autoregressive tokens (peers)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference"], help="peers to leave out")
+    p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference", "prefill"],
+                   help="peers (vision: parts) to leave out")
     p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies")
     p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)")
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
@@ -67,7 +71,8 @@ def parse(argv):
     o = p.parse_args(argv)
     defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
                 "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
-                "graph": (30, 4096), "serve": (None, 32), "lora": (None, 512), "sudoku": (None, None)}
+                "graph": (30, 4096), "serve": (None, 32), "lora": (None, 512), "sudoku": (None, None),
+                "vision": (None, None), "_vision_reference": (None, None)}
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
@@ -79,16 +84,20 @@ def parse(argv):
         o.repeat = 2
     if o.section == "graph" and o.repeat == 3:
         o.repeat = 7
+    if o.section in ("vision", "_vision_reference") and o.repeat == 3:
+        o.repeat = 2
     return o
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "_reference" not in argv:
+    if "_reference" not in argv and "_vision_reference" not in argv:
         maybe_reexec_with_openblas(argv)
     opts = parse(argv)
     if opts.section == "_reference":
         return reference_main(opts)
+    if opts.section == "_vision_reference":
+        return vision_reference_main(opts)
     try:  # as load_model does: the MLX peers in this process share it
         from ..cpu_memory import keep_freed_memory
         keep_freed_memory()

@@ -177,13 +177,20 @@ def export(a):
     from ..loader import load_model, read_config
     from ..save import save_model
     from ..tuner.adapters import load_adapters
+    from .task import read_task
 
     work = Path(a.work_dir)
     model = load_model(work / "init", dtype=mx.float32)
     load_adapters(model, work / "adapters")
     model.set_dtype(mx.bfloat16)
     config = dict(read_config(work / "init"), dtype="bfloat16")
-    save_model(model, config, Path(a.out), source=work / "init")
+    n = read_task(work / "init")["size"]
+    readme = (f"# DiffusionGemma Sudoku demo ({n}x{n})\n\nA small DiffusionGemma (the full "
+              "architecture in miniature) trained from random initialisation by "
+              "`python -m mlx_diffusiongemma.examples.sudoku train`, fused and cast to bfloat16 "
+              "by `... export`. Prompt: the puzzle's digits row by row, 0 for a blank; output: "
+              "the solution's digits. See the project README.\n")
+    save_model(model, config, Path(a.out), source=work / "init", extra_files={"README.md": readme})
     print(f"wrote {a.out}")
 
 

@@ -16,35 +16,40 @@ RESERVED_KWARGS = {"conversation", "messages", "tools", "documents", "chat_templ
 EFFORTS = {"none", "minimal", "low", "medium", "high"}
 
 
-def _content(content, where, has_vision, images):
-    """Message content as the template takes it: text, or parts (text and, where the model
-    reads them, images)."""
+def _content(content, where, marker, images):
+    """Message content as text for the template. Image parts are read here (a bad one is the
+    request's fault) and stand in the text as `marker`, the placeholder the model's prompt
+    layout expands into the image's block; `marker` is None where the model reads no images."""
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise RequestError(f"'{where}' must be a string, null or a list of parts", where)
-    parts, text_only = [], True
+    texts = []
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise RequestError(f"'{at}.text' must be a string", f"{at}.text")
-            parts.append({"type": "text", "text": part["text"]})
+            texts.append(part["text"])
         elif kind in IMAGE_PARTS:
-            if not has_vision:
+            if marker is None:
                 raise RequestError(f"'{at}' is an image, and this checkpoint has no vision "
                                    "tower to read it (send text parts only)", at)
             src = part.get(kind) if kind != "image" else part.get("image", part.get("url"))
             src = src.get("url") if isinstance(src, dict) else src
             if not isinstance(src, str):
                 raise RequestError(f"'{at}' needs an image URL or data URL", at)
-            images.append(src)
-            parts.append({"type": "image"})
-            text_only = False
+            from ..image_processor import load_image
+
+            try:
+                images.append(load_image(src))
+            except ValueError as e:
+                raise RequestError(f"'{at}': {e}", at) from None
+            texts.append(marker)
         else:
             raise RequestError(f"'{at}' must be an object with 'type' 'text' (or an image)", at)
-    return "".join(p["text"] for p in parts) if text_only else parts
+    return "".join(texts)
 
 
 def _tool_calls(calls, where):
@@ -72,7 +77,7 @@ def _tool_calls(calls, where):
     return out
 
 
-def _messages(body, has_vision, images):
+def _messages(body, marker, images):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
@@ -87,7 +92,7 @@ def _messages(body, has_vision, images):
         if "content" not in m and not m.get("tool_calls"):
             raise RequestError(f"'{where}' needs a 'content'", f"{where}.content")
         msg = {"role": "system" if m["role"] == "developer" else m["role"],
-               "content": _content(m.get("content"), f"{where}.content", has_vision, images)}
+               "content": _content(m.get("content"), f"{where}.content", marker, images)}
         if msg["content"] is None and not (m["role"] == "assistant" and m.get("tool_calls")):
             raise RequestError(f"'{where}.content' must be text", f"{where}.content")
         for k in ("name", "tool_call_id", "reasoning_content"):
@@ -148,7 +153,12 @@ def _template_kwargs(body):
 def chat_prompt(body, p: Parsed, model, tokenizer):
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions", "messages")
-    messages = _messages(body, getattr(model, "has_vision", False), p.images)
+    marker = None
+    if getattr(model, "has_vision", False):
+        from ..multimodal import placeholders
+
+        marker = placeholders(model, tokenizer, 1)
+    messages = _messages(body, marker, p.images)
     p.tools = _tools(body, tokenizer)
     p.parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
     kwargs = _template_kwargs(body)
@@ -158,7 +168,16 @@ def chat_prompt(body, p: Parsed, model, tokenizer):
     except Exception as e:  # the template's own raise_exception, or a type it cannot render
         raise RequestError(f"the chat template cannot render these messages: {e}",
                            "messages") from None
-    p.prompt = list(tokenizer.encode(text, add_special_tokens=False))
+    if p.images:
+        from ..multimodal import expand_text
+
+        try:
+            p.prompt = expand_text(model, tokenizer, text, p.images)
+        except ValueError as e:
+            raise RequestError(f"the images cannot be placed in this prompt: {e}",
+                               "messages") from None
+    else:
+        p.prompt = list(tokenizer.encode(text, add_special_tokens=False))
     if getattr(tokenizer, "has_thinking", False):
         p.thinking_open = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
 

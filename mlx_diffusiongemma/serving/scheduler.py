@@ -174,9 +174,13 @@ class Scheduler:
             cache = self.model.make_cache()
         new = job.prompt[cached:]
         if new:
-            images = {"images": job.images} if job.images else {}
+            vision = None
+            if job.images:  # the prompt holds the image blocks; the tower gives their features
+                from ..multimodal import vision_prompt
+
+                vision = vision_prompt(self.model, None, job.prompt, job.images).vision
             self.model.encode(mx.array([new], dtype=mx.int32), cache, step=self.prefill_step_size,
-                              **images)
+                              vision=vision)
         store.insert(job.prompt, cache)
         self.stats["prompt_tokens"] += len(job.prompt)
         self.stats["prompt_tokens_encoded"] += len(new)

@@ -37,7 +37,12 @@ def prepare(model, fine_tune_type: str, num_layers: int, lora_parameters: dict) 
             raise ValueError("full fine-tuning needs an unquantized model (use lora or dora for "
                              "a quantized one)")
         if num_layers in (-1, n):
-            model.unfreeze()  # every weight, embeddings and self-conditioning included
+            model.unfreeze()  # every text weight, embeddings and self-conditioning included
+            # The objective reads text only: the vision tower gets no gradient, and weight
+            # decay alone would wear it down.
+            for name in ("vision_tower", "embed_vision"):
+                if name in model.model.encoder:
+                    model.model.encoder[name].freeze()
         else:
             for layer in model.layers[-num_layers:]:
                 layer.unfreeze()

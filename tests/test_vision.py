@@ -466,3 +466,36 @@ def test_chat_turn_with_an_image_extends_the_cache_exactly(tiny):
     assert fresh.offset == s.cache.offset
     for a, b in zip(fresh.keys, s.cache.keys):
         assert np.abs(np.array(a) - np.array(b)).max() < 1e-4
+
+
+def test_server_reads_image_url_parts(tiny):
+    """An OpenAI image_url part (a data URL) becomes the image's block in the prompt, as
+    `vision_prompt` lays it out, and its features are what the scheduler encodes with."""
+    import base64
+    import io
+    import types
+
+    from PIL import Image
+
+    from mlx_diffusiongemma.serving.prompts import chat_prompt
+    from mlx_diffusiongemma.serving.requests import RequestError
+
+    path, _ = tiny
+    model = load_model(path)
+    tok = TemplateTokenizer()
+    img = random_image(np.random.default_rng(5), 40, 30)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(img)).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "look"}]}]}
+    p = types.SimpleNamespace(images=[])
+    chat_prompt(body, p, model, tok)
+    want = vision_prompt(model, tok, "look", images=[np.asarray(img)])
+    assert p.prompt == want.ids and len(p.images) == 1
+    got = vision_prompt(model, None, p.prompt, p.images).vision
+    assert np.abs(np.array(got[IMG]) - np.array(want.vision[IMG])).max() < 1e-5
+    bad = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    with pytest.raises(RequestError):
+        chat_prompt(bad, types.SimpleNamespace(images=[]), model, tok)

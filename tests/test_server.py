@@ -215,7 +215,7 @@ def test_images_are_refused_with_the_reason(server):
     body = {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}
-    with pytest.raises(openai.BadRequestError, match="no vision tower"):
+    with pytest.raises(openai.BadRequestError, match="no vision tower|cannot read images"):
         client(server).chat.completions.create(model="x", messages=body["messages"])
 
 

@@ -16,7 +16,7 @@ RESERVED_KWARGS = {"conversation", "messages", "tools", "documents", "chat_templ
 EFFORTS = {"none", "minimal", "low", "medium", "high"}
 
 
-def _content(content, where, marker, images):
+def _content(content, where, marker, images, why=None):
     """Message content as text for the template. Image parts are read here (a bad one is the
     request's fault) and stand in the text as `marker`, the placeholder the model's prompt
     layout expands into the image's block; `marker` is None where the model reads no images."""
@@ -34,8 +34,9 @@ def _content(content, where, marker, images):
             texts.append(part["text"])
         elif kind in IMAGE_PARTS:
             if marker is None:
-                raise RequestError(f"'{at}' is an image, and this checkpoint has no vision "
-                                   "tower to read it (send text parts only)", at)
+                raise RequestError(f"'{at}' is an image, and "
+                                   f"{why or 'this checkpoint has no vision tower to read it'} "
+                                   "(send text parts only)", at)
             src = part.get(kind) if kind != "image" else part.get("image", part.get("url"))
             src = src.get("url") if isinstance(src, dict) else src
             if not isinstance(src, str):
@@ -77,7 +78,7 @@ def _tool_calls(calls, where):
     return out
 
 
-def _messages(body, marker, images):
+def _messages(body, marker, images, why=None):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
@@ -92,7 +93,7 @@ def _messages(body, marker, images):
         if "content" not in m and not m.get("tool_calls"):
             raise RequestError(f"'{where}' needs a 'content'", f"{where}.content")
         msg = {"role": "system" if m["role"] == "developer" else m["role"],
-               "content": _content(m.get("content"), f"{where}.content", marker, images)}
+               "content": _content(m.get("content"), f"{where}.content", marker, images, why)}
         if msg["content"] is None and not (m["role"] == "assistant" and m.get("tool_calls")):
             raise RequestError(f"'{where}.content' must be text", f"{where}.content")
         for k in ("name", "tool_call_id", "reasoning_content"):
@@ -153,12 +154,16 @@ def _template_kwargs(body):
 def chat_prompt(body, p: Parsed, model, tokenizer):
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions", "messages")
-    marker = None
+    marker, why = None, "this checkpoint has no vision tower to read it"
     if getattr(model, "has_vision", False):
         from ..multimodal import placeholders
 
-        marker = placeholders(model, tokenizer, 1)
-    messages = _messages(body, marker, p.images)
+        args = model.args
+        if max(args.image_token_id, args.boi_token_id, args.eoi_token_id) >= args.vocab_size:
+            why = "this checkpoint cannot read images (its image tokens lie outside its vocabulary)"
+        else:
+            marker = placeholders(model, tokenizer, 1)
+    messages = _messages(body, marker, p.images, why)
     p.tools = _tools(body, tokenizer)
     p.parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
     kwargs = _template_kwargs(body)

@@ -103,7 +103,7 @@ def _num(body, key, lo=None, hi=None):
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise RequestError(f"'{key}' must be a number", key)
+        raise RequestError(f"{key} must be a finite number, not {v!r}", key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise RequestError(f"'{key}' must lie in [{lo}, {hi}]", key)
     return float(v)

@@ -2,6 +2,8 @@
 solves on held-out puzzles at half givens for numbered checkpoints, as a PNG and JSON.
 
     python benchmarks/sudoku_curve.py --work-dir sudoku_run --every 400 --puzzles 64
+
+Needs matplotlib (`pip install matplotlib`), which the package itself does not.
 """
 
 import argparse

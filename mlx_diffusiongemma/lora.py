@@ -11,9 +11,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import yaml
+from mlx.utils import tree_flatten
 from mlx_lm.lora import CONFIG_DEFAULTS, build_parser, yaml_loader
 from mlx_lm.tuner.trainer import TrainingArgs
-from mlx_lm.tuner.utils import build_schedule
+from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from .cli import one_line_errors
@@ -134,12 +135,9 @@ def run(a):
     if a.train:
         a.lora_parameters = adapters.prepare(model, a.fine_tune_type, a.num_layers,
                                              a.lora_parameters or {})
-        trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
-        total = sum(v.size for _, v in _flat(model.parameters()))
-        if trainable == 0:
+        if not tree_flatten(model.trainable_parameters()):
             raise ValueError("nothing to train: the LoRA keys match no layer")
-        print(f"Trainable parameters: {100 * trainable / total:.3f}% "
-              f"({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)", flush=True)
+        print_trainable_parameters(model)  # mlx-lm's (counts packed quantized weights right)
         lr = build_schedule(a.lr_schedule) if a.lr_schedule else a.learning_rate
         opt_config = (a.optimizer_config or {}).get(a.optimizer.lower(), {}) or {}
         opt = OPTIMIZERS[a.optimizer.lower()](learning_rate=lr, **opt_config)
@@ -167,12 +165,6 @@ def run(a):
     if a.test:
         loss = trainer.evaluate_loss(model, data["test"], a.batch_size, a.test_batches, diffusion)
         print(f"Test loss {loss:.4f}", flush=True)
-
-
-def _flat(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 def main(argv=None):

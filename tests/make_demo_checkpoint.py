@@ -1,8 +1,9 @@
-"""Builds the small demo checkpoint kept in `mlx_diffusiongemma/demo/`: random DiffusionGemma
-weights written by the transformers reference plus a tiny byte-level BPE tokenizer with a
-Gemma 4 style chat template. It exists so every command runs offline; its text is noise.
+"""Builds a small text checkpoint: random DiffusionGemma weights written by the transformers
+reference plus a tiny byte-level BPE tokenizer with a Gemma 4 style chat template (the bundled
+demo before it learned Sudoku). The tests that send free text build it (`text_demo`); its text
+is noise.
 
-    python tests/make_demo_checkpoint.py mlx_diffusiongemma/demo
+    python tests/make_demo_checkpoint.py OUT_DIR
 """
 
 import json
@@ -15,16 +16,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 sys.path.insert(0, str(Path(__file__).parent))
 from make_checkpoints import write_checkpoint  # noqa: E402
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>"]
+# The chat template and special tokens the Sudoku demo also uses (Gemma 4's turn markers).
+from mlx_diffusiongemma.examples.sudoku import CHAT_TEMPLATE, SPECIALS  # noqa: E402
+
 VOCAB = 512
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] | trim }}<turn|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|turn>model\n"
-    "{% if enable_thinking is defined and enable_thinking %}<|channel>thought\n{% endif %}"
-    "{% endif %}"
-)
 CORPUS = [
     "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than "
     "complex. Complex is better than complicated. Flat is better than nested. Sparse is better "
@@ -78,4 +73,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "mlx_diffusiongemma/demo")
+    main(sys.argv[1] if len(sys.argv) > 1 else "text-demo")  # never over the trained demo

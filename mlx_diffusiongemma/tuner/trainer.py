@@ -10,7 +10,6 @@ mlx-lm's loop (whose saves are plain writes); its own saves are pointed at a scr
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -83,7 +82,6 @@ class Batches:
         self.args = args
         self.start_step = start_step
         self.on_step = on_step
-        self.tokens_seen = 0
 
     def __call__(self, dataset, batch_size, max_seq_length=None, loop=False, seed=None,
                  comm_group=None):
@@ -109,8 +107,6 @@ class Batches:
             batch = make_batch(examples, draw_noise(rng, examples, self.args), self.args)
             if step > self.start_step and self.on_step is not None:
                 self.on_step(step)
-            self.tokens_seen += int(sum(len(p) + canvas_count(len(r), self.args.canvas_length)
-                                        * self.args.canvas_length for p, r in examples))
             step += 1
             yield batch
 
@@ -181,14 +177,12 @@ class Report(TrainingCallback):
     """One line per report: total, diffusion and AR loss, learning rate, it/s, tokens/s, peak
     memory; one per validation."""
 
-    def __init__(self, parts: dict, batches: Batches, start_step: int, log=None):
-        self.parts, self.batches, self.start = parts, batches, start_step
+    def __init__(self, parts: dict, start_step: int, log=None):
+        self.parts, self.start = parts, start_step
         self.sums = np.zeros(2)
         self.count = 0
         self.done = start_step
         self.log = log
-        self.tokens_at_report = 0
-        self.t_report = time.perf_counter()
 
     def collect(self, step: int):
         """Adds the diffusion/AR losses of step `step` (once)."""
@@ -231,7 +225,7 @@ def train(model, optimizer, train_set, valid_set, train_args: TrainingArgs,
     parts = optimizer.state
     checkpoints = Checkpoints(model, optimizer, adapter_path, train_args.steps_per_save)
     batches = Batches(diffusion, start_step, on_step=None)
-    report = Report(parts, batches, start_step, log)
+    report = Report(parts, start_step, log)
 
     def on_step(step):
         report.collect(step)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,26 @@ def test_oversized_request(server):
     s.close()
     assert reply.startswith("HTTP/1.1 413") and "exceeds the limit" in reply
     assert health(server)["status"] == "ok"
+
+
+def test_oversized_body_sent_whole_still_reads_its_413(server):
+    # the server refuses before reading the body; closing on unread bytes would reset the
+    # connection and could destroy the 413 before the client reads it (it did, half the time)
+    body = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+
+    def send():
+        s = socket.create_connection(("127.0.0.1", server), timeout=30)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        s.close()
+        return reply
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: send(), range(24)))
+    assert all(r.startswith(b"HTTP/1.1 413") for r in replies)
 
 
 def test_disconnect_mid_stream_cancels(server):

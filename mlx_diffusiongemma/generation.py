@@ -6,6 +6,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .backends import selected
 from .cache import CanvasKV
 from .model import Model
 from .sampler import SamplerSettings, denoise_sample, random_key, stop_update, temperature
@@ -102,11 +103,6 @@ def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
     return sorted(set(int(e) for e in (eos_token_ids or [])))
 
 
-# Build the next denoising step before this one's stop test: None = on Metal and CUDA (see
-# denoise_canvas); True / False force it (measurements).
-PREBUILD: Optional[bool] = None
-
-
 @dataclass
 class _Step:
     """One denoising step's (lazy) outputs, and the key the next step splits."""
@@ -143,10 +139,11 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     self-conditioning signal (hidden-sized) only when a next step follows. A row that stops early
     keeps its result and leaves the batch (the reference freezes it and keeps computing it).
 
-    On Metal and CUDA the next step's graph is built before waiting for this one (building a
-    30-layer graph in Python takes milliseconds, as long as a whole step there) and handed to the
-    device once this step says it does not stop: nothing is computed that is not used. On the CPU
-    the forward itself syncs (expert tiles), so it is built after the test."""
+    Where the backend says so (`prebuild_steps`: Metal and CUDA) the next step's graph is built
+    before waiting for this one (building a 30-layer graph in Python takes milliseconds, as long
+    as a whole step there) and handed to the device once this step says it does not stop:
+    nothing is computed that is not used. On the CPU the forward itself syncs (expert tiles), so
+    it is built after the test."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
     bound = mx.array(settings.entropy_bound, dtype=mx.float32)
@@ -158,7 +155,7 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     alive = list(range(B))  # original rows still denoising
     final = [None] * B
     cache = CanvasKV(cache, C)  # the prefix K/V, copied once for all steps of this canvas
-    prebuild = PREBUILD if PREBUILD is not None else mx.default_device() != mx.cpu
+    prebuild = selected().prebuild_steps
 
     def build(canvas, soft, history, key, remaining):
         logits = model.decode(canvas, cache, soft_embeds=soft, softcap=False)

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from .checks import check_token_ids, describe, read_json
 from .config import ConfigError, ModelArgs
-from .cpu_memory import keep_freed_memory
+from . import backends
 from .model import Model
 from .safetensors_check import CheckpointError, check_dtype, read_header
 from .sampler import SamplerSettings
@@ -204,12 +204,13 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     """Loads a DiffusionGemma checkpoint (local folder or hub id) into an MLX `Model`.
 
     `dtype` casts floating-point weights (e.g. `mx.float32` for CPU work); quantized weights keep
-    their packing. The shared encoder/decoder weights exist once in memory."""
+    their packing. The shared encoder/decoder weights exist once in memory. The backend
+    (backends/) is selected here, for MLX's default device."""
     path = resolve_path(path_or_hub_id)
     config = read_config(path)
     args = ModelArgs.from_config(config)
     generation_config = load_generation_config(path)
-    keep_freed_memory()
+    backends.select().setup()
     weights = load_weights_lazily(path, vision=args.vision is not None)
     if args.vision is not None and not has_vision_weights(weights):
         args.vision = None  # the config names a tower its weights leave out: load text-only

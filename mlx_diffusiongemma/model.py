@@ -14,12 +14,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .backend import cpu_strategies
+from .backends import attention, experts, final_softcap, gelu_glu, switch_matmul
 from .cache import CanvasKV, PromptCache
-from . import cpu_math
 from .config import ModelArgs
-from .cpu_streams import row_parallel
-from .expert_tiles import tile_rows, tiled_experts
 
 
 class RMSNormNoScale(nn.Module):
@@ -102,82 +99,6 @@ class Attention(nn.Module):
         return self.o_proj(out), (keys, values)
 
 
-@partial(mx.compile, shapeless=True)
-def softcap_fp32(logits, cap):
-    """The final softcap in float32, as the reference: one fused pass over the vocabulary."""
-    return mx.tanh(logits.astype(mx.float32) / cap) * cap
-
-
-def final_softcap(logits, cap: float):
-    """tanh(logits / cap) * cap in float32; row-parallel on the CPU (cpu_streams.py)."""
-    return row_parallel(softcap_fp32, (logits, mx.array(cap, dtype=mx.float32)), (-2, None))
-
-
-def gelu_glu(gate, up, axis=-2):
-    """gelu(gate, tanh approximation) * up. On the CPU, where MLX's tanh is scalar, from a fused
-    polynomial exp (cpu_math.py), in cache-sized slices along `axis` (cpu_streams.py)."""
-    if cpu_strategies():
-        return row_parallel(cpu_math.gelu_glu, (gate, up), (axis, axis), cache_sized=True)
-    return nn.gelu_approx(gate) * up
-
-
-def attention(q, keys, values, mask):
-    """Scaled dot-product attention (scale 1: the q/k norms take its place). Metal and CUDA run
-    mx.fast.scaled_dot_product_attention; the CPU runs `attention_cpu` in float32."""
-    if cpu_strategies() and q.dtype == mx.float32:
-        return attention_cpu(q, keys, values, mask)
-    return _sdpa(q, keys, values, mask)
-
-
-def _sdpa(q, keys, values, mask):
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-
-
-# attention_cpu's score temporaries (a few arrays of this many float32s at most) are bounded by
-# running it over blocks of queries: 64 MB each, where a 2048-token prefill chunk of a full-width
-# full-attention layer would hold ~0.5 GB per array.
-ATTENTION_CHUNK_ELEMENTS = 1 << 24
-
-
-def attention_cpu(q, keys, values, mask):
-    """The CPU's attention: the two matmuls whole on one stream (BLAS uses every core), the
-    softmax from the polynomial exp (cpu_math.py) in cache-sized row slices across the cores
-    (cpu_streams.py). mx.fast's CPU path is the same matmul / softmax / matmul, but its softmax
-    uses MLX's scalar exp: on a 2-core Xeon ~80% of a decoder layer's attention time (20 of
-    25 ms at the mid benchmark shape; 14 ms with this)."""
-    B, H, L, D = q.shape
-    Hk, S = keys.shape[1], keys.shape[2]
-    if mask is not None and mask.ndim == 3:  # (H | 1, L | 1, S)
-        mask = mask[None]
-    if mask is not None and mask.ndim == 4:  # (B | 1, H | 1, L | 1, S): heads grouped as the scores
-        m = mask.shape
-        mask = mask.reshape(m[0], Hk, H // Hk, *m[2:]) if m[1] == H else mx.expand_dims(mask, 2)
-    q = q.reshape(B, Hk, H // Hk, L, D)
-    keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]
-    per_query = B * H * S
-    step = max(1, ATTENTION_CHUNK_ELEMENTS // per_query)
-    outs = []
-    for lo in range(0, L, step):
-        m = mask
-        if m is not None and m.ndim >= 2 and m.shape[-2] == L and L > step:
-            m = m[..., lo : lo + step, :]
-        outs.append(_attention_block(q[..., lo : lo + step, :], keys_t, values, m))
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
-    return out.reshape(B, H, L, -1)
-
-
-def _attention_block(q, keys_t, values, mask):
-    s = q @ keys_t  # (B, Hk, H/Hk, L, S)
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            s = mx.where(mask, s, mx.array(-mx.inf, dtype=s.dtype))
-        else:
-            s = s + mask.astype(s.dtype)
-    shape = s.shape
-    p = row_parallel(cpu_math.softmax, (s.reshape(-1, shape[-1]),), (0,), cache_sized=True)
-    return p.reshape(shape) @ values
-
-
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -211,17 +132,6 @@ class Router(nn.Module):
         return idx, w
 
 
-def switch_matmul(linear, x, idx, sorted_indices):
-    """mlx-lm's (quantized) SwitchLinear, except that unquantized non-float32 weights on the CPU
-    run in float32: MLX's CPU gathered matmul takes float32 only (Metal and CUDA run natively)."""
-    w = getattr(linear, "weight", None)  # None for LoRA-wrapped experts (they cast themselves)
-    if w is None or hasattr(linear, "scales") or w.dtype == mx.float32 or mx.default_device() != mx.cpu:
-        return linear(x, idx, sorted_indices=sorted_indices)
-    y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
-                     rhs_indices=idx, sorted_indices=sorted_indices)
-    return y.astype(x.dtype)
-
-
 class Experts(nn.Module):
     """All experts as two stacked (gathered) matmuls: fused gate|up, then down."""
 
@@ -236,28 +146,14 @@ class Experts(nn.Module):
         x = x.reshape(-1, shape[-1])
         idx = idx.reshape(-1, idx.shape[-1])
         weights = weights.reshape(idx.shape)
-        E = self.gate_up_proj.num_experts
-        # The CPU's gathered matmul is one GEMM per batch element: give it tiles of rows that
-        # share an expert (expert_tiles.py). Metal and CUDA keep the row layout, and so does the
-        # CPU's quantized one, whose cost follows the rows, padding included (measured 1.5-2x
-        # slower tiled).
-        tiles_pay = cpu_strategies() and not hasattr(self.gate_up_proj, "scales")
-        tile = tile_rows(idx.size, E) if tiles_pay else 0
-        if tile:
-            y = tiled_experts(
-                x, idx,
-                lambda h, e: switch_matmul(self.gate_up_proj, h, e, True),
-                lambda h, e: switch_matmul(self.down_proj, h, e, True),
-                self._act, E, tile,
-            )
-        else:
-            y = self._sorted_rows(x, idx)
+        y = experts(self, x, idx)  # (N, k, D), in the backend's row layout (backends/)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(shape)
 
-    def _act(self, h):
+    def activation(self, h):
+        """gate|up halves -> the down projection's input; rows along the first axis."""
         return gelu_glu(h[..., : self.inter], h[..., self.inter :], axis=0)
 
-    def _sorted_rows(self, x, idx):
+    def sorted_rows(self, x, idx):
         """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively."""
         x = mx.expand_dims(x, (-2, -3))
         # Sorting rows by expert makes the gathered matmul read each expert's weights once.
@@ -266,7 +162,7 @@ class Experts(nn.Module):
         sidx = idx
         if do_sort:
             x, sidx, inv = _gather_sort(x, idx)
-        h = self._act(switch_matmul(self.gate_up_proj, x, sidx, do_sort))
+        h = self.activation(switch_matmul(self.gate_up_proj, x, sidx, do_sort))
         y = switch_matmul(self.down_proj, h, sidx, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)

@@ -438,7 +438,8 @@ def test_full_tower_size_matches_the_release():
 def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
     """Metal / CUDA: head_dim 72 runs the fused kernel zero-padded to 80; same result."""
     from mlx_diffusiongemma import vision
-    from mlx_diffusiongemma.model import attention_cpu
+    from mlx_diffusiongemma.backends import DEFAULT, using
+    from mlx_diffusiongemma.backends.cpu import attention_cpu
 
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.standard_normal((2, 4, 30, 72)).astype(np.float32)) for _ in range(3))
@@ -448,7 +449,8 @@ def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
     real_pad = mx.pad
     monkeypatch.setattr(vision.mx, "pad", lambda a, w: padded.append(w) or real_pad(a, w))
     monkeypatch.setattr(vision.mx, "default_device", lambda: mx.Device(mx.gpu))
-    got = vision.vision_attention(q, k, v, mask)
+    with using(DEFAULT):
+        got = vision.vision_attention(q, k, v, mask)
     monkeypatch.undo()
     assert padded and padded[0][-1] == (0, 8)
     assert np.abs(np.array(got) - np.array(want)).max() < 1e-5

@@ -99,7 +99,7 @@ def main(argv=None):
     if opts.section == "_vision_reference":
         return vision_reference_main(opts)
     try:  # as load_model does: the MLX peers in this process share it
-        from ..cpu_memory import keep_freed_memory
+        from ..backends.cpu_memory import keep_freed_memory
         keep_freed_memory()
     except ImportError:
         pass

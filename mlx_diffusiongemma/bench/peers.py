@@ -244,7 +244,7 @@ def run_reference_child(path, prompt_len, max_tokens, steps, seed, vocab, malloc
 def reference_main(opts):
     """Child: DiffusionGemmaForBlockDiffusion.generate at `steps` denoising steps, early stop off."""
     if opts.reference_malloc:
-        from ..cpu_memory import set_malloc_thresholds
+        from ..backends.cpu_memory import set_malloc_thresholds
         set_malloc_thresholds()
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion

@@ -40,7 +40,7 @@ def expert_strategies(E, D, I, N, K, n=3):
         return (y.squeeze(-2) * wts[..., None]).sum(-2)
 
     def tiled():
-        from ..expert_tiles import tile_rows, tiled_experts
+        from ..backends.expert_tiles import tile_rows, tiled_experts
         gm = lambda w: lambda h, e: mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=e, sorted_indices=True)
         act = lambda h: nn.gelu_approx(h[..., :I]) * h[..., I:]
         y = tiled_experts(x, idx, gm(w1), gm(w2), act, E, tile_rows(idx.size, E))

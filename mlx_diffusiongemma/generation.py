@@ -1,4 +1,5 @@
-"""Block-diffusion generation with the reference sampler: `generate` and `stream_generate`."""
+"""Block-diffusion generation with the reference sampler: the denoising loop and
+`stream_generate`."""
 
 import time
 from dataclasses import dataclass
@@ -373,30 +374,6 @@ def stream_generate(
             decoder_forwards=forwards, tokens_per_forward=len(all_tokens) / max(forwards, 1),
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, stop_token=hit,
         )
-
-def generate(model: Model, tokenizer, prompt, verbose: bool = False, suffix=None, gap_length=None,
-             **kwargs) -> str:
-    """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats.
-    With `suffix`, fills the gap between `prompt` and `suffix` instead (raw text, no chat
-    template; `gap_length` tokens, default: the rest of the canvas) and returns the fill."""
-    if suffix is not None:
-        from .infill import Gap, infill
-
-        for k in ("apply_chat_template", "system_prompt", "enable_thinking"):
-            kwargs.pop(k, None)
-        result = infill(model, tokenizer, [prompt, Gap(gap_length), suffix], **kwargs)
-        if verbose:
-            print(result.text)
-        return result.fills[0]
-    text, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        if verbose:
-            print(last.text, end="", flush=True)
-        text += last.text
-    if verbose and last is not None:
-        print()
-        print_stats(last)
-    return text
 
 
 def print_stats(r: GenerationResponse, file=None):

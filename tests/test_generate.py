@@ -10,7 +10,8 @@ from transformers.models.diffusion_gemma import generation_diffusion_gemma as re
 
 import mlx_diffusiongemma.generation as gen
 from mlx_diffusiongemma import load_model
-from mlx_diffusiongemma.generation import generate, stream_generate
+from mlx_diffusiongemma.text import generate
+from mlx_diffusiongemma.generation import stream_generate
 
 NEAR_GREEDY = dict(t_min=1e-4, t_max=2e-4)
 REF_INIT = ref_gen.EntropyBoundSampler.initialize_canvas

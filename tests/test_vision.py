@@ -23,6 +23,7 @@ import mlx_diffusiongemma.generation as gen
 from mlx_diffusiongemma import batch_generate, load_model
 from mlx_diffusiongemma.image_processor import ImageProcessor, load_image
 from mlx_diffusiongemma.multimodal import vision_prompt
+from mlx_diffusiongemma.text import generate
 
 TOL = 1e-4
 IMG, BOI, EOI = (TINY_TOKENS[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id"))
@@ -303,7 +304,7 @@ def test_text_only_checkpoint_refuses_images(tiny, tmp_path):
                                     seed=0, eos_token_ids=[]))
     assert len(text[0].tokens) == 16  # a text-only conversion still generates
     with pytest.raises(ValueError, match="no vision tower"):
-        gen.generate(model, None, [2, 5, 6], images=[np.zeros((8, 8, 3), np.uint8)])
+        generate(model, None, [2, 5, 6], images=[np.zeros((8, 8, 3), np.uint8)])
     # a conversion keeps the tower, unquantized, and it loads
     q = load_model(convert(path, tmp_path / "q", quantize=True, q_group_size=32,
                            log=lambda *a: None))
@@ -394,8 +395,8 @@ def test_video_frames_are_laid_out_as_gemma4(tiny, tmp_path):
     assert list(runs) == [n] * 4  # each frame its own run
     assert vp.vision[TINY_VIDEO_TOKEN].shape[0] == 4 * n
     assert vp.ids[-2:] == [7, 8] and vp.ids[1:1 + 6] == tok.encode("00:00 ", False)
-    got = gen.generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2,
-                       seed=0)
+    got = generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2,
+                   seed=0)
     assert isinstance(got, str)
 
 

@@ -425,7 +425,7 @@ def test_full_tower_size_matches_the_release():
     from the module tree itself."""
     from mlx.utils import tree_flatten
 
-    from mlx_diffusiongemma.bench.vision import FULL_VISION, tower_bytes
+    from benchmarks.harness.vision import FULL_VISION, tower_bytes
     from mlx_diffusiongemma.config import VisionArgs
     from mlx_diffusiongemma.vision import VisionEmbedder, VisionTower
 

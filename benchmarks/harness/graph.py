@@ -8,18 +8,18 @@ second), traced through the Metal/CUDA code path (the default backend, backends/
 
 import time
 
-from .common import say
-from .models import default_quant, make_args, quantize_structure
-from .shapes import FULL_CANVAS, FULL_TEXT
+from mlx_diffusiongemma.bench.common import say
+from mlx_diffusiongemma.bench.models import default_quant, make_args, quantize_structure
+from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, FULL_TEXT
 
 
 def section_graph(opts, rep):
     import mlx.core as mx
 
-    from ..backends import DEFAULT, using
-    from ..cache import CanvasKV
-    from ..model import Model
-    from ..sampler import denoise_sample, stop_update
+    from mlx_diffusiongemma.backends import DEFAULT, using
+    from mlx_diffusiongemma.cache import CanvasKV
+    from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.sampler import denoise_sample, stop_update
 
     rep.header("graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path")
     args = make_args(FULL_TEXT)

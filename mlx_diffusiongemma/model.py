@@ -18,6 +18,10 @@ from .backends import attention, experts, final_softcap, gelu_glu, switch_matmul
 from .cache import CanvasKV, PromptCache
 from .config import ModelArgs
 
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
+CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
+
 
 class RMSNormNoScale(nn.Module):
     def __init__(self, eps: float):
@@ -287,6 +291,29 @@ class Model(nn.Module):
     def layers(self):
         return self.model.decoder.layers
 
+    def sanitize(self, weights: dict) -> dict:
+        """Maps checkpoint keys onto this model's parameter names. The encoder's text weights
+        are the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
+        args = self.args
+        out = {}
+        for key, value in weights.items():
+            if "rotary_emb" in key:
+                continue
+            if key.startswith(VISION_PREFIXES):
+                if args.vision is not None:
+                    out[_vision_key(key)] = value
+                continue
+            if key.startswith("model.encoder.language_model."):
+                if key.endswith(".layer_scalar"):
+                    out[key] = value
+                continue
+            if key == "lm_head.weight" and args.tie_word_embeddings:
+                continue
+            if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                key += ".weight"
+            out[key] = value
+        return out
+
     def make_cache(self) -> PromptCache:
         return PromptCache([self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window)
 
@@ -479,3 +506,11 @@ class Model(nn.Module):
             vision = {self.args.image_token_id: feats}
         cache = self.encode(mx.array(input_ids), self.make_cache(), vision=vision)
         return self.decode(mx.array(decoder_input_ids), cache, self_conditioning_logits)
+
+
+def _vision_key(key: str) -> str:
+    """The tower's linears as `<proj>.linear.weight`, also from a layout without the infix."""
+    path, name = key.rsplit(".", 1)
+    if name == "weight" and key.startswith(VISION_PREFIXES[0]) and path.endswith(CLIPPABLE):
+        return f"{path}.linear.{name}"
+    return key

@@ -209,7 +209,8 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
                     final[alive[j]] = step.argmax[j]
             if saved is not None:  # the prebuilt step is dropped: so are its K/V writes
                 cache.restore(saved)
-            step, cache = step.filter(keep), cache.subset(keep)
+            step = step.filter(keep)
+            cache.filter(keep)
             pins = None if pins is None else pins.filter(keep)
             alive = [alive[j] for j in keep]
             nxt = None  # it was built for every row: rebuilt for those left
@@ -260,7 +261,7 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
         if not keep or c == n_canvases - 1:
             return
         if len(keep) < len(active):
-            cache.select_rows(keep)
+            cache.filter(keep)
             committed = committed[mx.array(keep, dtype=mx.int32)]
             active = [active[j] for j in keep]
 

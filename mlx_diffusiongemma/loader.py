@@ -7,9 +7,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import backends
 from .checks import check_token_ids, describe, read_json
 from .config import ConfigError, ModelArgs
-from . import backends
 from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError, check_dtype, read_header
 from .sampler import SamplerSettings

@@ -2,7 +2,9 @@
 prompt KV cache) and as a bidirectional decoder (denoising a canvas against that cache).
 
 Mirrors transformers' `modeling_diffusion_gemma.py` (5.23); module paths equal the checkpoint's
-key names so Hugging Face and mlx-community files load without renaming.
+key names so Hugging Face and mlx-community files load without renaming. The few ops whose route
+depends on the backend (attention, gated GELU, the experts' gathered matmuls, the final softcap)
+come from backends/, which says which backend runs what.
 """
 
 import math
@@ -181,12 +183,13 @@ class Layer(nn.Module):
         self.mlp = MLP(D, args.intermediate_size)
         self.router = Router(args)
         self.experts = Experts(args)
-        for name in (
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm", "post_feedforward_layernorm_1",
-            "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2",
-        ):
-            setattr(self, name, nn.RMSNorm(D, eps=eps))
+        self.input_layernorm = nn.RMSNorm(D, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(D, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(D, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(D, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(D, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(D, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(D, eps=eps)
         # The decoder's scalar; the encoder passes its own (see EncoderLayerScalar).
         self.layer_scalar = mx.ones((1,))
 
@@ -265,7 +268,7 @@ class Backbone(nn.Module):
         self.encoder = Encoder(args)
 
 
-def embed_dtype(embed) -> mx.Dtype:
+def compute_dtype(embed) -> mx.Dtype:
     """The compute dtype of the (maybe quantized) embedding: mx-format modes (mxfp4, ...) keep
     uint8 scales, and their dequantized values come out in bfloat16."""
     if hasattr(embed, "scales"):
@@ -284,6 +287,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.embed_scale = math.sqrt(args.hidden_size)
+        self.path = None  # the checkpoint folder, set by load_model
         self.generation_config = {}  # the checkpoint's generation_config.json, set by load_model
         self.processor_config = {}  # its image processor's settings (max_soft_tokens), idem
 
@@ -320,7 +324,7 @@ class Model(nn.Module):
     def embed(self, ids):
         """Token embeddings times sqrt(hidden), in the embedding's dtype."""
         emb = self.model.decoder.embed_tokens
-        return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
+        return emb(ids) * mx.array(self.embed_scale, dtype=compute_dtype(emb))
 
     # ---- vision --------------------------------------------------------------------------
     @property
@@ -441,12 +445,12 @@ class Model(nn.Module):
     # ---- decoder -------------------------------------------------------------------------
     def soft_embeddings(self, logits: mx.array) -> mx.array:
         """softmax(logits) @ embedding * embed_scale: the self-conditioning signal, hidden-sized."""
-        dt = embed_dtype(self.model.decoder.embed_tokens)
+        dt = self.embed_dtype
         return self.soft_embeddings_from_probs(mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt))
 
     def soft_embeddings_from_probs(self, probs: mx.array) -> mx.array:
         emb = self.model.decoder.embed_tokens
-        dt = embed_dtype(emb)
+        dt = compute_dtype(emb)
         probs = probs.astype(dt)
         if hasattr(emb, "scales"):
             soft = mx.quantized_matmul(
@@ -459,7 +463,8 @@ class Model(nn.Module):
 
     @property
     def embed_dtype(self):
-        return embed_dtype(self.model.decoder.embed_tokens)
+        """The embedding's compute dtype: the self-conditioning probabilities' dtype."""
+        return compute_dtype(self.model.decoder.embed_tokens)
 
     def decode_hidden(self, canvas: mx.array, cache, soft_embeds=None) -> mx.array:
         """Bidirectional pass of the canvas over the cached prefix; the cache is not written.

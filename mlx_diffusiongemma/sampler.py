@@ -12,7 +12,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .backends import DEFAULT, Backend, selected
+from . import backends
+from .backends import DEFAULT, Backend
 from .checks import check_int, check_number, check_object
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
@@ -241,7 +242,7 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
         k_sample, k_noise = mx.random.split(key)
         u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
         noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
-    backend = selected()
+    backend = backends.selected()
     key_ = (probs_dtype, backend, bool(softcap))
     fn = _position_compiled.get(key_)
     if fn is None:

@@ -2,7 +2,7 @@
 goes, how the graph builds, the server under load, and comparisons with the transformers
 reference, mlx-vlm and mlx-lm. Run from a checkout's root:
 
-    python -m benchmarks.harness peers    # mid shape: ours vs transformers vs mlx-vlm, and mlx-lm AR
+    python -m benchmarks.harness peers    # mid shape: ours vs transformers, mlx-vlm, mlx-lm AR
     python -m benchmarks.harness profile  # mid shape: where our decoder step spends its time
     python -m benchmarks.harness graph    # full shape: Python time to build one step's graph
     python -m benchmarks.harness serve    # the server: N requests at once vs in turn

@@ -14,4 +14,5 @@ SECTIONS = {"peers": section_peers, "profile": section_profile, "graph": section
 CHILDREN = {"_reference": reference_main, "_vision_reference": vision_reference_main}
 
 if __name__ == "__main__":
-    main(sections=SECTIONS, children=CHILDREN, prog="python -m benchmarks.harness", entry=ENTRY, doc=DOC)
+    main(sections=SECTIONS, children=CHILDREN, prog="python -m benchmarks.harness", entry=ENTRY,
+         doc=DOC)

@@ -1,8 +1,9 @@
 """Which backend runs what.
 
-model.py, vision.py and sampler.py call the operations below and nothing backend-specific. Each
-has one default, what Metal and CUDA run (`Backend`, default.py); the CPU backend
-(`CpuBackend`, cpu.py) replaces some with routes of its own:
+model.py and sampler.py call the operations below and nothing backend-specific (vision.py calls
+them too, and still pads head dims for mx.fast's kernels itself off the CPU). Each has one
+default, what Metal and CUDA run (`Backend`, default.py); the CPU backend (`CpuBackend`, cpu.py)
+replaces some with routes of its own:
 
   operation         Metal, CUDA (default.py)                 CPU (cpu.py)
   final_softcap     tanh(x / cap) * cap, one compiled pass   the same, one slice of rows per core

@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "ModelArgs": "config", "Model": "model", "GenerationResponse": "generation",
-    "batch_generate": "batch", "generate": "generation", "infill": "infill", "load": "loader",
+    "batch_generate": "batch", "generate": "text", "infill": "infill", "load": "loader",
     "load_model": "loader", "make_prompt_cache": "generation", "stream_generate": "generation",
 }
 __all__ = list(_EXPORTS)

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .generation import (
-    _check_context, _check_ids, block_generate, eos_ids_for, prompt_ids, resolve_settings,
+    block_generate, check_context, check_ids, eos_ids_for, prompt_ids, resolve_settings,
 )
 from .model import Model
 from .sampler import random_key
@@ -70,9 +70,9 @@ def batch_generate(
         for token, f in (feats or {}).items():  # row-major: the order the encoder reads them
             vision[token] = f if token not in vision else mx.concatenate([vision[token], f])
     for r in rows:
-        _check_ids(model, r)
+        check_ids(model, r)
     longest = max(len(r) for r in rows)
-    _check_context(model, longest, 0, settings)
+    check_context(model, longest, 0, settings)
     pad = model.args.pad_token_id or 0
     ids = mx.array([[pad] * (longest - len(r)) + r for r in rows], dtype=mx.int32)
     mask = mx.array([[False] * (longest - len(r)) + [True] * len(r) for r in rows])

@@ -1,5 +1,5 @@
-"""`python -m mlx_diffusiongemma.benchmark SECTION`: the benchmarks of issue 6. The code, and how
-to run it, is in the package mlx_diffusiongemma/bench/."""
+"""`python -m mlx_diffusiongemma.benchmark SECTION`: what the model costs on this machine. The
+code, and how to run it, is in the package mlx_diffusiongemma/bench/."""
 
 from .bench.cli import main
 

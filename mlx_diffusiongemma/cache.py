@@ -63,7 +63,7 @@ class PromptCache:
         n = self.layer_len(layer)
         return self.valid[:, self.valid.shape[1] - n :]
 
-    def select_rows(self, rows):
+    def filter(self, rows):
         """Keeps only the given batch rows (finished rows leave the batch between canvases)."""
         idx = mx.array(rows, dtype=mx.int32)
         self.keys = [None if k is None else k[idx] for k in self.keys]
@@ -73,7 +73,7 @@ class PromptCache:
 
     def copy(self) -> "PromptCache":
         """An independent cache holding the same positions. Cheap: the arrays are shared, and
-        `store` / `select_rows` replace arrays rather than write into them."""
+        `store` / `filter` replace arrays rather than write into them."""
         new = copy.copy(self)
         new.keys, new.values = list(self.keys), list(self.values)
         return new
@@ -172,10 +172,9 @@ class CanvasKV:
     def restore(self, snapshot):
         self.keys, self.values = list(snapshot[0]), list(snapshot[1])
 
-    def subset(self, rows) -> "CanvasKV":
+    def filter(self, rows):
+        """Keeps only the given batch rows (rows that stop denoising leave the batch)."""
         idx = mx.array(rows, dtype=mx.int32)
-        sub = copy.copy(self)
-        sub.keys = [None if a is None else a[idx] for a in self.keys]
-        sub.values = [None if a is None else a[idx] for a in self.values]
-        sub.masks = [None if a is None else a[idx] for a in self.masks]
-        return sub
+        self.keys = [None if a is None else a[idx] for a in self.keys]
+        self.values = [None if a is None else a[idx] for a in self.values]
+        self.masks = [None if a is None else a[idx] for a in self.masks]

@@ -29,11 +29,10 @@ from . import quant
 from .cli import OneLineParser, run_cli
 from .config import ModelArgs
 from .loader import (
-    TOKENIZER_FILES, TOKENIZER_PATTERNS, VISION_PREFIXES, WEIGHT_PATTERNS, ModelNotFoundError,
-    check_weights, load_generation_config, read_config, read_headers, resolve_path, sanitize,
-    weight_files,
+    TOKENIZER_FILES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError, check_weights,
+    load_generation_config, read_config, read_headers, resolve_path, weight_files,
 )
-from .model import Model
+from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -126,7 +125,7 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
                 continue
             # The text tree goes through the loader's own mapping (drops tied copies and rotary
             # buffers, names the expert weights), so whatever it writes, it loads.
-            out = {key: value} if vision else sanitize({key: value}, args)
+            out = {key: value} if vision else model.sanitize({key: value})
             for name, arr in out.items():
                 n_params += arr.size
                 if not vision:

@@ -1,4 +1,5 @@
-"""Block-diffusion generation with the reference sampler: `generate` and `stream_generate`."""
+"""Block-diffusion generation with the reference sampler: the denoising loop and
+`stream_generate`."""
 
 import time
 from dataclasses import dataclass
@@ -6,6 +7,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .backends import selected
 from .cache import CanvasKV
 from .model import Model
 from .sampler import SamplerSettings, denoise_sample, random_key, stop_update, temperature
@@ -48,6 +50,11 @@ class Pins:
 
     mask: mx.array
     tokens: mx.array
+
+    def filter(self, keep: List[int]) -> "Pins":
+        """The pins of the rows `keep`."""
+        idx = mx.array(keep, dtype=mx.int32)
+        return Pins(self.mask[idx], self.tokens[idx])
 
 
 def init_canvas(key, batch: int, length: int, vocab: int) -> mx.array:
@@ -102,11 +109,6 @@ def eos_ids_for(model: Model, tokenizer, eos_token_ids=None) -> List[int]:
     return sorted(set(int(e) for e in (eos_token_ids or [])))
 
 
-# Build the next denoising step before this one's stop test: None = on Metal and CUDA (see
-# denoise_canvas); True / False force it (measurements).
-PREBUILD: Optional[bool] = None
-
-
 @dataclass
 class _Step:
     """One denoising step's (lazy) outputs, and the key the next step splits."""
@@ -119,6 +121,14 @@ class _Step:
     finished: mx.array
     history: Optional[mx.array]
     key: Union[mx.array, List[mx.array]]
+
+    def filter(self, keep: List[int]) -> "_Step":
+        """The rows `keep` of this step: what the next step reads of them."""
+        idx = mx.array(keep, dtype=mx.int32)
+        history = None if self.history is None else self.history[:, idx]
+        key = [self.key[j] for j in keep] if isinstance(self.key, list) else self.key
+        return _Step(self.canvas[idx], self.argmax[idx], self.entropy[idx], self.accepted[idx],
+                     self.probs[idx], self.finished[idx], history, key)
 
 
 def split_keys(key):
@@ -143,43 +153,44 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
     self-conditioning signal (hidden-sized) only when a next step follows. A row that stops early
     keeps its result and leaves the batch (the reference freezes it and keeps computing it).
 
-    On Metal and CUDA the next step's graph is built before waiting for this one (building a
-    30-layer graph in Python takes milliseconds, as long as a whole step there) and handed to the
-    device once this step says it does not stop: nothing is computed that is not used. On the CPU
-    the forward itself syncs (expert tiles), so it is built after the test."""
+    Where the backend says so (`prebuild_steps`: Metal and CUDA) the next step's graph is built
+    before waiting for this one (building a 30-layer graph in Python takes milliseconds, as long
+    as a whole step there) and handed to the device once this step says it does not stop:
+    nothing is computed that is not used. On the CPU the forward itself syncs (expert tiles), so
+    it is built after the test."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
     bound = mx.array(settings.entropy_bound, dtype=mx.float32)
-    pin_mask = pin_tokens = None
     if pins is not None:
-        pin_mask, pin_tokens = pins.mask, pins.tokens.astype(mx.int32)
-        canvas = mx.where(pin_mask, pin_tokens, canvas)
+        pins = Pins(pins.mask, pins.tokens.astype(mx.int32))
+        canvas = mx.where(pins.mask, pins.tokens, canvas)
     history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
     alive = list(range(B))  # original rows still denoising
     final = [None] * B
     cache = CanvasKV(cache, C)  # the prefix K/V, copied once for all steps of this canvas
-    prebuild = PREBUILD if PREBUILD is not None else mx.default_device() != mx.cpu
+    prebuild = selected().prebuild_steps
 
-    def build(canvas, soft, history, key, remaining):
+    def build_step(canvas, soft, history, key, remaining):
         logits = model.decode(canvas, cache, soft_embeds=soft, softcap=False)
         key, sub = split_keys(key)
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
+        pin_mask, pin_tokens = (None, None) if pins is None else (pins.mask, pins.tokens)
         canvas, argmax, entropy, accepted, probs = denoise_sample(
             logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype,
             softcap=model.args.final_logit_softcapping)
         finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
         return _Step(canvas, argmax, entropy, accepted, probs, finished, history, key)
 
-    def follow(step, remaining):
-        return build(step.canvas, model.soft_embeddings_from_probs(step.probs), step.history, step.key,
-                     remaining)
+    def build_next_step(step, remaining):
+        soft = model.soft_embeddings_from_probs(step.probs)  # self-conditioning
+        return build_step(step.canvas, soft, step.history, step.key, remaining)
 
-    step, steps = build(canvas, None, history, key, N), 0
+    step, steps = build_step(canvas, None, history, key, N), 0
     for remaining in range(N, 0, -1):
         nxt = saved = None
         if prebuild and remaining > 1:
             saved = cache.snapshot()
-            nxt = follow(step, remaining - 1)
+            nxt = build_next_step(step, remaining - 1)
         mx.eval(step.canvas, step.argmax, step.finished, *(() if step.history is None else (step.history,)))
         steps += 1
         stopped = step.finished.tolist()
@@ -198,17 +209,12 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
                     final[alive[j]] = step.argmax[j]
             if saved is not None:  # the prebuilt step is dropped: so are its K/V writes
                 cache.restore(saved)
-            idx = mx.array(keep, dtype=mx.int32)
-            step.canvas, step.argmax, step.probs = step.canvas[idx], step.argmax[idx], step.probs[idx]
-            step.history = None if step.history is None else step.history[:, idx]
-            if isinstance(step.key, list):
-                step.key = [step.key[j] for j in keep]
-            if pin_mask is not None:
-                pin_mask, pin_tokens = pin_mask[idx], pin_tokens[idx]
-            cache = cache.subset(keep)
+            step = step.filter(keep)
+            cache.filter(keep)
+            pins = None if pins is None else pins.filter(keep)
             alive = [alive[j] for j in keep]
             nxt = None  # it was built for every row: rebuilt for those left
-        step = nxt if nxt is not None else follow(step, remaining - 1)
+        step = nxt if nxt is not None else build_next_step(step, remaining - 1)
     for j, r in enumerate(alive):
         final[r] = step.argmax[j]
     return mx.stack(final), steps
@@ -255,7 +261,7 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
         if not keep or c == n_canvases - 1:
             return
         if len(keep) < len(active):
-            cache.select_rows(keep)
+            cache.filter(keep)
             committed = committed[mx.array(keep, dtype=mx.int32)]
             active = [active[j] for j in keep]
 
@@ -269,7 +275,8 @@ def resolve_settings(model: Model, **kw) -> SamplerSettings:
     return SamplerSettings.resolve(model.generation_config, **kw)
 
 
-def _check_context(model: Model, n_prompt: int, cache_len: int, settings: SamplerSettings):
+def check_context(model: Model, n_prompt: int, cache_len: int, settings: SamplerSettings):
+    """The prompt, what the cache holds and the canvases to generate fit the model's context."""
     args = model.args
     total = cache_len + n_prompt + -(-settings.max_tokens // args.canvas_length) * args.canvas_length
     if total > args.max_position_embeddings:
@@ -279,7 +286,8 @@ def _check_context(model: Model, n_prompt: int, cache_len: int, settings: Sample
         )
 
 
-def _check_ids(model: Model, ids: Sequence[int]):
+def check_ids(model: Model, ids: Sequence[int]):
+    """Every prompt id is in the vocabulary."""
     V = model.args.vocab_size
     if max(ids) >= V or min(ids) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {V})")
@@ -329,9 +337,9 @@ def stream_generate(
     )
     ids, vision = prompt_ids(model, tokenizer, prompt, images, videos, system_prompt,
                              enable_thinking, apply_chat_template, image_soft_tokens)
-    _check_ids(model, ids)
+    check_ids(model, ids)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
-    _check_context(model, len(ids), cache.offset, settings)
+    check_context(model, len(ids), cache.offset, settings)
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
     key = random_key(seed)
     C = model.args.canvas_length
@@ -376,30 +384,6 @@ def stream_generate(
             decoder_forwards=forwards, tokens_per_forward=len(all_tokens) / max(forwards, 1),
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, stop_token=hit,
         )
-
-def generate(model: Model, tokenizer, prompt, verbose: bool = False, suffix=None, gap_length=None,
-             **kwargs) -> str:
-    """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats.
-    With `suffix`, fills the gap between `prompt` and `suffix` instead (raw text, no chat
-    template; `gap_length` tokens, default: the rest of the canvas) and returns the fill."""
-    if suffix is not None:
-        from .infill import Gap, infill
-
-        for k in ("apply_chat_template", "system_prompt", "enable_thinking"):
-            kwargs.pop(k, None)
-        result = infill(model, tokenizer, [prompt, Gap(gap_length), suffix], **kwargs)
-        if verbose:
-            print(result.text)
-        return result.fills[0]
-    text, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        if verbose:
-            print(last.text, end="", flush=True)
-        text += last.text
-    if verbose and last is not None:
-        print()
-        print_stats(last)
-    return text
 
 
 def print_stats(r: GenerationResponse, file=None):

@@ -7,10 +7,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import backends
 from .checks import check_token_ids, describe, read_json
 from .config import ConfigError, ModelArgs
-from .cpu_memory import keep_freed_memory
-from .model import Model
+from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError, check_dtype, read_header
 from .sampler import SamplerSettings
 
@@ -18,9 +18,6 @@ WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors"
 TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model",
                       "processor_config.json", "preprocessor_config.json"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-# The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
-CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -88,37 +85,6 @@ def weight_files(path: Path) -> list:
 def _plain_name(name: str) -> bool:
     """A file name inside the folder: no separators, no `..`, not hidden."""
     return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
-
-
-def sanitize(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, mx.array]:
-    """Maps checkpoint keys onto this model's parameter names. The encoder's text weights are
-    the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
-    out = {}
-    for key, value in weights.items():
-        if "rotary_emb" in key:
-            continue
-        if key.startswith(VISION_PREFIXES):
-            if args.vision is not None:
-                out[_vision_key(key)] = value
-            continue
-        if key.startswith("model.encoder.language_model."):
-            if key.endswith(".layer_scalar"):
-                out[key] = value
-            continue
-        if key == "lm_head.weight" and args.tie_word_embeddings:
-            continue
-        if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            key += ".weight"
-        out[key] = value
-    return out
-
-
-def _vision_key(key: str) -> str:
-    """The tower's linears as `<proj>.linear.weight`, also from a layout without the infix."""
-    path, name = key.rsplit(".", 1)
-    if name == "weight" and key.startswith(VISION_PREFIXES[0]) and path.endswith(CLIPPABLE):
-        return f"{path}.linear.{name}"
-    return key
 
 
 def has_vision_weights(keys) -> bool:
@@ -204,17 +170,18 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
     """Loads a DiffusionGemma checkpoint (local folder or hub id) into an MLX `Model`.
 
     `dtype` casts floating-point weights (e.g. `mx.float32` for CPU work); quantized weights keep
-    their packing. The shared encoder/decoder weights exist once in memory."""
+    their packing. The shared encoder/decoder weights exist once in memory. The backend
+    (backends/) is selected here, for MLX's default device."""
     path = resolve_path(path_or_hub_id)
     config = read_config(path)
     args = ModelArgs.from_config(config)
     generation_config = load_generation_config(path)
-    keep_freed_memory()
+    backends.select().setup()
     weights = load_weights_lazily(path, vision=args.vision is not None)
     if args.vision is not None and not has_vision_weights(weights):
         args.vision = None  # the config names a tower its weights leave out: load text-only
-    weights = sanitize(weights, args)
     model = Model(args)
+    weights = model.sanitize(weights)
     if args.quantization:
         _quantize(model, args, weights.keys())
     check_weights(model, weights)

@@ -2,7 +2,9 @@
 prompt KV cache) and as a bidirectional decoder (denoising a canvas against that cache).
 
 Mirrors transformers' `modeling_diffusion_gemma.py` (5.23); module paths equal the checkpoint's
-key names so Hugging Face and mlx-community files load without renaming.
+key names so Hugging Face and mlx-community files load without renaming. The few ops whose route
+depends on the backend (attention, gated GELU, the experts' gathered matmuls, the final softcap)
+come from backends/, which says which backend runs what.
 """
 
 import math
@@ -14,12 +16,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from .backend import cpu_strategies
+from .backends import attention, experts, final_softcap, gelu_glu, switch_matmul
 from .cache import CanvasKV, PromptCache
-from . import cpu_math
 from .config import ModelArgs
-from .cpu_streams import row_parallel
-from .expert_tiles import tile_rows, tiled_experts
+
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
+CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
 
 
 class RMSNormNoScale(nn.Module):
@@ -102,82 +105,6 @@ class Attention(nn.Module):
         return self.o_proj(out), (keys, values)
 
 
-@partial(mx.compile, shapeless=True)
-def softcap_fp32(logits, cap):
-    """The final softcap in float32, as the reference: one fused pass over the vocabulary."""
-    return mx.tanh(logits.astype(mx.float32) / cap) * cap
-
-
-def final_softcap(logits, cap: float):
-    """tanh(logits / cap) * cap in float32; row-parallel on the CPU (cpu_streams.py)."""
-    return row_parallel(softcap_fp32, (logits, mx.array(cap, dtype=mx.float32)), (-2, None))
-
-
-def gelu_glu(gate, up, axis=-2):
-    """gelu(gate, tanh approximation) * up. On the CPU, where MLX's tanh is scalar, from a fused
-    polynomial exp (cpu_math.py), in cache-sized slices along `axis` (cpu_streams.py)."""
-    if cpu_strategies():
-        return row_parallel(cpu_math.gelu_glu, (gate, up), (axis, axis), cache_sized=True)
-    return nn.gelu_approx(gate) * up
-
-
-def attention(q, keys, values, mask):
-    """Scaled dot-product attention (scale 1: the q/k norms take its place). Metal and CUDA run
-    mx.fast.scaled_dot_product_attention; the CPU runs `attention_cpu` in float32."""
-    if cpu_strategies() and q.dtype == mx.float32:
-        return attention_cpu(q, keys, values, mask)
-    return _sdpa(q, keys, values, mask)
-
-
-def _sdpa(q, keys, values, mask):
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-
-
-# attention_cpu's score temporaries (a few arrays of this many float32s at most) are bounded by
-# running it over blocks of queries: 64 MB each, where a 2048-token prefill chunk of a full-width
-# full-attention layer would hold ~0.5 GB per array.
-ATTENTION_CHUNK_ELEMENTS = 1 << 24
-
-
-def attention_cpu(q, keys, values, mask):
-    """The CPU's attention: the two matmuls whole on one stream (BLAS uses every core), the
-    softmax from the polynomial exp (cpu_math.py) in cache-sized row slices across the cores
-    (cpu_streams.py). mx.fast's CPU path is the same matmul / softmax / matmul, but its softmax
-    uses MLX's scalar exp: on a 2-core Xeon ~80% of a decoder layer's attention time (20 of
-    25 ms at the mid benchmark shape; 14 ms with this)."""
-    B, H, L, D = q.shape
-    Hk, S = keys.shape[1], keys.shape[2]
-    if mask is not None and mask.ndim == 3:  # (H | 1, L | 1, S)
-        mask = mask[None]
-    if mask is not None and mask.ndim == 4:  # (B | 1, H | 1, L | 1, S): heads grouped as the scores
-        m = mask.shape
-        mask = mask.reshape(m[0], Hk, H // Hk, *m[2:]) if m[1] == H else mx.expand_dims(mask, 2)
-    q = q.reshape(B, Hk, H // Hk, L, D)
-    keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]
-    per_query = B * H * S
-    step = max(1, ATTENTION_CHUNK_ELEMENTS // per_query)
-    outs = []
-    for lo in range(0, L, step):
-        m = mask
-        if m is not None and m.ndim >= 2 and m.shape[-2] == L and L > step:
-            m = m[..., lo : lo + step, :]
-        outs.append(_attention_block(q[..., lo : lo + step, :], keys_t, values, m))
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
-    return out.reshape(B, H, L, -1)
-
-
-def _attention_block(q, keys_t, values, mask):
-    s = q @ keys_t  # (B, Hk, H/Hk, L, S)
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            s = mx.where(mask, s, mx.array(-mx.inf, dtype=s.dtype))
-        else:
-            s = s + mask.astype(s.dtype)
-    shape = s.shape
-    p = row_parallel(cpu_math.softmax, (s.reshape(-1, shape[-1]),), (0,), cache_sized=True)
-    return p.reshape(shape) @ values
-
-
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -211,17 +138,6 @@ class Router(nn.Module):
         return idx, w
 
 
-def switch_matmul(linear, x, idx, sorted_indices):
-    """mlx-lm's (quantized) SwitchLinear, except that unquantized non-float32 weights on the CPU
-    run in float32: MLX's CPU gathered matmul takes float32 only (Metal and CUDA run natively)."""
-    w = getattr(linear, "weight", None)  # None for LoRA-wrapped experts (they cast themselves)
-    if w is None or hasattr(linear, "scales") or w.dtype == mx.float32 or mx.default_device() != mx.cpu:
-        return linear(x, idx, sorted_indices=sorted_indices)
-    y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
-                     rhs_indices=idx, sorted_indices=sorted_indices)
-    return y.astype(x.dtype)
-
-
 class Experts(nn.Module):
     """All experts as two stacked (gathered) matmuls: fused gate|up, then down."""
 
@@ -236,28 +152,14 @@ class Experts(nn.Module):
         x = x.reshape(-1, shape[-1])
         idx = idx.reshape(-1, idx.shape[-1])
         weights = weights.reshape(idx.shape)
-        E = self.gate_up_proj.num_experts
-        # The CPU's gathered matmul is one GEMM per batch element: give it tiles of rows that
-        # share an expert (expert_tiles.py). Metal and CUDA keep the row layout, and so does the
-        # CPU's quantized one, whose cost follows the rows, padding included (measured 1.5-2x
-        # slower tiled).
-        tiles_pay = cpu_strategies() and not hasattr(self.gate_up_proj, "scales")
-        tile = tile_rows(idx.size, E) if tiles_pay else 0
-        if tile:
-            y = tiled_experts(
-                x, idx,
-                lambda h, e: switch_matmul(self.gate_up_proj, h, e, True),
-                lambda h, e: switch_matmul(self.down_proj, h, e, True),
-                self._act, E, tile,
-            )
-        else:
-            y = self._sorted_rows(x, idx)
+        y = experts(self, x, idx)  # (N, k, D), in the backend's row layout (backends/)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(shape)
 
-    def _act(self, h):
+    def activation(self, h):
+        """gate|up halves -> the down projection's input; rows along the first axis."""
         return gelu_glu(h[..., : self.inter], h[..., self.inter :], axis=0)
 
-    def _sorted_rows(self, x, idx):
+    def sorted_rows(self, x, idx):
         """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively."""
         x = mx.expand_dims(x, (-2, -3))
         # Sorting rows by expert makes the gathered matmul read each expert's weights once.
@@ -266,7 +168,7 @@ class Experts(nn.Module):
         sidx = idx
         if do_sort:
             x, sidx, inv = _gather_sort(x, idx)
-        h = self._act(switch_matmul(self.gate_up_proj, x, sidx, do_sort))
+        h = self.activation(switch_matmul(self.gate_up_proj, x, sidx, do_sort))
         y = switch_matmul(self.down_proj, h, sidx, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
@@ -281,12 +183,13 @@ class Layer(nn.Module):
         self.mlp = MLP(D, args.intermediate_size)
         self.router = Router(args)
         self.experts = Experts(args)
-        for name in (
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-            "post_feedforward_layernorm", "post_feedforward_layernorm_1",
-            "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2",
-        ):
-            setattr(self, name, nn.RMSNorm(D, eps=eps))
+        self.input_layernorm = nn.RMSNorm(D, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(D, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(D, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(D, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(D, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(D, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(D, eps=eps)
         # The decoder's scalar; the encoder passes its own (see EncoderLayerScalar).
         self.layer_scalar = mx.ones((1,))
 
@@ -365,7 +268,7 @@ class Backbone(nn.Module):
         self.encoder = Encoder(args)
 
 
-def embed_dtype(embed) -> mx.Dtype:
+def compute_dtype(embed) -> mx.Dtype:
     """The compute dtype of the (maybe quantized) embedding: mx-format modes (mxfp4, ...) keep
     uint8 scales, and their dequantized values come out in bfloat16."""
     if hasattr(embed, "scales"):
@@ -384,6 +287,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.embed_scale = math.sqrt(args.hidden_size)
+        self.path = None  # the checkpoint folder, set by load_model
         self.generation_config = {}  # the checkpoint's generation_config.json, set by load_model
         self.processor_config = {}  # its image processor's settings (max_soft_tokens), idem
 
@@ -391,13 +295,36 @@ class Model(nn.Module):
     def layers(self):
         return self.model.decoder.layers
 
+    def sanitize(self, weights: dict) -> dict:
+        """Maps checkpoint keys onto this model's parameter names. The encoder's text weights
+        are the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
+        args = self.args
+        out = {}
+        for key, value in weights.items():
+            if "rotary_emb" in key:
+                continue
+            if key.startswith(VISION_PREFIXES):
+                if args.vision is not None:
+                    out[_vision_key(key)] = value
+                continue
+            if key.startswith("model.encoder.language_model."):
+                if key.endswith(".layer_scalar"):
+                    out[key] = value
+                continue
+            if key == "lm_head.weight" and args.tie_word_embeddings:
+                continue
+            if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                key += ".weight"
+            out[key] = value
+        return out
+
     def make_cache(self) -> PromptCache:
         return PromptCache([self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window)
 
     def embed(self, ids):
         """Token embeddings times sqrt(hidden), in the embedding's dtype."""
         emb = self.model.decoder.embed_tokens
-        return emb(ids) * mx.array(self.embed_scale, dtype=embed_dtype(emb))
+        return emb(ids) * mx.array(self.embed_scale, dtype=compute_dtype(emb))
 
     # ---- vision --------------------------------------------------------------------------
     @property
@@ -518,12 +445,12 @@ class Model(nn.Module):
     # ---- decoder -------------------------------------------------------------------------
     def soft_embeddings(self, logits: mx.array) -> mx.array:
         """softmax(logits) @ embedding * embed_scale: the self-conditioning signal, hidden-sized."""
-        dt = embed_dtype(self.model.decoder.embed_tokens)
+        dt = self.embed_dtype
         return self.soft_embeddings_from_probs(mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt))
 
     def soft_embeddings_from_probs(self, probs: mx.array) -> mx.array:
         emb = self.model.decoder.embed_tokens
-        dt = embed_dtype(emb)
+        dt = compute_dtype(emb)
         probs = probs.astype(dt)
         if hasattr(emb, "scales"):
             soft = mx.quantized_matmul(
@@ -536,7 +463,8 @@ class Model(nn.Module):
 
     @property
     def embed_dtype(self):
-        return embed_dtype(self.model.decoder.embed_tokens)
+        """The embedding's compute dtype: the self-conditioning probabilities' dtype."""
+        return compute_dtype(self.model.decoder.embed_tokens)
 
     def decode_hidden(self, canvas: mx.array, cache, soft_embeds=None) -> mx.array:
         """Bidirectional pass of the canvas over the cached prefix; the cache is not written.
@@ -583,3 +511,11 @@ class Model(nn.Module):
             vision = {self.args.image_token_id: feats}
         cache = self.encode(mx.array(input_ids), self.make_cache(), vision=vision)
         return self.decode(mx.array(decoder_input_ids), cache, self_conditioning_logits)
+
+
+def _vision_key(key: str) -> str:
+    """The tower's linears as `<proj>.linear.weight`, also from a layout without the infix."""
+    path, name = key.rsplit(".", 1)
+    if name == "weight" and key.startswith(VISION_PREFIXES[0]) and path.endswith(CLIPPABLE):
+        return f"{path}.linear.{name}"
+    return key

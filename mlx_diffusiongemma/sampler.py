@@ -2,8 +2,8 @@
 MLX functions. One compiled graph per denoising step does all the vocabulary-sized work: the
 final softcap, then one argmax, one exp and one block-sum pass give the entropy, an exact
 inverse-CDF sample and the self-conditioning probabilities; everything after that is
-canvas-sized. On the CPU it runs in cache-sized slices on one stream per core with a polynomial
-exp (cpu_streams.py, cpu_math.py)."""
+canvas-sized. Its exp, tanh and softmax, and how the pass is sliced over the canvas, are the
+backend's (backends/)."""
 
 import time
 from dataclasses import dataclass, fields
@@ -12,9 +12,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import cpu_math
+from . import backends
+from .backends import DEFAULT, Backend
 from .checks import check_int, check_number, check_object
-from .cpu_streams import row_parallel
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = dict(
@@ -124,21 +124,21 @@ def entropy_accept(entropy: mx.array, bound) -> mx.array:
     return mx.take_along_axis(selected, rank, axis=-1)
 
 
-def tempered_stats(logits: mx.array, temp, fast_math: bool = False):
+def tempered_stats(logits: mx.array, temp, backend: Backend = DEFAULT):
     """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
     e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
     where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
     catastrophically there). Returns (argmax, e, s, entropy)."""
-    argmax, e, s, _, entropy = _tempered(logits, temp, fast_math)
+    argmax, e, s, _, entropy = _tempered(logits, temp, backend)
     return argmax, e, s, entropy
 
 
-def _tempered(logits, temp, fast_math):
+def _tempered(logits, temp, backend):
     logits = logits.astype(mx.float32)
     argmax = mx.argmax(logits, axis=-1)
     # max(x) is x at the argmax (t > 0): one pass over the vocabulary gives both.
     z = (logits - mx.take_along_axis(logits, argmax[..., None], axis=-1)) / temp
-    e = cpu_math.exp(z) if fast_math else mx.exp(z)
+    e = backend.exp(z)
     s, blocks = _sum_with_blocks(e)
     entropy = mx.log(s[..., 0]) - (e * z).sum(axis=-1) / s[..., 0]
     return argmax.astype(mx.int32), e, s, blocks, entropy
@@ -176,23 +176,22 @@ def inverse_cdf_sample(e, blocks, target):
     return (j * b + mx.minimum(k, b - 1))[..., 0].astype(mx.int32)
 
 
-def _position_pass(logits, temp, u, cap, probs_dtype, fast_math):
+def _position_pass(logits, temp, u, cap, probs_dtype, backend):
     """The vocabulary-sized work for some canvas positions: entropy, an inverse-CDF sample (one
     uniform draw `u` per position, not one per vocabulary entry; exact for softmax(x), as
     torch.multinomial is), the argmax and the next step's self-conditioning probabilities, all
-    from one argmax, one exp and one block-sum pass. `fast_math`: the CPU's exp and tanh (cpu_math.py).
+    from one argmax, one exp and one block-sum pass, with the backend's exp and tanh.
     `cap`: the final softcap to apply first (None: the logits are final)."""
     if cap is not None:  # as the model's softcap: float32 tanh(logits / cap) * cap
-        tanh = cpu_math.tanh if fast_math else mx.tanh
-        logits = tanh(logits.astype(mx.float32) / cap) * cap
-    argmax, e, s, blocks, entropy = _tempered(logits, temp, fast_math)
+        logits = backend.tanh(logits.astype(mx.float32) / cap) * cap
+    argmax, e, s, blocks, entropy = _tempered(logits, temp, backend)
     sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
     if probs_dtype == mx.float32:
         probs = e / s
     else:
-        probs = self_conditioning_probs(logits, temp, probs_dtype, fast_math, argmax)
+        probs = self_conditioning_probs(logits, temp, probs_dtype, backend, argmax)
     return entropy, sample, argmax, probs
 
 
@@ -212,20 +211,13 @@ _position_compiled = {}
 CHUNK_ELEMENTS = 1 << 24
 
 
-def self_conditioning_probs(logits, temp, dtype, fast_math=False, argmax=None):
+def self_conditioning_probs(logits, temp, dtype, backend: Backend = DEFAULT, argmax=None):
     """softmax of the tempered logits in `dtype`, the reference's self-conditioning input: it
     casts the tempered logits to the embedding dtype, softmaxes in float32 and casts again.
-    With `fast_math` (the CPU) the softmax is written out with cpu_math.exp, and the maximum
-    taken at `argmax` when given (rounding to `dtype` keeps the order: no extra max pass)."""
+    `argmax` (where the maximum is) spares a backend that writes the softmax out a max pass:
+    rounding to `dtype` keeps the order."""
     x = (logits.astype(mx.float32) / temp).astype(dtype).astype(mx.float32)
-    if not fast_math:
-        return mx.softmax(x, axis=-1).astype(dtype)
-    if argmax is None:
-        top = mx.max(x, axis=-1, keepdims=True)
-    else:
-        top = mx.take_along_axis(x, argmax[..., None].astype(mx.int32), axis=-1)
-    e = cpu_math.exp(x - top)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(dtype)
+    return backend.softmax(x, argmax).astype(dtype)
 
 
 def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32,
@@ -250,19 +242,19 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
         k_sample, k_noise = mx.random.split(key)
         u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
         noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
-    fast_math = mx.default_device() == mx.cpu
-    key_ = (probs_dtype, fast_math, bool(softcap))
+    backend = backends.selected()
+    key_ = (probs_dtype, backend, bool(softcap))
     fn = _position_compiled.get(key_)
     if fn is None:
         if softcap:
-            fn = partial(_position_pass, probs_dtype=probs_dtype, fast_math=fast_math)
+            fn = partial(_position_pass, probs_dtype=probs_dtype, backend=backend)
         else:
-            fn = partial(_position_pass, cap=None, probs_dtype=probs_dtype, fast_math=fast_math)
+            fn = partial(_position_pass, cap=None, probs_dtype=probs_dtype, backend=backend)
         fn = _position_compiled[key_] = mx.compile(fn)
     args = (logits, temp, u) + ((mx.array(softcap, dtype=mx.float32),) if softcap else ())
     chunks = -(-B * C * V // CHUNK_ELEMENTS)
-    entropy, sample, argmax, probs = row_parallel(fn, args, (1, None, 1, None)[: len(args)],
-                                                  min_parts=chunks, cache_sized=True)
+    entropy, sample, argmax, probs = backend.vocabulary_pass(
+        fn, args, (1, None, 1, None)[: len(args)], min_parts=chunks)
     return (*_accept_compiled(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens), probs)
 
 

@@ -14,7 +14,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionArgs
-from .model import RMSNormNoScale, attention, gelu_glu
+from .backends import attention, gelu_glu
+from .model import RMSNormNoScale
 
 # mx.fast.scaled_dot_product_attention's fused kernels take these head dims; the tower's 72 is
 # zero-padded to the next one (q·k and the softmax are unchanged, the padded output is cut off).

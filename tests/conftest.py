@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent))  # benchmarks.harness, the project's harness
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
 from make_checkpoints import write_checkpoint  # noqa: E402

@@ -1,12 +1,16 @@
-"""The CPU-only strategies (expert tiles, streams, polynomial exp/tanh, the CPU attention) stay off other backends:
-with MLX reporting a GPU as the default device, generation takes mlx-lm's row layout, mx.exp /
-mx.tanh / nn.gelu_approx / mx.fast attention and unsplit ops, and gives the same tokens as the CPU paths (the arrays
-still live on the CPU: only the device MLX reports is changed)."""
+"""The CPU-only strategies (expert tiles, streams, polynomial exp/tanh, the CPU attention) stay off
+other backends: with MLX reporting a GPU as the default device, load_model selects the default
+backend, and generation takes mlx-lm's row layout, mx.exp / mx.tanh / nn.gelu_approx / mx.fast
+attention and unsplit ops, and gives the same tokens as the CPU paths (the arrays still live on
+the CPU: only the device MLX reports is changed)."""
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
-from mlx_diffusiongemma import cpu_math, cpu_streams, expert_tiles, load_model, model as model_mod
+from mlx_diffusiongemma import backends, load_model
+from mlx_diffusiongemma.backends import cpu as cpu_backend
+from mlx_diffusiongemma.backends import cpu_math, cpu_streams, expert_tiles
 from mlx_diffusiongemma.generation import stream_generate
 
 
@@ -18,25 +22,46 @@ def run(model):
     return r.tokens
 
 
-def test_gpu_default_takes_none_of_the_cpu_paths(tiny, monkeypatch):
+@pytest.fixture
+def restore_backend():
+    """The selection a test makes (through load_model) does not outlive it."""
+    with backends.using(backends.selected()):
+        yield
+
+
+def gpu_default(monkeypatch):
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    monkeypatch.setattr(cpu_streams._local, "streams", None, raising=False)
+
+
+def test_gpu_default_takes_none_of_the_cpu_paths(tiny, monkeypatch, restore_backend):
     model = load_model(tiny[0], dtype=mx.float32)
+    assert backends.selected() is backends.CPU
     cpu_tokens = run(model)
     used = []
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    for mod, name in ((model_mod, "tiled_experts"), (cpu_math, "exp"), (cpu_math, "tanh"),
-                      (cpu_math, "gelu_glu"), (cpu_math, "softmax"), (model_mod, "attention_cpu"),
-                      (expert_tiles, "tile_layout")):
-        orig = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _n=name, _o=orig, **k: used.append(_n) or _o(*a, **k))
+
+    def spy(obj, name):
+        orig = getattr(obj, name)
+        monkeypatch.setattr(obj, name, lambda *a, **k: used.append(name) or orig(*a, **k))
+
+    for name in vars(backends.CpuBackend):  # every op of the CPU backend
+        if callable(getattr(backends.CPU, name)) and not name.startswith("__"):
+            spy(backends.CPU, name)
+    for mod, name in ((cpu_backend, "tiled_experts"), (cpu_backend, "attention_cpu"),
+                      (cpu_backend, "row_parallel"), (cpu_math, "exp"), (cpu_math, "tanh"),
+                      (cpu_math, "gelu_glu"), (cpu_math, "softmax"), (expert_tiles, "tile_layout"),
+                      (cpu_streams, "row_parallel")):
+        spy(mod, name)
     monkeypatch.setattr(mx, "new_stream", lambda *a, **k: used.append("new_stream"))
-    monkeypatch.setattr(cpu_streams._local, "streams", None, raising=False)
+    gpu_default(monkeypatch)
+    model = load_model(tiny[0], dtype=mx.float32)  # the backend is chosen at load
+    assert backends.selected() is backends.DEFAULT
     gpu_tokens = run(model)
     assert used == []
-    assert cpu_streams.cpu_streams() == []
     assert gpu_tokens == cpu_tokens  # near-greedy: the two paths agree token for token
 
 
-def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch):
+def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
     """Metal and CUDA build step t+1 before step t's stop test: with rows of a batch stopping at
     different steps (a stop rule driven by a pinned token: row j stops after limit[j] steps), the
     committed canvases and step count equal the CPU's step-by-step loop."""
@@ -65,8 +90,8 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch):
         return denoise_canvas(model, cache, canvas, settings, mx.random.key(2), pins=pins)
 
     cpu_final, cpu_steps = run()
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    monkeypatch.setattr(cpu_streams._local, "streams", None, raising=False)
+    gpu_default(monkeypatch)
+    assert backends.select() is backends.DEFAULT
     restored = []
     real_restore = CanvasKV.restore
     monkeypatch.setattr(CanvasKV, "restore", lambda self, snap: restored.append(1) or real_restore(self, snap))

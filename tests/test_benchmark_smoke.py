@@ -1,8 +1,9 @@
-"""Smoke test of `python -m mlx_diffusiongemma.benchmark`: the analytic weights section, a tiny
-CPU dry run of the GPU section and the graph-building section (nothing computed), as subprocesses
-(through the entry point and its OpenBLAS re-exec), checking that they exit 0, print their key
-figure lines and write their JSON lines. The long sections (build, fullwidth, peers, profile) are
-only checked to parse their arguments."""
+"""Smoke test of `python -m mlx_diffusiongemma.benchmark` and of the project's harness
+(`python -m benchmarks.harness`): the analytic weights section, a tiny CPU dry run of the GPU
+section and the graph-building section (nothing computed), as subprocesses (through the entry
+point and its OpenBLAS re-exec), checking that they exit 0, print their key figure lines and
+write their JSON lines. The long sections (build, fullwidth, peers, profile) are only checked to
+parse their arguments."""
 
 import json
 import re
@@ -15,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(*args, timeout=180):
-    p = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.benchmark", *args], cwd=ROOT,
+def bench(*args, timeout=180, entry="mlx_diffusiongemma.benchmark"):
+    p = subprocess.run([sys.executable, "-m", entry, *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p.stdout
@@ -75,7 +76,7 @@ def test_gpu_dry_run(tmp_path):
 
 
 def test_graph(tmp_path):
-    out = bench("graph", "--repeat", "2", "--json", str(tmp_path / "g.jsonl"))
+    out = bench("graph", "--repeat", "2", "--json", str(tmp_path / "g.jsonl"), entry="benchmarks.harness")
     assert_lines(
         out,
         r"^== graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path \| ",
@@ -85,13 +86,27 @@ def test_graph(tmp_path):
     assert g["layers"] == 30 and len(g["times_s"]) == 2 and g["build_s"] > 0
 
 
-@pytest.mark.parametrize("section", ["build", "fullwidth", "peers", "profile", "_reference", "lora", "vision",
-                                     "_vision_reference"])
+@pytest.mark.parametrize("section", ["build", "fullwidth", "lora", "sudoku"])
 def test_long_sections_parse(section):
     from mlx_diffusiongemma.bench.cli import parse
 
     o = parse([section])
     assert o.section == section
+
+
+@pytest.mark.parametrize("section", ["peers", "profile", "_reference", "vision", "_vision_reference"])
+def test_harness_sections_parse(section):
+    from benchmarks.harness.__main__ import CHILDREN, SECTIONS
+    from mlx_diffusiongemma.bench.cli import parse
+
+    o = parse([section], {**SECTIONS, **CHILDREN})
+    assert o.section == section
+
+
+def test_harness_section_named_to_the_package_command():
+    out = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.benchmark", "peers"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "python -m benchmarks.harness peers" in out.stderr
 
 
 def test_lora_tiny(tmp_path):

@@ -5,7 +5,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffusiongemma import cpu_math
+from mlx_diffusiongemma.backends import cpu_math
 
 
 def test_exp_is_accurate_everywhere():

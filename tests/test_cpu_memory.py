@@ -5,7 +5,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_diffusiongemma import cpu_memory
+from mlx_diffusiongemma.backends import cpu_memory
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffusiongemma import cpu_streams
-from mlx_diffusiongemma.cpu_streams import row_parallel
-from mlx_diffusiongemma import model as model_mod
-from mlx_diffusiongemma.model import attention
+from mlx_diffusiongemma.backends import cpu as cpu_backend
+from mlx_diffusiongemma.backends import cpu_streams
+from mlx_diffusiongemma.backends.cpu import attention_cpu as attention
+from mlx_diffusiongemma.backends.cpu_streams import row_parallel
 
 
 def stats(x, t):
@@ -70,7 +70,7 @@ def test_cpu_attention_masks(H, Hk, L, S, chunk, monkeypatch):
     float64, for every mask form the model and mx.fast's signature allow; also in query blocks
     (a small ATTENTION_CHUNK_ELEMENTS)."""
     if chunk:
-        monkeypatch.setattr(model_mod, "ATTENTION_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(cpu_backend, "ATTENTION_CHUNK_ELEMENTS", chunk)
     q = mx.random.normal((2, H, L, 16), key=mx.random.key(1))
     k = mx.random.normal((2, Hk, S, 16), key=mx.random.key(2))
     v = mx.random.normal((2, Hk, S, 16), key=mx.random.key(3))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from mlx_diffusiongemma import model as M
+from mlx_diffusiongemma.backends import cpu as cpu_backend
+from mlx_diffusiongemma.backends.expert_tiles import TILE_OVERHEAD_ROWS, TILE_SIZES, best_tile, tile_layout, tile_rows
 from mlx_diffusiongemma.config import ModelArgs
-from mlx_diffusiongemma.expert_tiles import TILE_OVERHEAD_ROWS, TILE_SIZES, best_tile, tile_layout, tile_rows
 
 
 def make_experts(E, D, I, k, dtype=mx.float32, seed=0):
@@ -32,7 +33,7 @@ def routing(N, E, k, seed, skew=0.0):
 
 def rows_layout(ex, x, idx, w, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(M, "tile_rows", lambda rows, experts: 0)
+        m.setattr(cpu_backend, "tile_rows", lambda rows, experts: 0)
         return ex(x, idx, w)
 
 

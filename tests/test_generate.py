@@ -10,7 +10,8 @@ from transformers.models.diffusion_gemma import generation_diffusion_gemma as re
 
 import mlx_diffusiongemma.generation as gen
 from mlx_diffusiongemma import load_model
-from mlx_diffusiongemma.generation import generate, stream_generate
+from mlx_diffusiongemma.text import generate
+from mlx_diffusiongemma.generation import stream_generate
 
 NEAR_GREEDY = dict(t_min=1e-4, t_max=2e-4)
 REF_INIT = ref_gen.EntropyBoundSampler.initialize_canvas
@@ -172,8 +173,8 @@ def test_batch_row_leaves_at_eos(checkpoint_factory, monkeypatch):
     free = batch_generate(model, None, [[5, 6], [9, 10, 11]], eos_token_ids=[], **kw)
     eos = next(t for t in free.tokens[0][:16] if t not in free.tokens[1])
     kept = []
-    orig = PromptCache.select_rows
-    monkeypatch.setattr(PromptCache, "select_rows", lambda self, rows: (kept.append(list(rows)), orig(self, rows)))
+    orig = PromptCache.filter
+    monkeypatch.setattr(PromptCache, "filter", lambda self, rows: (kept.append(list(rows)), orig(self, rows)))
     res = batch_generate(model, None, [[5, 6], [9, 10, 11]], eos_token_ids=[eos], **kw)
     assert res.finish_reasons == ["stop", "length"] and kept == [[1]]
     assert res.tokens[0] == free.tokens[0][: free.tokens[0].index(eos)]

@@ -11,6 +11,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
+from mlx_diffusiongemma.backends import CPU, DEFAULT
 from mlx_diffusiongemma.sampler import (
     SamplerSettings,
     denoise_sample,
@@ -30,11 +31,11 @@ def test_temperature_schedule_matches_reference():
         assert abs(temperature(step, s) - want) < 1e-6
 
 
-@pytest.mark.parametrize("fast_math", [False, True])
+@pytest.mark.parametrize("backend", [DEFAULT, CPU], ids=["default", "cpu"])
 @pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
-def test_entropy_matches_reference(scale, fast_math):
+def test_entropy_matches_reference(scale, backend):
     logits = np.random.default_rng(1).standard_normal((2, 12, 50)).astype(np.float32) * scale
-    _, e, s, h = tempered_stats(mx.array(logits), 0.7, fast_math)
+    _, e, s, h = tempered_stats(mx.array(logits), 0.7, backend)
     want = torch.distributions.Categorical(logits=torch.tensor(logits) / 0.7).entropy().numpy()
     np.testing.assert_allclose(np.array(h), want, atol=2e-5)
     np.testing.assert_allclose(np.array(e / s), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
@@ -163,9 +164,9 @@ def test_chunked_position_pass_gives_the_same_step(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fast_math", [False, True])
+@pytest.mark.parametrize("backend", [DEFAULT, CPU], ids=["default", "cpu"])
 @pytest.mark.parametrize("V", [50, 64, 4096, 3 * 256])
-def test_inverse_cdf_sample_is_exact(V, fast_math):
+def test_inverse_cdf_sample_is_exact(V, backend):
     """The two-level draw picks the first token whose running probability reaches u, as a
     float64 inverse CDF does (positions where u falls within rounding of a boundary skipped)."""
     from mlx_diffusiongemma.sampler import _position_pass
@@ -175,7 +176,7 @@ def test_inverse_cdf_sample_is_exact(V, fast_math):
     logits[0, 0] = -30.0  # a flat row
     logits[1, 0, V - 1] = 40.0  # all mass on the last token
     u = rng.uniform(size=(2, 40, 1)).astype(np.float32)
-    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), None, mx.float32, fast_math)
+    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), None, mx.float32, backend)
     p = torch.softmax(torch.tensor(logits, dtype=torch.float64) / 0.7, -1).numpy()
     cdf = np.cumsum(p, -1)
     want = np.minimum((cdf < u).sum(-1), V - 1)
@@ -189,8 +190,8 @@ def test_inverse_cdf_sample_is_exact(V, fast_math):
 def test_softcap_inside_the_pass_equals_softcapped_logits(probs_dtype):
     """The loop hands the sampler raw LM-head logits and the cap; the step equals the one on
     the model's softcapped logits: the same tokens, and entropies and probabilities within the
-    CPU tanh's rounding (cpu_math.tanh: 2.5e-7 absolute, i.e. 7.5e-6 on the capped logits)."""
-    from mlx_diffusiongemma.model import final_softcap
+    CPU tanh's rounding (backends/cpu_math.tanh: 2.5e-7 absolute, i.e. 7.5e-6 on the capped logits)."""
+    from mlx_diffusiongemma.backends import final_softcap
 
     raw = mx.array((np.random.default_rng(7).standard_normal((2, 24, 96)) * 40).astype(np.float32))
     args = (mx.array(0.6), mx.array(0.3), mx.random.key(2), None, None, probs_dtype)
@@ -203,8 +204,8 @@ def test_softcap_inside_the_pass_equals_softcapped_logits(probs_dtype):
     np.testing.assert_allclose(fused[4], capped[4], atol=1e-5 if probs_dtype == mx.float32 else 8e-3)
 
 
-@pytest.mark.parametrize("fast_math", [False, True])
-def test_bf16_self_conditioning_probs_round_as_the_reference(fast_math):
+@pytest.mark.parametrize("backend", [DEFAULT, CPU], ids=["default", "cpu"])
+def test_bf16_self_conditioning_probs_round_as_the_reference(backend):
     """A bf16 checkpoint's self-conditioning input: the reference casts the tempered logits to
     bf16, softmaxes in float32 and casts to bf16. Ours gives the same bf16 values, but for
     float32 rounding differences near bf16 rounding boundaries (one bf16 ulp at most)."""
@@ -214,7 +215,7 @@ def test_bf16_self_conditioning_probs_round_as_the_reference(fast_math):
     t = torch.tensor(logits) / 0.55
     want = torch.softmax(t.to(torch.bfloat16).float(), -1).to(torch.bfloat16).float().numpy()
     am = mx.argmax(mx.array(logits), axis=-1)
-    got = self_conditioning_probs(mx.array(logits), mx.array(0.55), mx.bfloat16, fast_math, am)
+    got = self_conditioning_probs(mx.array(logits), mx.array(0.55), mx.bfloat16, backend, am)
     got = np.array(got.astype(mx.float32))
     assert (got == want).mean() > 0.99  # MLX's own softmax, like ours: 99.4% here
     normal = want > 1e-30  # below, float32 exp underflows differently

@@ -23,6 +23,7 @@ import mlx_diffusiongemma.generation as gen
 from mlx_diffusiongemma import batch_generate, load_model
 from mlx_diffusiongemma.image_processor import ImageProcessor, load_image
 from mlx_diffusiongemma.multimodal import vision_prompt
+from mlx_diffusiongemma.text import generate
 
 TOL = 1e-4
 IMG, BOI, EOI = (TINY_TOKENS[k] for k in ("image_token_id", "boi_token_id", "eoi_token_id"))
@@ -303,7 +304,7 @@ def test_text_only_checkpoint_refuses_images(tiny, tmp_path):
                                     seed=0, eos_token_ids=[]))
     assert len(text[0].tokens) == 16  # a text-only conversion still generates
     with pytest.raises(ValueError, match="no vision tower"):
-        gen.generate(model, None, [2, 5, 6], images=[np.zeros((8, 8, 3), np.uint8)])
+        generate(model, None, [2, 5, 6], images=[np.zeros((8, 8, 3), np.uint8)])
     # a conversion keeps the tower, unquantized, and it loads
     q = load_model(convert(path, tmp_path / "q", quantize=True, q_group_size=32,
                            log=lambda *a: None))
@@ -394,8 +395,8 @@ def test_video_frames_are_laid_out_as_gemma4(tiny, tmp_path):
     assert list(runs) == [n] * 4  # each frame its own run
     assert vp.vision[TINY_VIDEO_TOKEN].shape[0] == 4 * n
     assert vp.ids[-2:] == [7, 8] and vp.ids[1:1 + 6] == tok.encode("00:00 ", False)
-    got = gen.generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2,
-                       seed=0)
+    got = generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2,
+                   seed=0)
     assert isinstance(got, str)
 
 
@@ -424,7 +425,7 @@ def test_full_tower_size_matches_the_release():
     from the module tree itself."""
     from mlx.utils import tree_flatten
 
-    from mlx_diffusiongemma.bench.vision import FULL_VISION, tower_bytes
+    from benchmarks.harness.vision import FULL_VISION, tower_bytes
     from mlx_diffusiongemma.config import VisionArgs
     from mlx_diffusiongemma.vision import VisionEmbedder, VisionTower
 
@@ -438,7 +439,8 @@ def test_full_tower_size_matches_the_release():
 def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
     """Metal / CUDA: head_dim 72 runs the fused kernel zero-padded to 80; same result."""
     from mlx_diffusiongemma import vision
-    from mlx_diffusiongemma.model import attention_cpu
+    from mlx_diffusiongemma.backends import DEFAULT, using
+    from mlx_diffusiongemma.backends.cpu import attention_cpu
 
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.standard_normal((2, 4, 30, 72)).astype(np.float32)) for _ in range(3))
@@ -448,7 +450,8 @@ def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
     real_pad = mx.pad
     monkeypatch.setattr(vision.mx, "pad", lambda a, w: padded.append(w) or real_pad(a, w))
     monkeypatch.setattr(vision.mx, "default_device", lambda: mx.Device(mx.gpu))
-    got = vision.vision_attention(q, k, v, mask)
+    with using(DEFAULT):
+        got = vision.vision_attention(q, k, v, mask)
     monkeypatch.undo()
     assert padded and padded[0][-1] == (0, 8)
     assert np.abs(np.array(got) - np.array(want)).max() < 1e-5

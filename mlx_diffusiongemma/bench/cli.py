@@ -1,4 +1,5 @@
-"""Arguments and dispatch of `python -m mlx_diffusiongemma.benchmark SECTION`."""
+"""Arguments and dispatch of `python -m mlx_diffusiongemma.benchmark SECTION` (and of the
+project's harness, benchmarks/harness/, which shares them)."""
 
 import argparse
 import os
@@ -6,28 +7,25 @@ import sys
 import time
 
 from . import __doc__ as DOC
-from .common import CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
+from .common import ENTRY, CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
 from .fullshape import section_build, section_fullwidth, section_gpu, section_weights
-from .graph import section_graph
 from .lora import section_lora
-from .peers import reference_main, section_peers
-from .profile import section_profile
-from .serve import section_serve
 from .shapes import SHAPES
 from .sudoku import section_sudoku
-from .vision import reference_main as vision_reference_main
-from .vision import section_vision
 
 SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
-            "peers": section_peers, "profile": section_profile, "gpu": section_gpu, "graph": section_graph,
-            "serve": section_serve, "lora": section_lora, "sudoku": section_sudoku,
-            "vision": section_vision}
+            "gpu": section_gpu, "lora": section_lora, "sudoku": section_sudoku}
+# the project's own harness (benchmarks/harness/, in a checkout)
+HARNESS_SECTIONS = ("peers", "profile", "graph", "serve", "vision")
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m mlx_diffusiongemma.benchmark",
-                                description=DOC.split("\n\n")[0])
-    p.add_argument("section", choices=[*SECTIONS, "_reference", "_vision_reference"])
+def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", doc=DOC):
+    sections = SECTIONS if sections is None else sections
+    if argv and argv[0] in HARNESS_SECTIONS and argv[0] not in sections:
+        raise SystemExit(f"error: {argv[0]} is a section of the project's measuring harness: from a "
+                         f"checkout's root, python -m benchmarks.harness {' '.join(argv)}")
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("section", choices=list(sections))
     p.add_argument("--json", help="append each section's figures to this file as JSON lines")
     p.add_argument("--workdir", default=os.environ.get("DG_BENCH_WORKDIR", "/tmp/dg-bench"),
                    help="where the mid-size checkpoint is written (default /tmp/dg-bench)")
@@ -89,17 +87,21 @@ def parse(argv):
     return o
 
 
-def main(argv=None):
+def main(argv=None, sections=None, children=None, prog="python -m mlx_diffusiongemma.benchmark",
+         entry=ENTRY, doc=DOC):
+    """Runs one section. `sections` (default: the package's) map names to functions of (opts,
+    report); `children` map names to functions of (opts) that a section runs in a child process
+    (the transformers reference), without the OpenBLAS re-exec, the idle wait or the report."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "_reference" not in argv and "_vision_reference" not in argv:
-        maybe_reexec_with_openblas(argv)
-    opts = parse(argv)
-    if opts.section == "_reference":
-        return reference_main(opts)
-    if opts.section == "_vision_reference":
-        return vision_reference_main(opts)
+    children = children or {}
+    if not argv or argv[0] not in children:
+        maybe_reexec_with_openblas(argv, entry)
+    sections = SECTIONS if sections is None else sections
+    opts = parse(argv, {**sections, **children}, prog, doc)
+    if opts.section in children:
+        return children[opts.section](opts)
     try:  # as load_model does: the MLX peers in this process share it
-        from ..cpu_memory import keep_freed_memory
+        from ..backends.cpu_memory import keep_freed_memory
         keep_freed_memory()
     except ImportError:
         pass
@@ -108,7 +110,7 @@ def main(argv=None):
         wait_idle(opts.wait_idle)
     meter = CpuMeter()
     t = time.perf_counter()
-    SECTIONS[opts.section](opts, rep)
+    sections[opts.section](opts, rep)
     share = meter.others_share()
     busy = "" if share is None else f"; other processes used {share:.1%} of the CPUs meanwhile"
     say(f"  ({time.perf_counter() - t:.0f} s wall{busy})")

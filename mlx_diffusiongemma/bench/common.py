@@ -95,7 +95,7 @@ def mem_available():
 
 def _malloc_kept():
     try:
-        from ..cpu_memory import kept
+        from ..backends.cpu_memory import kept
     except ImportError:  # a version of the package from before cpu_memory.py
         return False
     return kept()

@@ -219,6 +219,8 @@ def section_fullwidth(opts, rep):
 def section_gpu(opts, rep):
     import mlx.core as mx
 
+    from .. import backends
+
     if not gpu_available() and not opts.allow_cpu:
         rep.header("gpu: full-shape speed on a GPU")
         say("  skipped: no GPU (MLX reports neither CUDA nor Metal). On an NVIDIA machine with mlx[cuda] "
@@ -228,6 +230,7 @@ def section_gpu(opts, rep):
         return None
     if gpu_available():
         mx.set_default_device(mx.gpu)
+        backends.select()
     overrides = {"vocab_size": opts.vocab} if opts.vocab else {}
     args = make_args(SHAPES[opts.shape], layers=opts.layers, **overrides)
     rep.header(f"gpu: {opts.shape} shape, {args.num_hidden_layers} layers, vocab {args.vocab_size}, mixed 4-bit, "

@@ -96,7 +96,7 @@ def measure_step(case):
     from .models import build_random_float
 
     try:
-        from ..cpu_memory import keep_freed_memory
+        from ..backends.cpu_memory import keep_freed_memory
         keep_freed_memory()
     except ImportError:
         pass

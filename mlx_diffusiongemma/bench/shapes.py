@@ -24,7 +24,7 @@ TINY_TEXT = dict(
     moe_intermediate_size=64, max_position_embeddings=8192,
 )
 SHAPES = {"full": FULL_TEXT, "mid": MID_TEXT, "tiny": TINY_TEXT}
-# Targets of issue 6 and figures from peers (facts file).
+# Targets and figures from peers (facts file).
 TARGETS = dict(resident_4bit_gb=16.0, peak_4096_gb=18.0, sampler_share=0.10, vs_mlx_vlm=2.0,
                vs_reference=1.0, vs_autoregressive=3.0)
 VLLM_H100 = dict(canvas_ms=145.7, step_ms=9.1, tok_s=895.0)

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..backend import one_stream
+from ..backends import one_stream
 
 
 class Batch(NamedTuple):

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 
-from .common import ENTRY, GB, GiB, ROOT, own_cpu_seconds, release, rss_bytes, say, timeit
-from .shapes import MID_TEXT
+from mlx_diffusiongemma.bench.common import GB, GiB, ROOT, own_cpu_seconds, release, rss_bytes, say, timeit
+from mlx_diffusiongemma.bench.shapes import MID_TEXT
+
+from . import ENTRY
 
 # google/diffusiongemma-26B-A4B-it's vision_config (the facts file in the project's notes).
 FULL_VISION = dict(
@@ -31,7 +33,7 @@ def timed(fn, n):
 def image_inputs(seed=0):
     import numpy as np
 
-    from ..image_processor import ImageProcessor
+    from mlx_diffusiongemma.image_processor import ImageProcessor
 
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
@@ -53,7 +55,7 @@ def random_tower(args, text_hidden):
     import mlx.core as mx
     from mlx.utils import tree_map
 
-    from ..vision import VisionEmbedder, VisionTower
+    from mlx_diffusiongemma.vision import VisionEmbedder, VisionTower
 
     tower, embed = VisionTower(args), VisionEmbedder(args, text_hidden)
     for part in [tower.patch_embedder, *tower.encoder.layers, embed]:
@@ -104,7 +106,7 @@ def reference_main(opts):
 def section_vision(opts, rep):
     import mlx.core as mx
 
-    from ..config import VisionArgs
+    from mlx_diffusiongemma.config import VisionArgs
 
     rep.header("vision: the tower at full shape (float32, one 280-token image) and an image "
                "prompt's prefill")
@@ -158,7 +160,7 @@ def encoder_prefill(opts, vargs, tokens):
     measured above; values do not change the speed)."""
     import mlx.core as mx
 
-    from .models import build_random_float, make_args
+    from mlx_diffusiongemma.bench.models import build_random_float, make_args
 
     args = make_args(MID_TEXT)
     V = args.vocab_size

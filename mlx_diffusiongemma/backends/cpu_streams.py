@@ -3,21 +3,22 @@
 MLX's CPU backend runs a stream's ops one after another on that stream's thread, and only its
 matmuls (BLAS) use more than one core. Its exp and tanh are scalar: ~65-75 M elements/s on a
 2-core Xeon, so the vocabulary-sized passes of a denoising step (softcap, sampler), the GELUs and
-the attention softmax (model.attention_cpu) keep one core busy while the other waits. Work that
+the attention softmax (cpu.attention_cpu) keep one core busy while the other waits. Work that
 is independent across rows is split here across one stream per core; MLX orders the streams by
-their data dependencies. Measured on that Xeon: the sampler pass over a 256 x 32768 canvas 260 -> 143 ms,
-a GELU over 2944 x 256 20 -> 13 ms. Results are bit-identical: each row's arithmetic is the same.
+their data dependencies (figures: benchmarks/RESULTS.md). Results are bit-identical: each row's
+arithmetic is the same.
 
-Metal and CUDA run each op across the whole device already: there `row_parallel` is just
-`fn(*args)`.
+Metal and CUDA run each op across the whole device already: they never come here.
 """
 
 import os
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import mlx.core as mx
 
-from .backend import stream_splitting
+from .default import over_slices
 
 MAX_STREAMS = 8
 # Slices for `cache_sized` calls hold at most this many elements of the first split argument:
@@ -25,6 +26,18 @@ MAX_STREAMS = 8
 # L2 cache (2 MB per core on the Xeon measured) the polynomial exp runs ~3x faster (cpu_math.py).
 CACHE_ELEMENTS = 1 << 19
 _local = threading.local()  # streams are made per thread (the server runs MLX on a worker thread)
+_one_stream = ContextVar("one_stream", default=False)
+
+
+@contextmanager
+def one_stream():
+    """Within this block (in this thread) nothing is split across CPU streams. Training keeps
+    the CPU's arithmetic (it is differentiable) but runs on one stream."""
+    token = _one_stream.set(True)
+    try:
+        yield
+    finally:
+        _one_stream.reset(token)
 
 
 def _core_count() -> int:
@@ -35,8 +48,8 @@ def _core_count() -> int:
 
 
 def cpu_streams():
-    """This thread's CPU streams (none with one core or off the CPU)."""
-    if not stream_splitting():
+    """This thread's CPU streams (none with one core or within `one_stream`)."""
+    if _one_stream.get():
         return []
     streams = getattr(_local, "streams", None)
     if streams is None:
@@ -51,36 +64,13 @@ def row_parallel(fn, args, axes, out_axis=None, min_parts=1, cache_sized=False):
     along `out_axis` (default: the first split axis). Args with axis None are shared whole.
     fn must treat the split axis row by row.
 
-    The slices are at least `min_parts` (to bound temporaries), and one per core on the CPU,
-    where they run on the cores' streams in turn; `cache_sized` also makes them small enough
-    for the CPU's cache (CACHE_ELEMENTS). Elsewhere they run one after the other."""
+    The slices are at least `min_parts` (to bound temporaries) and one per core, run on the
+    cores' streams in turn; `cache_sized` also makes them small enough for the CPU's cache
+    (CACHE_ELEMENTS)."""
     streams = cpu_streams()
-    split = [(a, ax) for a, ax in zip(args, axes) if ax is not None]
-    first = split[0][0]
-    n = first.shape[split[0][1]]
+    first, axis = next((a, ax) for a, ax in zip(args, axes) if ax is not None)
     if streams and cache_sized:
         slices = -(-first.size // CACHE_ELEMENTS)
         # as many slices per stream (3 slices on 2 streams would leave one stream idle a third)
         min_parts = max(min_parts, -(-slices // len(streams)) * len(streams))
-    parts = min(max(min_parts, len(streams)), n)
-    if parts < 2:
-        return fn(*args)
-    out_axis = split[0][1] if out_axis is None else out_axis
-    outs = []
-    for i in range(parts):
-        lo, hi = i * n // parts, (i + 1) * n // parts
-        sliced = [a if ax is None else _slice(a, ax, lo, hi) for a, ax in zip(args, axes)]
-        if streams:
-            with mx.stream(streams[i % len(streams)]):
-                outs.append(fn(*sliced))
-        else:
-            outs.append(fn(*sliced))
-    if isinstance(outs[0], tuple):
-        return tuple(mx.concatenate(o, axis=out_axis) for o in zip(*outs))
-    return mx.concatenate(outs, axis=out_axis)
-
-
-def _slice(a, axis, lo, hi):
-    index = [slice(None)] * a.ndim
-    index[axis] = slice(lo, hi)
-    return a[tuple(index)]
+    return over_slices(fn, args, axes, max(min_parts, len(streams)), streams, out_axis)

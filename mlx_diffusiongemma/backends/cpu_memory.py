@@ -3,22 +3,18 @@
 MLX's CPU allocator keeps at most 32 MB of freed buffers (its default cache limit); the rest goes
 back to glibc's malloc, which returns large blocks to the kernel (munmap, heap trimming). The next
 step's arrays of the same sizes then come back as fresh pages: a page fault and a zeroed page
-each. A denoising step at the mid benchmark shape faulted in ~45k pages (~180 MB) and spent
-~0.2 s of CPU time in the kernel. Raising MLX's cache limit instead kept ~1 GB of buffers that
-did not fit later requests (process RSS 2.0 -> 2.9 GB) and halved the faults only.
+each. Raising MLX's cache limit instead kept buffers that did not fit later requests and halved
+the faults only.
 
 `keep_freed_memory` fixes glibc's mmap threshold at its largest allowed value (32 MiB; blocks up
 to that size come from the malloc heaps) and lets the heaps keep up to TRIM_BYTES free at their
-top. Measured on a 2-core Xeon (mid shape, OpenBLAS, three A/B pairs): page faults per step
-29-39k -> 3-5k, kernel CPU time per step 0.15-0.17 -> 0.12-0.15 s, step 666-695 -> 648-680 ms
-(about 2%, within that machine's run-to-run noise), peak RSS unchanged (2.02-2.05 GB). Blocks
-above 32 MiB (vocabulary-sized arrays) are still mapped per use: glibc's mallopt allows no more.
-The CPU attention (model.attention_cpu) needs it at the larger shapes: 16 heads over 1279 keys
-took 54 ms with it and 95 ms without (mx.fast's 67-87 ms).
+top. Blocks above 32 MiB (vocabulary-sized arrays) are still mapped per use: glibc's mallopt
+allows no more. The CPU attention (cpu.attention_cpu) needs it most. Page faults, kernel time and
+step times with and without: benchmarks/RESULTS.md.
 
 Only glibc on Linux with the CPU as MLX's default device; `MLX_DG_KEEP_FREED_MEMORY=0` turns it
 off. It changes malloc for the whole process, which is why it is done at most once, by
-`load_model`, and said here.
+`load_model` (through the CPU backend's `setup`), and said here.
 """
 
 import ctypes

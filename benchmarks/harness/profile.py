@@ -4,9 +4,9 @@ softcap, sampler), plus MoE-block strategies and single vocabulary-sized passes 
 import statistics
 import time
 
-from .common import GiB, ensure_mid_checkpoint, random_prompt, say, timeit
-from .shapes import FULL_TEXT
-from .step import (decoder_cache, fused_softcap, loop_decode, per_layer_times, sampler_inputs,
+from mlx_diffusiongemma.bench.common import GiB, ensure_mid_checkpoint, random_prompt, say, timeit
+from mlx_diffusiongemma.bench.shapes import FULL_TEXT
+from mlx_diffusiongemma.bench.step import (decoder_cache, fused_softcap, loop_decode, per_layer_times, sampler_inputs,
                    sampler_step, time_lm_head, time_sampler, timed_calls)
 
 
@@ -40,7 +40,7 @@ def expert_strategies(E, D, I, N, K, n=3):
         return (y.squeeze(-2) * wts[..., None]).sum(-2)
 
     def tiled():
-        from ..expert_tiles import tile_rows, tiled_experts
+        from mlx_diffusiongemma.backends.expert_tiles import tile_rows, tiled_experts
         gm = lambda w: lambda h, e: mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=e, sorted_indices=True)
         act = lambda h: nn.gelu_approx(h[..., :I]) * h[..., I:]
         y = tiled_experts(x, idx, gm(w1), gm(w2), act, E, tile_rows(idx.size, E))
@@ -111,7 +111,7 @@ def sampler_ops(V, C=256, n=3):
 def section_profile(opts, rep):
     import mlx.core as mx
 
-    from ..loader import load_model
+    from mlx_diffusiongemma.loader import load_model
 
     rep.header(f"profile: where one decoder step goes, mid shape, float32, {opts.prompt}-token context")
     path = ensure_mid_checkpoint(opts.workdir)

@@ -9,10 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import (ENTRY, GB, ROOT, ensure_mid_checkpoint, random_prompt, release, rss_bytes, say,
-                     timeit)
-from .shapes import FULL_CANVAS, MID_TEXT, NO_STOP, TARGETS
-from .step import decoder_cache, fixed_steps
+from mlx_diffusiongemma.bench.common import (
+    GB, ROOT, ensure_mid_checkpoint, random_prompt, release, rss_bytes, say, timeit,
+)
+from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, MID_TEXT, NO_STOP, TARGETS
+from mlx_diffusiongemma.bench.step import decoder_cache, fixed_steps
+
+from . import ENTRY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -23,7 +26,7 @@ def run_ours(path, ids, max_tokens, steps, warm=True):
     EOS); the seconds between successive denoising steps come from draft_callback."""
     import mlx.core as mx
 
-    from ..loader import load_model
+    from mlx_diffusiongemma.loader import load_model
 
     model = load_model(path)
     V = model.args.vocab_size
@@ -171,8 +174,8 @@ def mlx_lm_autoregressive(path):
     import mlx.core as mx
     from mlx_lm.models import gemma4_text
 
-    from ..config import ModelArgs
-    from ..loader import load_weights_lazily
+    from mlx_diffusiongemma.config import ModelArgs
+    from mlx_diffusiongemma.loader import load_weights_lazily
 
     cfg = json.loads((path / "config.json").read_text())
     a = ModelArgs.from_config(cfg)
@@ -244,7 +247,7 @@ def run_reference_child(path, prompt_len, max_tokens, steps, seed, vocab, malloc
 def reference_main(opts):
     """Child: DiffusionGemmaForBlockDiffusion.generate at `steps` denoising steps, early stop off."""
     if opts.reference_malloc:
-        from ..cpu_memory import set_malloc_thresholds
+        from mlx_diffusiongemma.backends.cpu_memory import set_malloc_thresholds
         set_malloc_thresholds()
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion

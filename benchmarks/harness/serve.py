@@ -13,12 +13,12 @@ import statistics
 import threading
 import time
 
-from .common import ensure_mid_checkpoint, random_prompt, say
-from .shapes import NO_STOP
+from mlx_diffusiongemma.bench.common import ensure_mid_checkpoint, random_prompt, say
+from mlx_diffusiongemma.bench.shapes import NO_STOP
 
 
 def _start(model, tokenizer, max_batch):
-    from ..server import build_state, make_server
+    from mlx_diffusiongemma.server import build_state, make_server
 
     state = build_state(model, tokenizer, "bench", max_batch=max_batch, prompt_cache_size=0)
     state.scheduler.eos = []  # every request returns all the tokens it asks for
@@ -57,8 +57,8 @@ def _at_once(port, bodies):
 
 
 def section_serve(o, rep):
-    from ..cli import DEMO_MODEL
-    from ..loader import load, load_model
+    from mlx_diffusiongemma.cli import DEMO_MODEL
+    from mlx_diffusiongemma.loader import load, load_model
 
     rep.header("serve")
     if o.server_model == "demo":

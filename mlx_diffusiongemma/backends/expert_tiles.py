@@ -2,22 +2,17 @@
 
 MLX's CPU `gather_mm` runs one GEMM per gathered batch element. mlx-lm's sorted layout makes
 every (token, expert) row its own 1-row element, so each row re-reads its expert's weights: a
-matrix-vector product per row, memory-bound, 10-23 GFLOP/s on a 2-core Xeon where BLAS runs 250.
-Here the rows, sorted by expert, are packed into tiles of rows that all use one expert (an
-expert's last tile is padded), and the gathered matmul runs one GEMM per tile: each tile reads
-its expert's weights once. Measured on that Xeon (OpenBLAS, float32, 256 tokens, top-8, 32-row
-tiles): full shape (128 experts, 2816 -> 704) 2478 -> 457 ms per MoE block; mid shape (64
-experts, 1024 -> 256) 155 -> 42 ms. Same ops, same order of summation per output: the results
-equal the sorted gathered matmul's to float32 rounding.
+matrix-vector product per row, memory-bound. Here the rows, sorted by expert, are packed into
+tiles of rows that all use one expert (an expert's last tile is padded), and the gathered matmul
+runs one GEMM per tile: each tile reads its expert's weights once. Same ops, same order of
+summation per output: the results equal the sorted gathered matmul's to float32 rounding.
 
 The tile size comes from the exact per-expert counts (one host sync per MoE block, which the
 exact tile count needs anyway): a GEMM call costs about TILE_OVERHEAD_ROWS rows of work on top
 of its rows (B packing, thread start-up), and row counts that are multiples of 16 run at the
-kernel's full width (on that Xeon a 48-row tile cost 13% more than a 32-row one, a 44-row one
-60% more). `best_tile` weighs both; at the mid shape (32 rows per expert on average, ~48 at
-most) it picks one 48-row tile per expert: gate|up matmul 22.4 -> 17.3 ms.
+kernel's full width. `best_tile` weighs both. Speeds: benchmarks/RESULTS.md.
 
-Metal and CUDA have real gathered-matmul kernels, so this runs on the CPU only (see Experts).
+Metal and CUDA have real gathered-matmul kernels, so only the CPU backend (cpu.py) runs this.
 It is still one graph of MLX ops, no Python loop over experts.
 """
 

@@ -4,38 +4,22 @@ On Metal and CUDA a step is a few milliseconds of device time, so the host's gra
 (30 layers of MLX calls) is of the same order; the loop builds step t+1 while the device runs
 step t (generation.denoise_canvas). This measures the building alone: the full 30-layer model in
 the mixed 4-bit recipe, its weights never evaluated (nothing is computed, so it runs anywhere in a
-second), traced through the Metal/CUDA code path (MLX is told the default device is a GPU; on a
-GPU machine it is one)."""
+second), traced through the Metal/CUDA code path (the default backend, backends/)."""
 
-import contextlib
 import time
 
-from .common import say
-from .models import default_quant, make_args, quantize_structure
-from .shapes import FULL_CANVAS, FULL_TEXT
-
-
-@contextlib.contextmanager
-def _gpu_path():
-    import mlx.core as mx
-
-    if mx.default_device() != mx.cpu:
-        yield
-        return
-    real = mx.default_device
-    mx.default_device = lambda: mx.Device(mx.gpu)
-    try:
-        yield
-    finally:
-        mx.default_device = real
+from mlx_diffusiongemma.bench.common import say
+from mlx_diffusiongemma.bench.models import default_quant, make_args, quantize_structure
+from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, FULL_TEXT
 
 
 def section_graph(opts, rep):
     import mlx.core as mx
 
-    from ..cache import CanvasKV
-    from ..model import Model
-    from ..sampler import denoise_sample, stop_update
+    from mlx_diffusiongemma.backends import DEFAULT, using
+    from mlx_diffusiongemma.cache import CanvasKV
+    from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.sampler import denoise_sample, stop_update
 
     rep.header("graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path")
     args = make_args(FULL_TEXT)
@@ -48,7 +32,7 @@ def section_graph(opts, rep):
         cache.keys[i] = cache.values[i] = mx.zeros((1, a.n_kv_heads, n, a.head_dim), dtype=mx.bfloat16)
     cache.offset = opts.prompt
     times = []
-    with _gpu_path():
+    with using(DEFAULT):
         kv = CanvasKV(cache, FULL_CANVAS)
         canvas = mx.zeros((1, FULL_CANVAS), dtype=mx.int32)
         soft = mx.zeros((1, FULL_CANVAS, args.hidden_size), dtype=mx.bfloat16)

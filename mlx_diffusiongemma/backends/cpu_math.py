@@ -1,18 +1,14 @@
-"""exp, tanh and GELU for MLX's CPU backend, built from arithmetic that MLX's compiler fuses.
+"""exp, tanh, GELU and softmax for MLX's CPU backend, built from arithmetic that MLX's compiler
+fuses.
 
-MLX's CPU exp and tanh run one element at a time, ~65-80 M elements/s on a 2-core Xeon, and
-they dominate the sampler's vocabulary pass (softcap and softmax) and the GELUs. Here exp is
-Cody-Waite range reduction and a degree-7 Taylor polynomial (max relative error 1.0e-7, about
-1 ulp; MLX's CPU exp measured 1.6e-6), tanh and GELU are written with it. MLX's compiled CPU
-graphs still write some intermediates to memory, so these pay off on slices that stay in the
-L2 cache (cpu_streams.CACHE_ELEMENTS): measured on that Xeon, float32, one stream, exp runs
-~200 M elements/s there (~65 M/s on arrays past the cache); the sampler's pass over 256 x 32768
-logits with the softcap went 139 -> 100 ms on two streams, a GELU-GLU over 2944 x 256 23.8 ->
-~9 ms. The attention softmax was tried the same way and gained nothing measurable: it stays
-mx.fast.scaled_dot_product_attention, and the model's own softcap (model.decode) stays mx.tanh.
-
-Only the CPU uses these (model.py, sampler.py); Metal and CUDA keep mx.exp, mx.tanh and
-nn.gelu_approx.
+MLX's CPU exp and tanh run one element at a time, and they dominate the sampler's vocabulary pass
+(softcap and softmax), the GELUs and the attention softmax. Here exp is Cody-Waite range
+reduction and a degree-7 Taylor polynomial (max relative error 1.0e-7, about 1 ulp; MLX's CPU exp
+measured 1.6e-6), and tanh, GELU and softmax are written with it. MLX's compiled CPU graphs still
+write some intermediates to memory, so these pay off on slices that stay in the L2 cache
+(cpu_streams.CACHE_ELEMENTS). The CPU backend (cpu.py) uses them for the sampler, the GELUs and
+the float32 attention; the model's final softcap outside the sampler stays mx.tanh. Speeds:
+benchmarks/RESULTS.md.
 """
 
 import math

@@ -100,11 +100,11 @@ def measure_step(case):
         keep_freed_memory()
     except ImportError:
         pass
-    # What a Mac runs: mlx-lm's row layout for the experts, mx.fast attention, no CPU-only route.
-    # The CPU's expert tiles pad rows and keep tile-sized temporaries that no Mac allocates
-    # (measured: ~2x the step's per-layer memory).
-    from .. import model as model_module
-    model_module.cpu_strategies = lambda: False
+    # What a Mac runs: the default backend (mlx-lm's row layout for the experts, mx.fast
+    # attention), none of the CPU's routes. The CPU's expert tiles pad rows and keep tile-sized
+    # temporaries that no Mac allocates (measured: ~2x the step's per-layer memory).
+    from .. import backends
+    backends.select(mx.gpu)  # this process only measures (run_case runs it alone)
     text = SHAPES[case["shape"]]
     args = make_args(text, layers=len(case["layer_types"]), canvas_length=case["canvas"],
                      vocab_size=case["vocab"], layer_types=case["layer_types"])

@@ -96,11 +96,11 @@ def _finite(v) -> bool:
 
 
 def load_base(path):
-    """The model and tokenizer; on the CPU in float32, the only dtype its gathered matmul takes."""
+    """The model and tokenizer, in the backend's training dtype (the CPU's: float32)."""
+    from .backends import for_device
     from .loader import load
 
-    dtype = mx.float32 if mx.default_device() == mx.cpu else None
-    return load(path, dtype=dtype)
+    return load(path, dtype=for_device(mx.default_device()).train_dtype)
 
 
 def diffusion_settings(a, model):

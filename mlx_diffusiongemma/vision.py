@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionArgs
-from .backends import attention, gelu_glu
+from .backends import attention, gelu_glu, selected
 from .model import RMSNormNoScale
 
 # mx.fast.scaled_dot_product_attention's fused kernels take these head dims; the tower's 72 is
@@ -83,11 +83,12 @@ def apply_rope_2d(x, cos, sin):
 
 
 def vision_attention(q, k, v, mask):
-    """Bidirectional attention (scale 1) with padding keys masked. On Metal and CUDA, head dims
-    the fused kernel does not take are zero-padded to one it does; the CPU takes any."""
+    """Bidirectional attention (scale 1) with padding keys masked. Where the backend's attention
+    is mx.fast's (Metal, CUDA), head dims its fused kernel does not take are zero-padded to one
+    it does; the CPU's takes any."""
     D = q.shape[-1]
     target = next((d for d in FUSED_HEAD_DIMS if d >= D), D)
-    if mx.default_device() == mx.cpu or target == D:
+    if not selected().pads_head_dims or target == D:
         return attention(q, k, v, mask)
     pad = [(0, 0)] * 3 + [(0, target - D)]
     out = attention(mx.pad(q, pad), mx.pad(k, pad), mx.pad(v, pad), mask)

@@ -119,8 +119,8 @@ def test_lora_tiny(tmp_path):
     assert_lines(
         out,
         r"^== lora: LoRA training step, peak memory at tiny width .* \| commit ",
-        r"^    2 sliding +vocab +512 plain +: peak +\d+\.\d\d GB = weights ",
-        r"^    2 sliding +vocab +2048 checkpointed: peak ",
+        r"^    sliding \+ full +vocab +512 plain +: peak +\d+\.\d\d GB = weights ",
+        r"^    sliding \+ full +vocab +2048 checkpointed: peak ",
         r"^  30-layer constants: mixed 4-bit weights \d+\.\d\d GB .* LoRA [\d.]+M parameters",
         r"^  without grad checkpointing: step = ",
         r"^    extrapolated peak, \d+\+\d+ layers, vocab 4096: .* = \d+\.\d\d GB .*target <= 24 GB: (met|missed)",

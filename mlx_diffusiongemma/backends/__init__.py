@@ -24,6 +24,9 @@ replaces some with routes of its own:
                     test                                     (expert tile counts)
   setup (at load)   nothing                                  freed memory kept in the process
                                                              (cpu_memory.py; Linux/glibc)
+  pads_head_dims    yes: the vision tower pads head dims     no: any head dim
+                    mx.fast's attention does not take
+  train_dtype       the checkpoint's                         float32 (MLX's CPU gather_mm)
 
 The backend is chosen in one place, `select`, which `load_model` calls: the CPU's where the CPU
 is MLX's default device, else the default. Until then (models built without the loader) it is

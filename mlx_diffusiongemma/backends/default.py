@@ -52,6 +52,11 @@ class Backend:
     # Build denoising step t+1 before step t's stop test (generation.denoise_canvas): a step's
     # graph takes about as long to build in Python as the device takes to run one.
     prebuild_steps = True
+    # mx.fast's fused attention takes some head dims only: the vision tower zero-pads its own
+    # to the next one it takes (vision.vision_attention).
+    pads_head_dims = True
+    # The dtype a training run loads its weights in (None: the checkpoint's own).
+    train_dtype = None
 
     def setup(self):
         """Process-wide settings made once by `load_model`: none here."""

@@ -13,15 +13,14 @@ As `fullwidth`, it runs at reduced depth and extrapolates to the 30-layer model:
   the full shape, from the adapted model built lazily (nothing allocated);
 * what the step adds over weights, adapters and optimizer state (gradients, saved activations,
   the vocabulary-sized logits and their gradients) is measured in four configurations, each in its
-  own process — two sliding layers, three sliding layers, two sliding + one full-attention layer
-  (vocabulary V1) and two sliding layers at vocabulary V2 — and fitted exactly by
+  own process — a sliding + a full-attention layer, 2 sliding + 1 full, 1 sliding + 2 full (the
+  last layer is always full, as in the reference's config), each at vocabulary 8192, and the
+  first again at the real vocabulary (262144) — and fitted exactly by
   a + s x sliding layers + f x full layers + c x vocabulary, then evaluated at 25 sliding + 5 full
-  layers and the real vocabulary (262144);
+  layers and the real vocabulary: the vocabulary-sized tensors are measured at their real size,
+  only the depth is extrapolated;
 * the step runs what a Mac runs (mlx-lm's row layout for the experts, mx.fast attention): the
-  CPU's own routes (expert tiles and the rest, see backend.py) are switched off. The vocabulary-sized tensors (the encoder's AR logits
-  over prompt + canvas, the decoder's logits of both passes, the self-conditioning softmax, the
-  cross-entropies and their gradients) grow linearly in the vocabulary and not with depth; a
-  real-vocabulary step costs ~10 minutes of CPU here, hence the two smaller vocabularies.
+  CPU's own routes (expert tiles and the rest, backends/cpu.py) are switched off.
 
 Activations are float32 here (bf16 on a Mac, except the logits, which are float32 on both): the
 measured transient is an upper bound for a Mac.
@@ -47,13 +46,14 @@ from .shapes import FULL_CANVAS, FULL_TEXT, SHAPES
 
 LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 TARGET_GB = 24.0  # a 32 GB Mac trains
-SMALL_VOCABS = (8192, 32768)
-# (name, layer types): the configurations whose step peaks the fit is made from. Two layers at
-# least: with one, the first layer is also the last, and what a step keeps per layer does not
-# show apart from what it needs once (the recomputation of one layer under checkpointing).
-CONFIGS = [("2 sliding", ["sliding_attention"] * 2),
-           ("3 sliding", ["sliding_attention"] * 3),
-           ("2 sliding + full", ["sliding_attention"] * 2 + ["full_attention"])]
+VOCABS = (8192, 262144)  # the full shape's: a small one and the real one
+# (name, layer types): the configurations whose step peaks the fit is made from. The last layer is
+# always a full-attention one (as the reference's config), and two layers at least: with one,
+# the first layer is also the last, and what a step keeps per layer does not show apart from
+# what it needs once (the recomputation of one layer under checkpointing).
+CONFIGS = [("sliding + full", ["sliding_attention", "full_attention"]),
+           ("2 sliding + full", ["sliding_attention"] * 2 + ["full_attention"]),
+           ("sliding + 2 full", ["sliding_attention"] + ["full_attention"] * 2)]
 
 
 def canvas_for(shape):
@@ -207,7 +207,7 @@ def memory_part(opts, rep):
     text = SHAPES[shape]
     full = make_args(text, canvas_length=canvas_for(shape))
     V = full.vocab_size
-    vocabs = SMALL_VOCABS if shape == "full" else (max(V // 8, 64), max(V // 2, 128))
+    vocabs = VOCABS if shape == "full" else (max(V // 8, 64), max(V // 2, 128))
     if opts.vocab:
         vocabs = (vocabs[0], opts.vocab)
     prompt = opts.prompt

@@ -30,7 +30,7 @@ from .cli import OneLineParser, run_cli
 from .config import ModelArgs
 from .loader import (
     TOKENIZER_FILES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError, check_weights,
-    load_generation_config, read_config, read_headers, resolve_path, weight_files,
+    load_generation_config, read_config, read_headers, resolve_path,
 )
 from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError

@@ -207,15 +207,17 @@ def load_processor_config(path: Path) -> dict:
         f = Path(path) / name
         if not f.exists():
             continue
-        try:
-            cfg = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f} is not valid JSON ({e})") from None
+        cfg = read_json(f, ConfigError)
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{f} must hold a JSON object (got {describe(cfg)})")
         nested = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else {}
         n = (cfg.get("max_soft_tokens") or nested.get("max_soft_tokens")
              or cfg.get("image_seq_length"))
-        if n:
-            return {"max_soft_tokens": int(n)}
+        if n is None:
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"{f}: max_soft_tokens must be a positive integer (got {describe(n)})")
+        return {"max_soft_tokens": n}
     return {}
 
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .convert import shard, write_safetensors

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 
 from mlx_diffusiongemma import load, load_model, make_prompt_cache, stream_generate
 from mlx_diffusiongemma.chat import ChatSession

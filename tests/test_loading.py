@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
-from mlx_diffusiongemma import load, load_model
+from mlx_diffusiongemma import load_model
 from mlx_diffusiongemma.config import ConfigError
 from mlx_diffusiongemma.loader import ModelNotFoundError
 from mlx_diffusiongemma.safetensors_check import CheckpointError
@@ -145,3 +145,24 @@ def test_pickle_only_checkpoint_is_refused(copy_of):
     (copy_of / "model.safetensors").rename(copy_of / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="only safetensors"):
         load_model(copy_of)
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("preprocessor_config.json", {"image_processor": {"max_soft_tokens": 140}}),
+    ("processor_config.json", {"max_soft_tokens": 560}),
+])
+def test_processor_config_gives_the_soft_token_budget(copy_of, name, cfg):
+    path = copy_of
+    (path / name).write_text(json.dumps(cfg))
+    model = load_model(path)
+    want = cfg.get("max_soft_tokens") or cfg["image_processor"]["max_soft_tokens"]
+    assert model.processor_config == {"max_soft_tokens": want}
+
+
+@pytest.mark.parametrize("text,msg", [("{not json", "not valid JSON"), ("[1]", "JSON object"),
+                                      ('{"max_soft_tokens": "many"}', "positive integer")])
+def test_bad_processor_config_is_a_clear_error(copy_of, text, msg):
+    path = copy_of
+    (path / "preprocessor_config.json").write_text(text)
+    with pytest.raises(ConfigError, match=msg):
+        load_model(path)

@@ -8,7 +8,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from mlx_diffusiongemma import load, load_model
 from mlx_diffusiongemma import lora

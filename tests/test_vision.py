@@ -4,8 +4,6 @@ near-greedy generation; plus the interfaces and their errors."""
 
 import base64
 import inspect
-import io
-import json
 import shutil
 
 import mlx.core as mx

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .common import GB, GiB, ROOT, mem_available, random_prompt, say
 from .models import default_quant, make_args, param_bytes, recipe_bytes
-from .shapes import FULL_CANVAS, FULL_TEXT, SHAPES
+from .shapes import FULL_CANVAS, SHAPES
 
 LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 TARGET_GB = 24.0  # a 32 GB Mac trains

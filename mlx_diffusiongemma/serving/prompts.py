@@ -3,7 +3,7 @@ through the chat template, or a completion's text or token ids."""
 
 import json
 
-from .requests import Parsed, RequestError, _bool, _int, is_int_list
+from .fields import Parsed, RequestError, bool_field, int_field, is_int_list
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content",
@@ -145,7 +145,7 @@ def _template_kwargs(body):
     if effort is not None and effort not in EFFORTS:
         raise RequestError(f"'reasoning_effort' must be one of {sorted(EFFORTS)}",
                            "reasoning_effort")
-    thinking = _bool(body, "enable_thinking", None)
+    thinking = bool_field(body, "enable_thinking", None)
     if thinking is None and effort is not None:
         thinking = effort not in ("none", "minimal")
     return {"enable_thinking": bool(thinking), **kwargs}
@@ -165,7 +165,7 @@ def chat_prompt(body, p: Parsed, model, tokenizer):
             marker = placeholders(model, tokenizer, 1)
     messages = _messages(body, marker, p.images, why)
     p.tools = _tools(body, tokenizer)
-    p.parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
+    p.parallel_tool_calls = bool_field(body, "parallel_tool_calls", True)
     kwargs = _template_kwargs(body)
     try:
         text = tokenizer.apply_chat_template(messages, tools=p.tools, tokenize=False,
@@ -208,4 +208,4 @@ def completion_prompt(body, p: Parsed, tokenizer):
             raise RequestError("'suffix' needs a text prompt and a text suffix", "suffix")
         if p.n != 1 or p.stop:
             raise RequestError("'suffix' (infilling) takes neither 'n' nor 'stop'", "suffix")
-        p.suffix, p.gap_length = suffix, _int(body, "gap_length", 1)
+        p.suffix, p.gap_length = suffix, int_field(body, "gap_length", 1)

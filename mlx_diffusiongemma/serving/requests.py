@@ -3,50 +3,16 @@ sampler is in the README's Server section) or refused with a 400 that names it; 
 are refused too, so nothing a client sends is silently ignored."""
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List
 
 from ..sampler import SamplerSettings
+from .fields import Parsed, RequestError, bool_field, int_field, num_field
+from .prompts import chat_prompt, completion_prompt
 
 MAX_DEPTH = 64  # JSON nesting a request may have
 MAX_STOP = 4  # stop strings, as OpenAI
 MAX_N = 16
 NEAR_GREEDY = dict(t_min=1e-4, t_max=2e-4)  # what temperature 0 becomes
-
-
-class RequestError(Exception):
-    """A client fault: answered with `status` and a JSON error naming `param`."""
-
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.status}}
-
-
-@dataclass
-class Parsed:
-    """A request, checked: what the scheduler and the output parser need."""
-
-    chat: bool
-    prompt: List[int]
-    settings: SamplerSettings
-    n: int = 1
-    seed: Optional[int] = None
-    stop: List[str] = field(default_factory=list)
-    stream: bool = False
-    include_usage: bool = False
-    drafts: bool = False
-    tools: Optional[list] = None  # the request's tools (their calls are parsed from the output)
-    parallel_tool_calls: bool = True
-    thinking_open: bool = False  # the prompt leaves a thought channel open
-    text_prompt: Optional[str] = None  # a completion's prompt as sent, when text
-    suffix: Optional[str] = None  # /v1/completions infilling
-    gap_length: Optional[int] = None
-    images: list = field(default_factory=list)  # image sources, for a model that reads them
 
 
 # ---- body-level checks ---------------------------------------------------------------------
@@ -87,37 +53,6 @@ def _check_strings(body):
                 stack.append((v, depth + 1, where))
 
 
-# ---- field readers -------------------------------------------------------------------------
-def _int(body, key, lo, hi=None):
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        top = hi if hi is not None else "∞"
-        raise RequestError(f"'{key}' must be an integer in [{lo}, {top}]", key)
-    return v
-
-
-def _num(body, key, lo=None, hi=None):
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise RequestError(f"{key} must be a finite number, not {v!r}", key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RequestError(f"'{key}' must lie in [{lo}, {hi}]", key)
-    return float(v)
-
-
-def _bool(body, key, default=False):
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise RequestError(f"'{key}' must be true or false", key)
-    return v
-
-
 def _refuse(key, why):
     raise RequestError(f"'{key}' is not supported: {why}", key)
 
@@ -143,7 +78,7 @@ def _check_unsupported(body, chat):
     """The fields this sampler cannot honour: refused unless at their neutral value."""
     neutral = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0}
     for k, v in neutral.items():
-        if body.get(k) is not None and _num(body, k) != v:
+        if body.get(k) is not None and num_field(body, k) != v:
             _refuse(k, f"the entropy-bound sampler draws from the whole tempered distribution "
                        f"(only {v} is accepted)")
     if body.get("logit_bias"):
@@ -196,23 +131,23 @@ def _stream_options(body, stream) -> bool:
     unknown = set(opts) - {"include_usage"}
     if unknown:
         _refuse(f"stream_options.{sorted(unknown)[0]}", "only include_usage is known")
-    return _bool(opts, "include_usage")
+    return bool_field(opts, "include_usage")
 
 
 def sampler_settings(body, generation_config, max_tokens_limit) -> SamplerSettings:
     """The sampler's settings: the extra fields first, then `temperature` as a factor on the
     checkpoint's t_min..t_max schedule (0: near greedy)."""
-    max_tokens = _int(body, "max_completion_tokens", 1, max_tokens_limit)
+    max_tokens = int_field(body, "max_completion_tokens", 1, max_tokens_limit)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1, max_tokens_limit)
+        max_tokens = int_field(body, "max_tokens", 1, max_tokens_limit)
     try:
         settings = SamplerSettings.resolve(
             generation_config, max_tokens=max_tokens,
-            max_denoising_steps=_int(body, "steps", 1, 1000),
-            entropy_bound=_num(body, "entropy_bound"), t_min=_num(body, "t_min"),
-            t_max=_num(body, "t_max"), stability_threshold=_int(body, "stability_threshold", 0),
-            confidence_threshold=_num(body, "confidence_threshold"))
-        temp = _num(body, "temperature", 0, 2)
+            max_denoising_steps=int_field(body, "steps", 1, 1000),
+            entropy_bound=num_field(body, "entropy_bound"), t_min=num_field(body, "t_min"),
+            t_max=num_field(body, "t_max"), stability_threshold=int_field(body, "stability_threshold", 0),
+            confidence_threshold=num_field(body, "confidence_threshold"))
+        temp = num_field(body, "temperature", 0, 2)
         if temp is not None and body.get("t_min") is None and body.get("t_max") is None:
             if temp == 0:
                 settings.t_min, settings.t_max = NEAR_GREEDY["t_min"], NEAR_GREEDY["t_max"]
@@ -229,21 +164,19 @@ def sampler_settings(body, generation_config, max_tokens_limit) -> SamplerSettin
 def parse(body: dict, chat: bool, model, tokenizer, max_tokens_limit: int) -> Parsed:
     """Checks `body` (already a dict from decode_body) for /v1/chat/completions (`chat`) or
     /v1/completions and builds the prompt's tokens."""
-    from .prompts import chat_prompt, completion_prompt
-
     allowed = CHAT if chat else COMPLETIONS
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise RequestError(f"unknown field '{unknown[0]}'", unknown[0])
     _check_unsupported(body, chat)
-    stream = _bool(body, "stream")
+    stream = bool_field(body, "stream")
     p = Parsed(chat=chat, prompt=[], settings=sampler_settings(
         body, model.generation_config, max_tokens_limit))
-    p.n = _int(body, "n", 1, MAX_N) or 1
-    p.seed = _int(body, "seed", 0, 2**63 - 1)
+    p.n = int_field(body, "n", 1, MAX_N) or 1
+    p.seed = int_field(body, "seed", 0, 2**63 - 1)
     p.stop, p.stream = _stop(body), stream
     p.include_usage = _stream_options(body, stream)
-    p.drafts = _bool(body, "drafts")
+    p.drafts = bool_field(body, "drafts")
     if chat:
         chat_prompt(body, p, model, tokenizer)
     else:
@@ -269,7 +202,3 @@ def _check_context(p: Parsed, model):
         raise RequestError(f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} "
                            "generated tokens exceeds the model's context of "
                            f"{args.max_position_embeddings}", "max_tokens")
-
-
-def is_int_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)

@@ -19,19 +19,12 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 from .backends import attention, experts, final_softcap, gelu_glu, switch_matmul
 from .cache import CanvasKV, PromptCache
 from .config import ModelArgs
+from .layers import RMSNormNoScale
+from .vision import VisionEmbedder, VisionTower
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 # The tower's linears sit under a `.linear.` infix (transformers' clippable linear).
 CLIPPABLE = (".q_proj", ".k_proj", ".v_proj", ".o_proj", ".gate_proj", ".up_proj", ".down_proj")
-
-
-class RMSNormNoScale(nn.Module):
-    def __init__(self, eps: float):
-        super().__init__()
-        self.eps = eps
-
-    def __call__(self, x):
-        return mx.fast.rms_norm(x, None, self.eps)
 
 
 def rope_periods(head_dim: int, params: dict) -> mx.array:
@@ -255,8 +248,6 @@ class Encoder(nn.Module):
         super().__init__()
         self.language_model = EncoderLanguageModel(args)
         if args.vision is not None:
-            from .vision import VisionEmbedder, VisionTower  # vision.py builds on this file
-
             self.vision_tower = VisionTower(args.vision)
             self.embed_vision = VisionEmbedder(args.vision, args.hidden_size)
 

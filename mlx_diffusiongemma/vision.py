@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import VisionArgs
 from .backends import attention, gelu_glu, selected
-from .model import RMSNormNoScale
+from .layers import RMSNormNoScale
 
 # mx.fast.scaled_dot_product_attention's fused kernels take these head dims; the tower's 72 is
 # zero-padded to the next one (q·k and the softmax are unchanged, the padded output is cut off).

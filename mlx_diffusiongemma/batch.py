@@ -10,7 +10,7 @@ from .generation import (
     block_generate, check_context, check_ids, eos_ids_for, prompt_ids, resolve_settings,
 )
 from .model import Model
-from .sampler import random_key
+from .sampler import SamplerSettings, random_key
 
 
 @dataclass
@@ -47,6 +47,7 @@ def batch_generate(
     verbose: bool = False,
     images: Optional[Sequence[Sequence]] = None,
     image_soft_tokens: Optional[int] = None,
+    settings: Optional[SamplerSettings] = None,
 ) -> BatchResponse:
     """Generates for prompts of different lengths together. Prompts are left-padded and the
     padding is masked in the prompt pass, in every canvas-commit pass and in the decoder, so
@@ -55,7 +56,7 @@ def batch_generate(
     if not prompts:
         raise ValueError("no prompts given")
     settings = resolve_settings(
-        model, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
+        model, settings, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )

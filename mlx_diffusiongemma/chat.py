@@ -99,9 +99,12 @@ def repl(args) -> int:
     from .image_processor import load_image
     from .sampler import check_settings
 
-    kw = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed)
-    check_settings(**kw)
+    from .generation import resolve_settings
+
+    flags = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps)
+    check_settings(seed=args.seed, **flags)  # before the model loads
     model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
+    kw = dict(settings=resolve_settings(model, **flags), seed=args.seed)
     session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
     print("Type a message; '/image PATH' attaches an image to the next one; 'r' resets the "
           "conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply.")

@@ -48,13 +48,14 @@ def run(args):
     import mlx.core as mx
 
     from .examples.task import answer, prompt_text, read_task, show
-    from .generation import print_stats, stream_generate
+    from .generation import print_stats, resolve_settings, stream_generate
     from .sampler import check_settings
 
-    sampler_kw = dict(max_denoising_steps=args.steps, entropy_bound=args.entropy_bound, t_min=args.t_min,
-                      t_max=args.t_max, stability_threshold=args.stability_threshold,
-                      confidence_threshold=args.confidence_threshold, seed=args.seed)
-    check_settings(max_tokens=args.max_tokens, **sampler_kw)  # before the model loads
+    flags = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps,
+                 entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
+                 stability_threshold=args.stability_threshold,
+                 confidence_threshold=args.confidence_threshold)
+    check_settings(seed=args.seed, **flags)  # before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     dtype = getattr(mx, args.dtype) if args.dtype else None
     model, tokenizer = load_for_cli(args.model, dtype=dtype, adapter_path=args.adapter_path)
@@ -63,7 +64,9 @@ def run(args):
         prompt = prompt_text(task, prompt)
     elif prompt is None:
         prompt = "hello"
-    sampler_kw.update(images=args.image, videos=args.video, image_soft_tokens=args.image_soft_tokens)
+    settings = resolve_settings(model, **flags)  # the flags over the checkpoint's defaults
+    sampler_kw = dict(settings=settings, seed=args.seed, images=args.image, videos=args.video,
+                      image_soft_tokens=args.image_soft_tokens)
     if args.infill_file is not None or args.suffix is not None:
         from .infill import Gap, infill
 
@@ -75,14 +78,12 @@ def run(args):
         return
     view = None
     if args.visualize and sys.stdout.isatty():
-        from .generation import resolve_settings
         from .visualize import CanvasView
 
-        steps = args.steps or resolve_settings(model).max_denoising_steps
-        view = CanvasView(tokenizer, steps)
+        view = CanvasView(tokenizer, settings.max_denoising_steps)
     last, text = None, []
     for last in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, **sampler_kw,
+        model, tokenizer, prompt, **sampler_kw,
         system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
         apply_chat_template=not args.ignore_chat_template,
         draft_callback=view.draft if view else None,

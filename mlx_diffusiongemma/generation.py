@@ -2,7 +2,7 @@
 `stream_generate`."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -271,7 +271,12 @@ def make_prompt_cache(model: Model):
     return model.make_cache()
 
 
-def resolve_settings(model: Model, **kw) -> SamplerSettings:
+def resolve_settings(model: Model, settings: Optional[SamplerSettings] = None,
+                     **kw) -> SamplerSettings:
+    """The sampler settings a call runs with: keywords given (not None) > `settings` > the
+    checkpoint's generation_config.json > the reference's globals."""
+    if settings is not None:
+        kw = {**asdict(settings), **{k: v for k, v in kw.items() if v is not None}}
     return SamplerSettings.resolve(model.generation_config, **kw)
 
 
@@ -317,10 +322,13 @@ def stream_generate(
     images: Optional[Sequence] = None,
     videos: Optional[Sequence] = None,
     image_soft_tokens: Optional[int] = None,
+    settings: Optional[SamplerSettings] = None,
 ) -> Iterator[GenerationResponse]:
     """Yields one `GenerationResponse` per committed canvas.
 
-    Defaults come from the checkpoint's generation_config.json, then the reference's globals.
+    The sampler's settings: the keywords, else `settings` (one `SamplerSettings` a caller
+    resolves once and passes on), else the checkpoint's generation_config.json, else the
+    reference's globals.
     `initial_canvas` gives the first canvas's starting tokens (the reference's
     `decoder_input_ids`); `draft_callback(Draft)` sees every denoising step. With a
     `prompt_cache` (from `make_prompt_cache`), `prompt` holds only the new tokens: they are
@@ -331,7 +339,7 @@ def stream_generate(
     at most `image_soft_tokens` soft tokens (default: the checkpoint's); `videos` (paths) as
     Gemma 4 lays out video frames."""
     settings = resolve_settings(
-        model, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
+        model, settings, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
         entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
         stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
     )

@@ -73,8 +73,9 @@ def layout(segments: Sequence[Union[str, Gap, Sequence[int]]], tokenizer, canvas
 def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwargs) -> InfillResult:
     """Fills every gap of `text_or_segments`: a string with `<|gap|>` / `<|gap:N|>` markers, or
     a list alternating text (str or ids) and `Gap` objects. Keyword arguments go to
-    `stream_generate` (seed, steps, temperatures, draft_callback, images, ...); images come
-    before the text, after the BOS."""
+    `stream_generate` (seed, settings or the sampler keywords, draft_callback, images, ...),
+    except `max_tokens`, which is one canvas unless given; images come before the text, after
+    the BOS."""
     segments = parse_gaps(text_or_segments) if isinstance(text_or_segments, str) else list(text_or_segments)
     C = model.args.canvas_length
     prefix, plan = layout(segments, tokenizer, C)

@@ -181,3 +181,25 @@ def test_batch_row_leaves_at_eos(checkpoint_factory, monkeypatch):
     # the remaining row goes on (its second canvas starts from other noise, so only the first
     # is compared)
     assert res.tokens[1][:16] == free.tokens[1][:16] and len(res.tokens[1]) == 32
+
+
+def test_one_settings_object_stands_for_the_sampler_keywords(tiny):
+    """A SamplerSettings passed down gives what its keywords give; a keyword given as well
+    overrides that one field; a batch takes it too."""
+    from mlx_diffusiongemma.batch import batch_generate
+    from mlx_diffusiongemma.sampler import SamplerSettings
+
+    model = load_model(tiny[0], dtype=mx.float32)
+    kw = dict(max_tokens=40, max_denoising_steps=5, entropy_bound=0.3, t_min=0.2, t_max=0.5,
+              stability_threshold=2, confidence_threshold=0.01)
+    settings = SamplerSettings(**kw)
+
+    def tokens(**k):
+        return [r.tokens for r in stream_generate(model, None, list(range(3, 20)), seed=7,
+                                                  eos_token_ids=[], **k)]
+
+    assert tokens(settings=settings) == tokens(**kw)
+    assert tokens(settings=settings, max_denoising_steps=2) == tokens(**dict(kw, max_denoising_steps=2))
+    assert tokens(settings=settings, max_denoising_steps=2) != tokens(settings=settings)
+    b = batch_generate(model, None, [list(range(3, 20))], seed=7, eos_token_ids=[], settings=settings)
+    assert b.tokens[0] == sum(tokens(**kw), [])

@@ -74,10 +74,7 @@ def infill_runner(model, tokenizer):
         job.on_start(0)
         try:
             res = infill(model, tokenizer, [p.text_prompt, Gap(p.gap_length), p.suffix],
-                         draft_callback=on_draft, seed=p.seed,
-                         max_denoising_steps=s.max_denoising_steps, entropy_bound=s.entropy_bound,
-                         t_min=s.t_min, t_max=s.t_max, stability_threshold=s.stability_threshold,
-                         confidence_threshold=s.confidence_threshold)
+                         draft_callback=on_draft, seed=p.seed, settings=s)
         except Cancelled:
             return
         except ValueError as e:  # the gap does not fit the canvas, ...

@@ -32,8 +32,11 @@ def solve_rates(work: Path, every: int, puzzles: int, seed: int):
         model.load_weights(str(f), strict=False)
         r = evaluate(model, tok, task, test, seed, pinned=False)
         out[it] = r
-        print(f"iteration {it}: exact {r['exact']:.1%}, cells {r['cell_accuracy']:.1%}, "
-              f"median steps {r['median_steps']}", flush=True)
+        print(
+            f"iteration {it}: exact {r['exact']:.1%}, cells {r['cell_accuracy']:.1%}, "
+            f"median steps {r['median_steps']}",
+            flush=True,
+        )
     return out
 
 
@@ -67,8 +70,9 @@ def main():
     ax.set_yscale("log")
     ax2 = ax.twinx()
     its = sorted(rates)
-    ax2.plot(its, [100 * rates[i]["exact"] for i in its], "o-", color="tab:red",
-             label="exact solves")
+    ax2.plot(
+        its, [100 * rates[i]["exact"] for i in its], "o-", color="tab:red", label="exact solves"
+    )
     ax2.set_ylabel(f"exact solves, % ({a.puzzles} held-out puzzles)", color="tab:red")
     ax2.set_ylim(0, 100)
     ax.set_title("Sudoku demo: training from random initialisation on a 2-core CPU")

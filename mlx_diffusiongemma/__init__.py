@@ -6,9 +6,16 @@ Ctrl-C) before MLX and the model code are loaded."""
 import importlib
 
 _EXPORTS = {
-    "ModelArgs": "config", "Model": "model", "GenerationResponse": "generation",
-    "batch_generate": "batch", "generate": "text", "infill": "infill", "load": "loader",
-    "load_model": "loader", "make_prompt_cache": "generation", "stream_generate": "generation",
+    "ModelArgs": "config",
+    "Model": "model",
+    "GenerationResponse": "generation",
+    "batch_generate": "batch",
+    "generate": "text",
+    "infill": "infill",
+    "load": "loader",
+    "load_model": "loader",
+    "make_prompt_cache": "generation",
+    "stream_generate": "generation",
 }
 __all__ = list(_EXPORTS)
 

@@ -7,7 +7,12 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .generation import (
-    block_generate, check_context, check_ids, eos_ids_for, prompt_ids, resolve_settings,
+    block_generate,
+    check_context,
+    check_ids,
+    eos_ids_for,
+    prompt_ids,
+    resolve_settings,
 )
 from .model import Model
 from .sampler import SamplerSettings, random_key
@@ -56,17 +61,31 @@ def batch_generate(
     if not prompts:
         raise ValueError("no prompts given")
     settings = resolve_settings(
-        model, settings, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
-        entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
-        stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+        model,
+        settings,
+        max_tokens=max_tokens,
+        max_denoising_steps=max_denoising_steps,
+        entropy_bound=entropy_bound,
+        t_min=t_min,
+        t_max=t_max,
+        stability_threshold=stability_threshold,
+        confidence_threshold=confidence_threshold,
     )
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"images: one list per prompt ({len(prompts)}), got {len(images)}")
     rows, vision = [], {}
     for i, p in enumerate(prompts):
-        ids, feats = prompt_ids(model, tokenizer, p, images[i] if images else None, None,
-                                system_prompt, enable_thinking, apply_chat_template,
-                                image_soft_tokens)
+        ids, feats = prompt_ids(
+            model,
+            tokenizer,
+            p,
+            images[i] if images else None,
+            None,
+            system_prompt,
+            enable_thinking,
+            apply_chat_template,
+            image_soft_tokens,
+        )
         rows.append(ids)
         for token, f in (feats or {}).items():  # row-major: the order the encoder reads them
             vision[token] = f if token not in vision else mx.concatenate([vision[token], f])
@@ -83,21 +102,29 @@ def batch_generate(
     if initial_canvases is not None:
         first = mx.array(initial_canvases, dtype=mx.int32)
         if first.shape != (len(rows), model.args.canvas_length):
-            raise ValueError(f"initial_canvases must have shape ({len(rows)}, {model.args.canvas_length})")
+            raise ValueError(
+                f"initial_canvases must have shape ({len(rows)}, {model.args.canvas_length})"
+            )
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     cache = model.make_cache()
-    model.encode(ids, cache, step=prefill_step_size,
-                 mask=None if all(mask.all(axis=1).tolist()) else mask, vision=vision or None)
+    model.encode(
+        ids,
+        cache,
+        step=prefill_step_size,
+        mask=None if all(mask.all(axis=1).tolist()) else mask,
+        vision=vision or None,
+    )
     prompt_tps = sum(len(r) for r in rows) / max(time.perf_counter() - tic, 1e-9)
 
     tic = time.perf_counter()
     out: List[List[int]] = [[] for _ in rows]
     finish = ["length"] * len(rows)
     forwards = 0
-    for _, steps, per_row in block_generate(model, cache, len(rows), settings, key, eos, first,
-                                            prefill_step_size=prefill_step_size):
+    for _, steps, per_row in block_generate(
+        model, cache, len(rows), settings, key, eos, first, prefill_step_size=prefill_step_size
+    ):
         forwards += steps
         for r, (toks, hit) in per_row.items():
             out[r] += toks
@@ -105,8 +132,17 @@ def batch_generate(
                 finish[r] = "stop"
     n = sum(len(t) for t in out)
     texts = [tokenizer.decode(t) if tokenizer is not None else "" for t in out]
-    res = BatchResponse(texts, out, finish, sum(len(r) for r in rows), prompt_tps, n,
-                        n / max(time.perf_counter() - tic, 1e-9), forwards, mx.get_peak_memory() / 1e9)
+    res = BatchResponse(
+        texts,
+        out,
+        finish,
+        sum(len(r) for r in rows),
+        prompt_tps,
+        n,
+        n / max(time.perf_counter() - tic, 1e-9),
+        forwards,
+        mx.get_peak_memory() / 1e9,
+    )
     if verbose:
         for i, t in enumerate(texts):
             print(f"--- {i}: {t}")

@@ -123,8 +123,11 @@ def _left_padded(rows: List[PromptCache], layer: int):
         values.append(v)
         valid.append(own)
     valid = mx.concatenate(valid)
-    return mx.concatenate(keys), mx.concatenate(values), None if min(lens) == P and \
-        all(r.valid is None for r in rows) else valid
+    return (
+        mx.concatenate(keys),
+        mx.concatenate(values),
+        None if min(lens) == P and all(r.valid is None for r in rows) else valid,
+    )
 
 
 class CanvasKV:

@@ -6,7 +6,12 @@ import sys
 from typing import List, Optional
 
 from .cli import (
-    OneLineParser, add_model_argument, error_line, load_for_cli, rearm_interrupts, run_cli,
+    OneLineParser,
+    add_model_argument,
+    error_line,
+    load_for_cli,
+    rearm_interrupts,
+    run_cli,
     user_errors,
 )
 
@@ -14,7 +19,9 @@ from .cli import (
 class ChatSession:
     """A conversation with its prompt cache. `send(text)` streams the reply's responses."""
 
-    def __init__(self, model, tokenizer, system_prompt: Optional[str] = None, enable_thinking: bool = False):
+    def __init__(
+        self, model, tokenizer, system_prompt: Optional[str] = None, enable_thinking: bool = False
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.enable_thinking = system_prompt, enable_thinking
         self.reset()
@@ -23,7 +30,9 @@ class ChatSession:
         from .generation import make_prompt_cache
 
         self.cache = make_prompt_cache(self.model)
-        self.messages: List[dict] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.messages: List[dict] = (
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        )
         self.history: List[int] = []  # every token the cache holds
 
     def new_tokens(self, text: str) -> List[int]:
@@ -34,17 +43,25 @@ class ChatSession:
     def new_text(self, text: str) -> str:
         tok = self.tokenizer
         messages = self.messages + [{"role": "user", "content": text}]
-        full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                       enable_thinking=self.enable_thinking)
+        full = tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=self.enable_thinking,
+        )
         done = tok.decode(self.history) if self.history else ""
         if full.startswith(done):
-            new = full[len(done):]
+            new = full[len(done) :]
         else:  # a template that renders past replies differently: this turn's part alone
-            new = tok.apply_chat_template(messages[-1:], tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=self.enable_thinking)
+            new = tok.apply_chat_template(
+                messages[-1:],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=self.enable_thinking,
+            )
             bos = getattr(tok, "bos_token", None)
             if bos and new.startswith(bos):
-                new = new[len(bos):]
+                new = new[len(bos) :]
         return new
 
     def send(self, text: str, images=None, **kwargs):
@@ -62,8 +79,10 @@ class ChatSession:
             from .multimodal import expand_text, placeholders
 
             if not self.model.has_vision:
-                raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
-                                 "it cannot read images")
+                raise ValueError(
+                    "this checkpoint has no vision tower (a text-only conversion): "
+                    "it cannot read images"
+                )
             images = [load_image(i) for i in images]  # read once: layout here, tower below
             # Placeholders in the turn's text: past turns render the same way, whatever the
             # template does with content parts.
@@ -74,8 +93,9 @@ class ChatSession:
         saved = self.cache.snapshot()
         reply, tokens, last, finished = "", [], None, False
         try:
-            for last in stream_generate(self.model, self.tokenizer, ids, prompt_cache=self.cache,
-                                        images=images, **kwargs):
+            for last in stream_generate(
+                self.model, self.tokenizer, ids, prompt_cache=self.cache, images=images, **kwargs
+            ):
                 reply += last.text
                 tokens += last.tokens
                 yield last
@@ -87,8 +107,10 @@ class ChatSession:
             else:
                 self.cache.restore(saved)
             if finished or reply:
-                self.messages += [{"role": "user", "content": text},
-                                  {"role": "assistant", "content": reply}]
+                self.messages += [
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": reply},
+                ]
 
 
 def repl(args) -> int:
@@ -96,18 +118,19 @@ def repl(args) -> int:
         import readline  # noqa: F401
     except ImportError:
         pass
+    from .generation import resolve_settings
     from .image_processor import load_image
     from .sampler import check_settings
-
-    from .generation import resolve_settings
 
     flags = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps)
     check_settings(seed=args.seed, **flags)  # before the model loads
     model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
     kw = dict(settings=resolve_settings(model, **flags), seed=args.seed)
     session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
-    print("Type a message; '/image PATH' attaches an image to the next one; 'r' resets the "
-          "conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply.")
+    print(
+        "Type a message; '/image PATH' attaches an image to the next one; 'r' resets the "
+        "conversation, 'q' or Ctrl-D quits, Ctrl-C stops a reply."
+    )
     pending = []
     while True:
         try:
@@ -126,7 +149,7 @@ def repl(args) -> int:
             continue
         if text.startswith("/image "):
             try:  # read now: a bad path is reported here, the session goes on
-                pending.append(load_image(text[len("/image "):].strip()))
+                pending.append(load_image(text[len("/image ") :].strip()))
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue

@@ -30,8 +30,14 @@ def _bounds(lo, hi, lo_open) -> str:
     return f"{'>' if lo_open else '>='} {lo}" if lo is not None else ""
 
 
-def check_int(name: str, value, lo: Optional[int] = 1, hi: Optional[int] = None, exc=ValueError,
-              cap: Optional[int] = None) -> int:
+def check_int(
+    name: str,
+    value,
+    lo: Optional[int] = 1,
+    hi: Optional[int] = None,
+    exc=ValueError,
+    cap: Optional[int] = None,
+) -> int:
     """An integer (not a bool, float or string) in [lo, hi]; `cap` is a limit of the
     implementation rather than of the setting, named only when exceeded."""
     ok = isinstance(value, int) and not isinstance(value, bool)
@@ -42,8 +48,14 @@ def check_int(name: str, value, lo: Optional[int] = 1, hi: Optional[int] = None,
     return value
 
 
-def check_number(name: str, value, lo: Optional[float] = None, hi: Optional[float] = None,
-                 lo_open: bool = False, exc=ValueError) -> float:
+def check_number(
+    name: str,
+    value,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    exc=ValueError,
+) -> float:
     """A finite real number (int or float, not a bool or string) in [lo, hi] (or (lo, hi])."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and lo is not None:

@@ -20,10 +20,16 @@ INTERRUPTED = 130  # exit status after SIGINT / SIGTERM, as a shell reports it
 
 
 def add_model_argument(parser):
-    parser.add_argument("--model", default=None,
-                        help=f"local folder or Hugging Face id (e.g. {REAL_MODEL}); default: the bundled demo checkpoint")
-    parser.add_argument("--adapter-path", default=None,
-                        help="fine-tuned adapters to add (a folder written by mlx_diffusiongemma.lora)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"local folder or Hugging Face id (e.g. {REAL_MODEL}); default: the bundled demo checkpoint",
+    )
+    parser.add_argument(
+        "--adapter-path",
+        default=None,
+        help="fine-tuned adapters to add (a folder written by mlx_diffusiongemma.lora)",
+    )
 
 
 def demo_notice() -> str:
@@ -33,9 +39,11 @@ def demo_notice() -> str:
     if task is None:
         return "Using the bundled demo checkpoint."
     n = task["size"]
-    return (f"Using the bundled demo: a small DiffusionGemma trained in this repo to solve {n}x{n} "
-            f"Sudoku (prompt: the {n * n} digits row by row, 0 for a blank), e.g. "
-            f"--prompt \"{example_puzzle(n)}\". Pass --model {REAL_MODEL} for the real model.")
+    return (
+        f"Using the bundled demo: a small DiffusionGemma trained in this repo to solve {n}x{n} "
+        f"Sudoku (prompt: the {n * n} digits row by row, 0 for a blank), e.g. "
+        f'--prompt "{example_puzzle(n)}". Pass --model {REAL_MODEL} for the real model.'
+    )
 
 
 def load_for_cli(model_arg, dtype=None, adapter_path=None):

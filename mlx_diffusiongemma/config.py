@@ -26,9 +26,19 @@ def _config_error(message: str) -> ConfigError:
 # text_config keys the model reads, with their lowest value (ints are also capped at MLX's
 # int32 shapes). null means unset: the default applies.
 TEXT_INTS = dict(
-    vocab_size=1, hidden_size=1, intermediate_size=1, num_hidden_layers=1,
-    num_attention_heads=1, num_key_value_heads=1, head_dim=2, sliding_window=1, num_experts=1,
-    top_k_experts=1, moe_intermediate_size=1, max_position_embeddings=1, global_head_dim=2,
+    vocab_size=1,
+    hidden_size=1,
+    intermediate_size=1,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=2,
+    sliding_window=1,
+    num_experts=1,
+    top_k_experts=1,
+    moe_intermediate_size=1,
+    max_position_embeddings=1,
+    global_head_dim=2,
     num_global_key_value_heads=1,
 )
 TEXT_BOOLS = ("attention_bias", "tie_word_embeddings", "attention_k_eq_v")
@@ -51,15 +61,22 @@ def check_text_config(text: Dict[str, Any]):
     if text.get("rms_norm_eps") is not None:
         check_number("text_config.rms_norm_eps", text["rms_norm_eps"], lo=0, lo_open=True, exc=err)
     if text.get("final_logit_softcapping") is not None:
-        check_number("text_config.final_logit_softcapping", text["final_logit_softcapping"], lo=0,
-                     lo_open=True, exc=err)
+        check_number(
+            "text_config.final_logit_softcapping",
+            text["final_logit_softcapping"],
+            lo=0,
+            lo_open=True,
+            exc=err,
+        )
     for key in ("eos_token_id", "pad_token_id"):
         if text.get(key) is not None:
             check_token_ids(f"text_config.{key}", text[key], exc=err)
     act = text.get("hidden_activation")
     if act is not None and act not in ACTIVATIONS:
-        raise err(f"text_config.hidden_activation {act!r} is not supported "
-                  f"(expected one of {', '.join(ACTIVATIONS)})")
+        raise err(
+            f"text_config.hidden_activation {act!r} is not supported "
+            f"(expected one of {', '.join(ACTIVATIONS)})"
+        )
     types = text.get("layer_types")
     if types is not None and not (
         isinstance(types, list) and all(isinstance(t, str) for t in types)
@@ -80,8 +97,12 @@ def check_text_config(text: Dict[str, Any]):
             if overrides.get("head_dim") is not None:
                 check_int(f"{where}.head_dim", overrides["head_dim"], lo=2, cap=MAX_DIM, exc=err)
             if overrides.get("num_key_value_heads") is not None:
-                check_int(f"{where}.num_key_value_heads", overrides["num_key_value_heads"],
-                          cap=MAX_DIM, exc=err)
+                check_int(
+                    f"{where}.num_key_value_heads",
+                    overrides["num_key_value_heads"],
+                    cap=MAX_DIM,
+                    exc=err,
+                )
 
 
 def check_rope_block(where: str, block):
@@ -89,8 +110,10 @@ def check_rope_block(where: str, block):
     check_object(where, block, exc=err)
     rope_type = block.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
-        raise err(f"{where}.rope_type {rope_type!r} is not supported "
-                  f"(expected one of {', '.join(ROPE_TYPES)})")
+        raise err(
+            f"{where}.rope_type {rope_type!r} is not supported "
+            f"(expected one of {', '.join(ROPE_TYPES)})"
+        )
     if "rope_theta" not in block:
         raise err(f"{where} has no rope_theta")
     check_number(f"{where}.rope_theta", block["rope_theta"], lo=0, lo_open=True, exc=err)
@@ -158,8 +181,9 @@ class VisionArgs:
         rope = config.get("rope_parameters") or {}
         # transformers reads the tower's rope_type "default" as axial (2-D); nothing else exists
         if rope.get("rope_type", "default") not in ("default", "axial"):
-            raise ConfigError(f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} "
-                              "is not supported")
+            raise ConfigError(
+                f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported"
+            )
         if "rope_theta" in rope:
             kwargs["rope_theta"] = float(rope["rope_theta"])
         act = kwargs.get("hidden_activation", "gelu_pytorch_tanh")
@@ -167,11 +191,13 @@ class VisionArgs:
             raise ConfigError(f"vision_config.hidden_activation {act!r} is not supported")
         args = cls(**kwargs)
         if args.head_dim % 4:
-            raise ConfigError(f"vision_config.head_dim {args.head_dim} is not a multiple of 4 "
-                              "(2-D RoPE)")
+            raise ConfigError(
+                f"vision_config.head_dim {args.head_dim} is not a multiple of 4 (2-D RoPE)"
+            )
         if args.num_attention_heads % args.num_key_value_heads:
-            raise ConfigError("vision_config.num_attention_heads is not a multiple of "
-                              "num_key_value_heads")
+            raise ConfigError(
+                "vision_config.num_attention_heads is not a multiple of num_key_value_heads"
+            )
         return args
 
 
@@ -246,7 +272,9 @@ class ModelArgs:
                     f"of {kv} key/value heads"
                 )
         if self.top_k_experts > self.num_experts:
-            raise ConfigError(f"top_k_experts {self.top_k_experts} > num_experts {self.num_experts}")
+            raise ConfigError(
+                f"top_k_experts {self.top_k_experts} > num_experts {self.num_experts}"
+            )
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention"
@@ -274,20 +302,34 @@ class ModelArgs:
         text = config.get("text_config")
         text = {} if text is None else dict(check_object("text_config", text, exc=_config_error))
         if text.get("use_bidirectional_attention") == "all":
-            raise ConfigError("use_bidirectional_attention='all' (bidirectional encoder) is not supported")
+            raise ConfigError(
+                "use_bidirectional_attention='all' (bidirectional encoder) is not supported"
+            )
         check_text_config(text)
-        own = {"layer_head_dims", "layer_kv_heads", "quantization", "vision", "image_token_id",
-               "boi_token_id", "eoi_token_id", "video_token_id"}
+        own = {
+            "layer_head_dims",
+            "layer_kv_heads",
+            "quantization",
+            "vision",
+            "image_token_id",
+            "boi_token_id",
+            "eoi_token_id",
+            "video_token_id",
+        }
         known = set(cls.__dataclass_fields__) - own
         kwargs = {k: v for k, v in text.items() if k in known and v is not None}
         if "final_logit_softcapping" in text:  # null turns the softcap off, as in the reference
             kwargs["final_logit_softcapping"] = text["final_logit_softcapping"]
         canvas = config.get("canvas_length")
-        kwargs["canvas_length"] = 256 if canvas is None else check_int(
-            "canvas_length", canvas, cap=MAX_DIM, exc=_config_error)
+        kwargs["canvas_length"] = (
+            256
+            if canvas is None
+            else check_int("canvas_length", canvas, cap=MAX_DIM, exc=_config_error)
+        )
         if config.get("tie_word_embeddings") is not None:
             kwargs["tie_word_embeddings"] = check_bool(
-                "tie_word_embeddings", config["tie_word_embeddings"], exc=_config_error)
+                "tie_word_embeddings", config["tie_word_embeddings"], exc=_config_error
+            )
         rope = dict(DEFAULT_ROPE)
         rope.update({k: v for k, v in (text.get("rope_parameters") or {}).items() if v is not None})
         kwargs["rope_parameters"] = rope
@@ -295,7 +337,10 @@ class ModelArgs:
         if quantization is None:
             quantization = config.get("quantization_config")
         quantization = check_quantization(quantization)
-        if kwargs.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
+        if kwargs.get("hidden_activation", "gelu_pytorch_tanh") not in (
+            "gelu_pytorch_tanh",
+            "gelu_new",
+        ):
             raise ConfigError(f"hidden_activation {kwargs['hidden_activation']!r} is not supported")
         for key in ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id"):
             if config.get(key) is not None:
@@ -309,7 +354,8 @@ class ModelArgs:
         if args.canvas_length > args.max_position_embeddings:
             raise _config_error(
                 f"canvas_length {args.canvas_length} exceeds max_position_embeddings "
-                f"{args.max_position_embeddings}")
+                f"{args.max_position_embeddings}"
+            )
         return args
 
     def _resolve_full_attention_shapes(self, text: Dict[str, Any]):

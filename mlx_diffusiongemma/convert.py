@@ -29,22 +29,49 @@ from . import quant
 from .cli import OneLineParser, run_cli
 from .config import ModelArgs
 from .loader import (
-    TOKENIZER_FILES, TOKENIZER_PATTERNS, WEIGHT_PATTERNS, ModelNotFoundError, check_weights,
-    load_generation_config, read_config, read_headers, resolve_path,
+    TOKENIZER_FILES,
+    TOKENIZER_PATTERNS,
+    WEIGHT_PATTERNS,
+    ModelNotFoundError,
+    check_weights,
+    load_generation_config,
+    read_config,
+    read_headers,
+    resolve_path,
 )
 from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 ST_DTYPES = {
-    mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint16: "U16",
-    mx.uint8: "U8", mx.int64: "I64", mx.int32: "I32", mx.int16: "I16", mx.int8: "I8",
-    mx.uint64: "U64", mx.bool_: "BOOL",
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.uint16: "U16",
+    mx.uint8: "U8",
+    mx.int64: "I64",
+    mx.int32: "I32",
+    mx.int16: "I16",
+    mx.int8: "I8",
+    mx.uint64: "U64",
+    mx.bool_: "BOOL",
 }
 # Copied as they are: tokenizer, chat template, generation and processor configs.
 COPIED = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
-SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
-              "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "GIB": 2**30,
+}
 
 
 class ConvertError(ValueError):
@@ -91,7 +118,8 @@ def files_to_copy(src: Path) -> list:
                 continue
             if f.is_symlink() and not f.exists():
                 raise ConvertError(
-                    f"cannot copy {f.name}: it is a broken link (to {os.readlink(f)})")
+                    f"cannot copy {f.name}: it is a broken link (to {os.readlink(f)})"
+                )
             if not f.is_file():
                 raise ConvertError(f"cannot copy {f.name}: not a regular file")
             if not os.access(f, os.R_OK):
@@ -113,7 +141,9 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
         if not header:
             continue
         if any(k.endswith(".scales") for k in header):
-            raise ConvertError(f"{src} is already quantized (MLX); convert from the bf16 Hugging Face checkpoint")
+            raise ConvertError(
+                f"{src} is already quantized (MLX); convert from the bf16 Hugging Face checkpoint"
+            )
         try:
             arrays = mx.load(str(f))
         except (ValueError, RuntimeError) as e:
@@ -130,14 +160,25 @@ def plan(src: Path, args: ModelArgs, dtype=None, qdefault=None, recipe="mixed", 
                 n_params += arr.size
                 if not vision:
                     text_shapes[name] = SimpleNamespace(shape=arr.shape)
-                if dtype is not None and mx.issubdtype(arr.dtype, mx.floating) and arr.dtype != dtype:
+                if (
+                    dtype is not None
+                    and mx.issubdtype(arr.dtype, mx.floating)
+                    and arr.dtype != dtype
+                ):
                     arr = arr.astype(dtype)
                 path, params = name.rsplit(".", 1)[0], None
-                if qdefault and not vision and name.endswith(".weight") and hasattr(modules.get(path), "to_quantized"):
+                if (
+                    qdefault
+                    and not vision
+                    and name.endswith(".weight")
+                    and hasattr(modules.get(path), "to_quantized")
+                ):
                     params = quant.module_params(path, arr.shape[-1], qdefault, recipe)
                 if params:
                     q = mx.quantize(arr, params["group_size"], params["bits"], mode=params["mode"])
-                    groups.append(list(zip([f"{path}.weight", f"{path}.scales", f"{path}.biases"], q)))
+                    groups.append(
+                        list(zip([f"{path}.weight", f"{path}.scales", f"{path}.biases"], q))
+                    )
                     if params != qdefault:
                         overrides[path] = params
                 else:
@@ -165,7 +206,11 @@ def write_safetensors(path: Path, entries: list, progress=None):
     each tensor evaluated, written and released. `entries` is emptied as it goes."""
     header, off = {"__metadata__": {"format": "mlx"}}, 0
     for name, a in entries:
-        header[name] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        header[name] = {
+            "dtype": ST_DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [off, off + a.nbytes],
+        }
         off += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -191,9 +236,13 @@ def check_destination(out: Path, force: bool):
             raise ConvertError(f"{out} exists and is not a folder")
         if any(out.iterdir()):
             if not force:
-                raise ConvertError(f"{out} already exists and is not empty (pass --force to replace it)")
+                raise ConvertError(
+                    f"{out} already exists and is not empty (pass --force to replace it)"
+                )
             if not (out / "config.json").exists():
-                raise ConvertError(f"--force replaces only a model folder, and {out} has no config.json; remove it yourself")
+                raise ConvertError(
+                    f"--force replaces only a model folder, and {out} has no config.json; remove it yourself"
+                )
 
 
 def _remove_stale_partials(out: Path):
@@ -213,7 +262,10 @@ def output_config(config: dict, args: ModelArgs, qblock, dtype_name, text_only) 
     # global_head_dim / num_global_key_value_heads (as the released checkpoint has them).
     text = config["text_config"] = dict(config.get("text_config") or {})
     full = [i for i, t in enumerate(args.layer_types) if t == "full_attention"]
-    for key, values in (("global_head_dim", args.layer_head_dims), ("num_global_key_value_heads", args.layer_kv_heads)):
+    for key, values in (
+        ("global_head_dim", args.layer_head_dims),
+        ("num_global_key_value_heads", args.layer_kv_heads),
+    ):
         found = {values[i] for i in full}
         if text.get(key) is None and len(found) == 1:
             text[key] = found.pop()
@@ -239,7 +291,13 @@ def model_card(title: str, src_name: str, src: Path, summary: str, hub: bool, wh
         ours = f"mlx-diffusiongemma {version('mlx-diffusiongemma')}"
     except Exception:
         ours = "mlx-diffusiongemma"
-    front = ["library_name: mlx", "pipeline_tag: text-generation", "tags:", "- mlx", "- diffusiongemma"]
+    front = [
+        "library_name: mlx",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- mlx",
+        "- diffusiongemma",
+    ]
     if hub:
         front.insert(0, f"base_model: {src_name}")
     readme = src / "README.md"
@@ -248,20 +306,49 @@ def model_card(title: str, src_name: str, src: Path, summary: str, hub: bool, wh
         if lic:
             front.append(f"license: {lic.group(1)}")
     link = f"[{src_name}](https://huggingface.co/{src_name})" if hub else f"`{src_name}`"
-    return "\n".join(["---", *front, "---", "", f"# {title}", "",
-        f"{link} converted to MLX with {ours}: {summary}.",
-        "Tensors keep the Hugging Face names (the mlx-community / mlx-vlm layout).", "",
-        "```python", "from mlx_diffusiongemma import load", "", f'model, tokenizer = load("{where}")',
-        "```", ""])
+    return "\n".join(
+        [
+            "---",
+            *front,
+            "---",
+            "",
+            f"# {title}",
+            "",
+            f"{link} converted to MLX with {ours}: {summary}.",
+            "Tensors keep the Hugging Face names (the mlx-community / mlx-vlm layout).",
+            "",
+            "```python",
+            "from mlx_diffusiongemma import load",
+            "",
+            f'model, tokenizer = load("{where}")',
+            "```",
+            "",
+        ]
+    )
 
 
-def convert(hf_path, mlx_path="mlx_model", quantize=False, q_bits=None, q_group_size=None,
-            q_mode="affine", quant_recipe="mixed", dtype=None, max_shard_size=5 << 30,
-            text_only=False, force=False, upload_repo=None, revision=None, log=print) -> Path:
+def convert(
+    hf_path,
+    mlx_path="mlx_model",
+    quantize=False,
+    q_bits=None,
+    q_group_size=None,
+    q_mode="affine",
+    quant_recipe="mixed",
+    dtype=None,
+    max_shard_size=5 << 30,
+    text_only=False,
+    force=False,
+    upload_repo=None,
+    revision=None,
+    log=print,
+) -> Path:
     """Converts `hf_path` (folder or hub id) into the folder `mlx_path`; returns its path."""
     qdefault = quant.resolve(q_bits, q_group_size, q_mode) if quantize else None
     if quantize and quant_recipe not in quant.RECIPES:
-        raise ConvertError(f"unknown quantization recipe {quant_recipe!r} (choose from {', '.join(quant.RECIPES)})")
+        raise ConvertError(
+            f"unknown quantization recipe {quant_recipe!r} (choose from {', '.join(quant.RECIPES)})"
+        )
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     out = Path(mlx_path).expanduser().absolute()
@@ -272,20 +359,29 @@ def convert(hf_path, mlx_path="mlx_model", quantize=False, q_bits=None, q_group_
     config = read_config(src)
     args = ModelArgs.from_config(config)
     if config.get("quantization") or config.get("quantization_config"):
-        raise ConvertError(f"{src} is already quantized; convert from the bf16 Hugging Face checkpoint")
+        raise ConvertError(
+            f"{src} is already quantized; convert from the bf16 Hugging Face checkpoint"
+        )
     load_generation_config(src)
     copied = files_to_copy(src)
     if not any((src / name).is_file() for name in TOKENIZER_FILES):
-        log(f"[WARN] {src} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the converted "
-            "model will take token ids only, until its tokenizer files are copied next to it")
+        log(
+            f"[WARN] {src} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the converted "
+            "model will take token ids only, until its tokenizer files are copied next to it"
+        )
 
     log(f"[INFO] Planning {src}")
-    groups, overrides, n_params = plan(src, args, DTYPES.get(dtype), qdefault, quant_recipe, text_only)
+    groups, overrides, n_params = plan(
+        src, args, DTYPES.get(dtype), qdefault, quant_recipe, text_only
+    )
     total = sum(a.nbytes for g in groups for _, a in g)
     shards = shard(groups, max_shard_size)
     del groups
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
@@ -296,30 +392,51 @@ def convert(hf_path, mlx_path="mlx_model", quantize=False, q_bits=None, q_group_
         weight_map = {}
         from tqdm import tqdm
 
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Converting", file=sys.stderr,
-                  disable=None, leave=False) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="Converting",
+            file=sys.stderr,
+            disable=None,
+            leave=False,
+        ) as bar:
             for name, entries in zip(names, shards):
                 weight_map.update({k: name for k, _ in entries})
                 write_safetensors(tmp / name, entries, bar.update)
-        index = {"metadata": {"total_size": total, "total_parameters": n_params},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": total, "total_parameters": n_params},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
         qblock = quant.config_block(qdefault, overrides) if quantize else None
-        (tmp / "config.json").write_text(json.dumps(output_config(config, args, qblock, dtype, text_only), indent=4))
+        (tmp / "config.json").write_text(
+            json.dumps(output_config(config, args, qblock, dtype, text_only), indent=4)
+        )
         for f in copied:
             shutil.copy(f, tmp / f.name)
         bpw = total * 8 / max(n_params, 1)
         if quantize:
-            summary = (f"{qdefault['mode']} {qdefault['bits']}-bit (group {qdefault['group_size']}), "
-                       f"{quant_recipe} recipe" + (" (embeddings, attention, dense MLP and router at 8-bit)"
-                                                   if quant_recipe == "mixed" else "")
-                       + f", {bpw:.2f} bits per weight")
+            summary = (
+                f"{qdefault['mode']} {qdefault['bits']}-bit (group {qdefault['group_size']}), "
+                f"{quant_recipe} recipe"
+                + (
+                    " (embeddings, attention, dense MLP and router at 8-bit)"
+                    if quant_recipe == "mixed"
+                    else ""
+                )
+                + f", {bpw:.2f} bits per weight"
+            )
         else:
             summary = f"unquantized ({dtype or 'source dtype'})"
         if text_only:
             summary += ", text only (no vision tower)"
         hub = not Path(str(hf_path)).expanduser().exists()
-        (tmp / "README.md").write_text(model_card(upload_repo or out.name, str(hf_path), src, summary, hub, upload_repo or str(out)))
+        (tmp / "README.md").write_text(
+            model_card(
+                upload_repo or out.name, str(hf_path), src, summary, hub, upload_repo or str(out)
+            )
+        )
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -350,7 +467,9 @@ def upload(path: Path, repo: str):
         api.upload_large_folder(folder_path=str(path), repo_id=repo, repo_type="model")
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"upload to {repo} failed ({reason}); the converted model is in {path}") from None
+        raise ConvertError(
+            f"upload to {repo} failed ({reason}); the converted model is in {path}"
+        ) from None
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -360,18 +479,40 @@ def parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face DiffusionGemma checkpoint to MLX "
         "(optionally quantized).",
     )
-    p.add_argument("--hf-path", "--model", required=True, help="local folder or Hugging Face hub id")
+    p.add_argument(
+        "--hf-path", "--model", required=True, help="local folder or Hugging Face hub id"
+    )
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-bits", type=int, help="bits per weight (default: 4, 8 for mxfp8)")
-    p.add_argument("--q-group-size", type=int, help="group size (default: 64 affine, 32 mxfp4/mxfp8, 16 nvfp4)")
-    p.add_argument("--q-mode", default="affine", choices=list(quant.MODE_DEFAULTS), help="quantization mode (default: affine)")
-    p.add_argument("--quant-recipe", choices=quant.RECIPES, default="mixed",
-                   help="mixed (default, as mlx-community): embeddings, attention, dense MLP and router at "
-                        "8-bit affine, the rest at --q-bits; uniform: everything at --q-bits")
-    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the unquantized tensors and scales (default: as stored)")
-    p.add_argument("--max-shard-size", type=parse_size, default=5 << 30, help="largest output shard (default: 5GB)")
+    p.add_argument(
+        "--q-group-size", type=int, help="group size (default: 64 affine, 32 mxfp4/mxfp8, 16 nvfp4)"
+    )
+    p.add_argument(
+        "--q-mode",
+        default="affine",
+        choices=list(quant.MODE_DEFAULTS),
+        help="quantization mode (default: affine)",
+    )
+    p.add_argument(
+        "--quant-recipe",
+        choices=quant.RECIPES,
+        default="mixed",
+        help="mixed (default, as mlx-community): embeddings, attention, dense MLP and router at "
+        "8-bit affine, the rest at --q-bits; uniform: everything at --q-bits",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="dtype of the unquantized tensors and scales (default: as stored)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=5 << 30,
+        help="largest output shard (default: 5GB)",
+    )
     p.add_argument("--text-only", action="store_true", help="leave out the vision tower")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--upload-repo", help="Hugging Face repo to upload the result to")
@@ -381,14 +522,31 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    given = [f for f, v in (("--q-bits", a.q_bits), ("--q-group-size", a.q_group_size)) if v is not None]
-    given += ["--q-mode"] * (a.q_mode != "affine") + ["--quant-recipe"] * (a.quant_recipe != "mixed")
+    given = [
+        f for f, v in (("--q-bits", a.q_bits), ("--q-group-size", a.q_group_size)) if v is not None
+    ]
+    given += ["--q-mode"] * (a.q_mode != "affine") + ["--quant-recipe"] * (
+        a.quant_recipe != "mixed"
+    )
     if given and not a.quantize:
         p.error(f"{', '.join(given)} need -q/--quantize")
 
     def body():
-        convert(a.hf_path, a.mlx_path, a.quantize, a.q_bits, a.q_group_size, a.q_mode, a.quant_recipe,
-                a.dtype, a.max_shard_size, a.text_only, a.force, a.upload_repo, a.revision)
+        convert(
+            a.hf_path,
+            a.mlx_path,
+            a.quantize,
+            a.q_bits,
+            a.q_group_size,
+            a.q_mode,
+            a.quant_recipe,
+            a.dtype,
+            a.max_shard_size,
+            a.text_only,
+            a.force,
+            a.upload_repo,
+            a.revision,
+        )
 
     # `kill` cleans up like Ctrl-C: the temporary folder is removed, OUT is left as it was.
     return run_cli(body, interrupted="error: interrupted; nothing was written")

@@ -10,12 +10,18 @@ from .cli import one_line_errors
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="mlx_diffusiongemma.fuse",
-                                description="Fuse fine-tuned adapters into the base model.")
+    p = argparse.ArgumentParser(
+        prog="mlx_diffusiongemma.fuse", description="Fuse fine-tuned adapters into the base model."
+    )
     p.add_argument("--model", required=True, help="base model: local folder or Hugging Face id")
-    p.add_argument("--adapter-path", default="adapters", help="folder with adapters.safetensors "
-                   "and adapter_config.json (default: adapters)")
-    p.add_argument("--save-path", default="fused_model", help="folder to write (default: fused_model)")
+    p.add_argument(
+        "--adapter-path",
+        default="adapters",
+        help="folder with adapters.safetensors and adapter_config.json (default: adapters)",
+    )
+    p.add_argument(
+        "--save-path", default="fused_model", help="folder to write (default: fused_model)"
+    )
     p.add_argument("--dequantize", action="store_true", help="write unquantized weights")
     p.add_argument("--force", action="store_true", help="replace an existing --save-path")
     return p
@@ -33,7 +39,9 @@ def fuse(model_path, adapter_path, save_path, dequantize=False, force=False):
     check_destination(Path(save_path).expanduser().absolute(), force)
     model = load_model(src)
     load_adapters(model, adapter_path)
-    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    fused = [
+        (n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     config = dict(read_config(src))

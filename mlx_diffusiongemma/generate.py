@@ -12,12 +12,28 @@ def build_parser():
         description="Generate text with DiffusionGemma (block text diffusion) on MLX.",
     )
     add_model_argument(p)
-    p.add_argument("--prompt", "-p", default=None,
-                   help="the prompt, or '-' to read it from stdin (default: hello, or the task's example)")
-    p.add_argument("--max-tokens", "-m", type=int, default=None, help="most tokens to generate (the last canvas is cut)")
+    p.add_argument(
+        "--prompt",
+        "-p",
+        default=None,
+        help="the prompt, or '-' to read it from stdin (default: hello, or the task's example)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=None,
+        help="most tokens to generate (the last canvas is cut)",
+    )
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt without the chat template")
-    p.add_argument("--enable-thinking", action="store_true", help="turn on the chat template's thinking mode")
+    p.add_argument(
+        "--ignore-chat-template",
+        action="store_true",
+        help="feed the prompt without the chat template",
+    )
+    p.add_argument(
+        "--enable-thinking", action="store_true", help="turn on the chat template's thinking mode"
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
     p.add_argument("--entropy-bound", type=float, default=None)
@@ -25,22 +41,55 @@ def build_parser():
     p.add_argument("--t-max", type=float, default=None, help="temperature at the first step")
     p.add_argument("--stability-threshold", type=int, default=None)
     p.add_argument("--confidence-threshold", type=float, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast unquantized weights (CPU runs want float32)")
-    p.add_argument("--suffix", default=None,
-                   help="infill: text after the gap; the prompt is the text before it (no chat template)")
-    p.add_argument("--gap-length", type=int, default=None, help="infill: tokens in the gap (default: rest of the canvas)")
-    p.add_argument("--infill-file", default=None,
-                   help="infill: a text file with <|gap|> or <|gap:N|> markers; prints it with the gaps filled")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image (path, http(s) URL or data URL) for the prompt; repeatable")
-    p.add_argument("--video", action="append", default=[], metavar="PATH",
-                   help="a video file for the prompt (frames as Gemma 4 lays them out; needs PyAV)")
-    p.add_argument("--image-soft-tokens", type=int, default=None,
-                   choices=[70, 140, 280, 560, 1120],
-                   help="soft tokens per image at most (default: the checkpoint's, else 280)")
-    p.add_argument("--visualize", action="store_true", help="show the canvas denoising live (needs a terminal)")
-    p.add_argument("--verbose", action="store_true", help="print speed and memory figures at the end")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="cast unquantized weights (CPU runs want float32)",
+    )
+    p.add_argument(
+        "--suffix",
+        default=None,
+        help="infill: text after the gap; the prompt is the text before it (no chat template)",
+    )
+    p.add_argument(
+        "--gap-length",
+        type=int,
+        default=None,
+        help="infill: tokens in the gap (default: rest of the canvas)",
+    )
+    p.add_argument(
+        "--infill-file",
+        default=None,
+        help="infill: a text file with <|gap|> or <|gap:N|> markers; prints it with the gaps filled",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image (path, http(s) URL or data URL) for the prompt; repeatable",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a video file for the prompt (frames as Gemma 4 lays them out; needs PyAV)",
+    )
+    p.add_argument(
+        "--image-soft-tokens",
+        type=int,
+        default=None,
+        choices=[70, 140, 280, 560, 1120],
+        help="soft tokens per image at most (default: the checkpoint's, else 280)",
+    )
+    p.add_argument(
+        "--visualize", action="store_true", help="show the canvas denoising live (needs a terminal)"
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="print speed and memory figures at the end"
+    )
     return p
 
 
@@ -51,10 +100,15 @@ def run(args):
     from .generation import print_stats, resolve_settings, stream_generate
     from .sampler import check_settings
 
-    flags = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps,
-                 entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
-                 stability_threshold=args.stability_threshold,
-                 confidence_threshold=args.confidence_threshold)
+    flags = dict(
+        max_tokens=args.max_tokens,
+        max_denoising_steps=args.steps,
+        entropy_bound=args.entropy_bound,
+        t_min=args.t_min,
+        t_max=args.t_max,
+        stability_threshold=args.stability_threshold,
+        confidence_threshold=args.confidence_threshold,
+    )
     check_settings(seed=args.seed, **flags)  # before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     dtype = getattr(mx, args.dtype) if args.dtype else None
@@ -65,8 +119,13 @@ def run(args):
     elif prompt is None:
         prompt = "hello"
     settings = resolve_settings(model, **flags)  # the flags over the checkpoint's defaults
-    sampler_kw = dict(settings=settings, seed=args.seed, images=args.image, videos=args.video,
-                      image_soft_tokens=args.image_soft_tokens)
+    sampler_kw = dict(
+        settings=settings,
+        seed=args.seed,
+        images=args.image,
+        videos=args.video,
+        image_soft_tokens=args.image_soft_tokens,
+    )
     if args.infill_file is not None or args.suffix is not None:
         from .infill import Gap, infill
 
@@ -83,8 +142,12 @@ def run(args):
         view = CanvasView(tokenizer, settings.max_denoising_steps)
     last, text = None, []
     for last in stream_generate(
-        model, tokenizer, prompt, **sampler_kw,
-        system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
+        model,
+        tokenizer,
+        prompt,
+        **sampler_kw,
+        system_prompt=args.system_prompt,
+        enable_thinking=args.enable_thinking,
         apply_chat_template=not args.ignore_chat_template,
         draft_callback=view.draft if view else None,
     ):

@@ -62,8 +62,9 @@ def init_canvas(key, batch: int, length: int, vocab: int) -> mx.array:
     return mx.random.randint(0, vocab, (batch, length), dtype=mx.int32, key=key)
 
 
-def prepare_prompt(tokenizer, prompt, system_prompt=None, enable_thinking=False,
-                   apply_chat_template=True) -> List[int]:
+def prepare_prompt(
+    tokenizer, prompt, system_prompt=None, enable_thinking=False, apply_chat_template=True
+) -> List[int]:
     """Token ids for a string (through the chat template where the tokenizer has one, as the
     mlx-lm CLI does) or for a list of ids as given."""
     if isinstance(prompt, str):
@@ -75,7 +76,10 @@ def prepare_prompt(tokenizer, prompt, system_prompt=None, enable_thinking=False,
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": prompt})
             text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+                messages,
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=enable_thinking,
             )
             return list(tokenizer.encode(text, add_special_tokens=False))
         return list(tokenizer.encode(prompt))
@@ -85,17 +89,36 @@ def prepare_prompt(tokenizer, prompt, system_prompt=None, enable_thinking=False,
     return ids
 
 
-def prompt_ids(model: Model, tokenizer, prompt, images=None, videos=None, system_prompt=None,
-               enable_thinking=False, apply_chat_template=True, image_soft_tokens=None):
+def prompt_ids(
+    model: Model,
+    tokenizer,
+    prompt,
+    images=None,
+    videos=None,
+    system_prompt=None,
+    enable_thinking=False,
+    apply_chat_template=True,
+    image_soft_tokens=None,
+):
     """(token ids, features per vision token id or None): `prepare_prompt`, or with images /
     videos their blocks laid out and encoded by the tower (multimodal.py)."""
     if not images and not videos:
-        return prepare_prompt(tokenizer, prompt, system_prompt, enable_thinking,
-                              apply_chat_template), None
+        return prepare_prompt(
+            tokenizer, prompt, system_prompt, enable_thinking, apply_chat_template
+        ), None
     from .multimodal import vision_prompt
 
-    vp = vision_prompt(model, tokenizer, prompt, images, videos, system_prompt, enable_thinking,
-                       apply_chat_template, image_soft_tokens)
+    vp = vision_prompt(
+        model,
+        tokenizer,
+        prompt,
+        images,
+        videos,
+        system_prompt,
+        enable_thinking,
+        apply_chat_template,
+        image_soft_tokens,
+    )
     return vp.ids, vp.vision
 
 
@@ -127,8 +150,16 @@ class _Step:
         idx = mx.array(keep, dtype=mx.int32)
         history = None if self.history is None else self.history[:, idx]
         key = [self.key[j] for j in keep] if isinstance(self.key, list) else self.key
-        return _Step(self.canvas[idx], self.argmax[idx], self.entropy[idx], self.accepted[idx],
-                     self.probs[idx], self.finished[idx], history, key)
+        return _Step(
+            self.canvas[idx],
+            self.argmax[idx],
+            self.entropy[idx],
+            self.accepted[idx],
+            self.probs[idx],
+            self.finished[idx],
+            history,
+            key,
+        )
 
 
 def split_keys(key):
@@ -139,8 +170,15 @@ def split_keys(key):
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSettings, key,
-                   on_step: Optional[Callable] = None, pins: Optional[Pins] = None):
+def denoise_canvas(
+    model: Model,
+    cache,
+    canvas: mx.array,
+    settings: SamplerSettings,
+    key,
+    on_step: Optional[Callable] = None,
+    pins: Optional[Pins] = None,
+):
     """Runs the sampler on one canvas (B, C) against `cache`; returns (committed argmax canvas,
     steps taken). `key` is one key for the batch, or a list of one key per row: then each row
     draws its own noise, as it would alone (a server's rows equal their runs served alone).
@@ -176,8 +214,15 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
         pin_mask, pin_tokens = (None, None) if pins is None else (pins.mask, pins.tokens)
         canvas, argmax, entropy, accepted, probs = denoise_sample(
-            logits, temp, bound, sub, pin_mask, pin_tokens, model.embed_dtype,
-            softcap=model.args.final_logit_softcapping)
+            logits,
+            temp,
+            bound,
+            sub,
+            pin_mask,
+            pin_tokens,
+            model.embed_dtype,
+            softcap=model.args.final_logit_softcapping,
+        )
         finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
         return _Step(canvas, argmax, entropy, accepted, probs, finished, history, key)
 
@@ -191,7 +236,12 @@ def denoise_canvas(model: Model, cache, canvas: mx.array, settings: SamplerSetti
         if prebuild and remaining > 1:
             saved = cache.snapshot()
             nxt = build_next_step(step, remaining - 1)
-        mx.eval(step.canvas, step.argmax, step.finished, *(() if step.history is None else (step.history,)))
+        mx.eval(
+            step.canvas,
+            step.argmax,
+            step.finished,
+            *(() if step.history is None else (step.history,)),
+        )
         steps += 1
         stopped = step.finished.tolist()
         if on_step is not None:  # first: what it reads would otherwise queue behind the next step
@@ -229,9 +279,18 @@ def cut_at_eos(tokens: List[int], eos, limit: Optional[int] = None) -> tuple:
     return (tokens, None) if hit is None else (tokens[:hit], tokens[hit])
 
 
-def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, key, eos: Sequence[int],
-                   first_canvas: Optional[mx.array] = None, pins: Optional[Pins] = None,
-                   on_step: Optional[Callable] = None, prefill_step_size: int = 2048):
+def block_generate(
+    model: Model,
+    cache,
+    rows: int,
+    settings: SamplerSettings,
+    key,
+    eos: Sequence[int],
+    first_canvas: Optional[mx.array] = None,
+    pins: Optional[Pins] = None,
+    on_step: Optional[Callable] = None,
+    prefill_step_size: int = 2048,
+):
     """The block-autoregressive loop over `rows` prompts already in `cache`. Yields, per canvas,
     (canvas index, steps, {row: (tokens cut at EOS, the EOS id or None)}) for the rows still
     going. A row that hits EOS leaves the batch (its cache rows are dropped) before the next
@@ -246,10 +305,15 @@ def block_generate(model: Model, cache, rows: int, settings: SamplerSettings, ke
         if committed is not None:
             model.encode(committed, cache, step=prefill_step_size)
         key, k_init, k_run = mx.random.split(key, 3)
-        canvas = first_canvas if (c == 0 and first_canvas is not None) else init_canvas(k_init, len(active), C, V)
+        canvas = (
+            first_canvas
+            if (c == 0 and first_canvas is not None)
+            else init_canvas(k_init, len(active), C, V)
+        )
         step_cb = None if on_step is None else (lambda *a, _c=c: on_step(_c, *a))
-        committed, steps = denoise_canvas(model, cache, canvas, settings, k_run, step_cb,
-                                          pins if c == 0 else None)
+        committed, steps = denoise_canvas(
+            model, cache, canvas, settings, k_run, step_cb, pins if c == 0 else None
+        )
         out, keep = {}, []
         limit = settings.max_tokens - c * C
         for j, toks in enumerate(committed.tolist()):
@@ -271,8 +335,9 @@ def make_prompt_cache(model: Model):
     return model.make_cache()
 
 
-def resolve_settings(model: Model, settings: Optional[SamplerSettings] = None,
-                     **kw) -> SamplerSettings:
+def resolve_settings(
+    model: Model, settings: Optional[SamplerSettings] = None, **kw
+) -> SamplerSettings:
     """The sampler settings a call runs with: keywords given (not None) > `settings` > the
     checkpoint's generation_config.json > the reference's globals."""
     if settings is not None:
@@ -283,7 +348,9 @@ def resolve_settings(model: Model, settings: Optional[SamplerSettings] = None,
 def check_context(model: Model, n_prompt: int, cache_len: int, settings: SamplerSettings):
     """The prompt, what the cache holds and the canvases to generate fit the model's context."""
     args = model.args
-    total = cache_len + n_prompt + -(-settings.max_tokens // args.canvas_length) * args.canvas_length
+    total = (
+        cache_len + n_prompt + -(-settings.max_tokens // args.canvas_length) * args.canvas_length
+    )
     if total > args.max_position_embeddings:
         raise ValueError(
             f"prompt ({cache_len + n_prompt} tokens) plus {total - cache_len - n_prompt} generated tokens "
@@ -339,12 +406,27 @@ def stream_generate(
     at most `image_soft_tokens` soft tokens (default: the checkpoint's); `videos` (paths) as
     Gemma 4 lays out video frames."""
     settings = resolve_settings(
-        model, settings, max_tokens=max_tokens, max_denoising_steps=max_denoising_steps,
-        entropy_bound=entropy_bound, t_min=t_min, t_max=t_max,
-        stability_threshold=stability_threshold, confidence_threshold=confidence_threshold,
+        model,
+        settings,
+        max_tokens=max_tokens,
+        max_denoising_steps=max_denoising_steps,
+        entropy_bound=entropy_bound,
+        t_min=t_min,
+        t_max=t_max,
+        stability_threshold=stability_threshold,
+        confidence_threshold=confidence_threshold,
     )
-    ids, vision = prompt_ids(model, tokenizer, prompt, images, videos, system_prompt,
-                             enable_thinking, apply_chat_template, image_soft_tokens)
+    ids, vision = prompt_ids(
+        model,
+        tokenizer,
+        prompt,
+        images,
+        videos,
+        system_prompt,
+        enable_thinking,
+        apply_chat_template,
+        image_soft_tokens,
+    )
     check_ids(model, ids)
     cache = prompt_cache if prompt_cache is not None else model.make_cache()
     check_context(model, len(ids), cache.offset, settings)
@@ -364,14 +446,19 @@ def stream_generate(
 
     on_step = None
     if draft_callback is not None:
+
         def on_step(c, step, argmax, accepted, entropy, rows):
-            draft_callback(Draft(c, step, argmax[0].tolist(), accepted[0].tolist(), entropy[0].mean().item()))
+            draft_callback(
+                Draft(c, step, argmax[0].tolist(), accepted[0].tolist(), entropy[0].mean().item())
+            )
 
     tic = time.perf_counter()
     all_tokens: List[int] = []
     forwards, text_so_far = 0, ""
     n_canvases = -(-settings.max_tokens // C)
-    for c, steps, rows in block_generate(model, cache, 1, settings, key, eos, first, pins, on_step, prefill_step_size):
+    for c, steps, rows in block_generate(
+        model, cache, 1, settings, key, eos, first, pins, on_step, prefill_step_size
+    ):
         forwards += steps
         tokens, hit = rows[0]
         all_tokens += tokens
@@ -383,14 +470,22 @@ def stream_generate(
         text = ""
         if tokenizer is not None:
             full = tokenizer.decode(all_tokens)
-            text, text_so_far = full[len(text_so_far):], full
+            text, text_so_far = full[len(text_so_far) :], full
         elapsed = max(time.perf_counter() - tic, 1e-9)
         yield GenerationResponse(
-            text=text, tokens=tokens, canvas=c, steps=steps, prompt_tokens=len(ids),
-            prompt_tps=prompt_tps, generation_tokens=len(all_tokens),
+            text=text,
+            tokens=tokens,
+            canvas=c,
+            steps=steps,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=len(all_tokens),
             generation_tps=len(all_tokens) / elapsed,
-            decoder_forwards=forwards, tokens_per_forward=len(all_tokens) / max(forwards, 1),
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, stop_token=hit,
+            decoder_forwards=forwards,
+            tokens_per_forward=len(all_tokens) / max(forwards, 1),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            stop_token=hit,
         )
 
 
@@ -400,8 +495,13 @@ def print_stats(r: GenerationResponse, file=None):
     out = file or sys.stdout
     print("=" * 10, file=out)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=out)
-    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=out)
+    print(
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=out
+    )
     n = r.canvas + 1
-    print(f"Denoising: {n} canvases, {r.decoder_forwards / n:.1f} steps per canvas, "
-          f"{r.tokens_per_forward:.3f} tokens per forward", file=out)
+    print(
+        f"Denoising: {n} canvases, {r.decoder_forwards / n:.1f} steps per canvas, "
+        f"{r.tokens_per_forward:.3f} tokens per forward",
+        file=out,
+    )
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=out)

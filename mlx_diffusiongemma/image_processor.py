@@ -87,8 +87,9 @@ def load_image(source, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAG
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str):
-        raise ValueError(f"an image must be a path, a URL, a PIL image or an array, "
-                         f"not {type(source).__name__}")
+        raise ValueError(
+            f"an image must be a path, a URL, a PIL image or an array, not {type(source).__name__}"
+        )
     if source.startswith(("http://", "https://")):
         return _open_bytes(_fetch(source, timeout, max_bytes), f"image at {source}")
     if source.startswith("data:"):
@@ -109,8 +110,9 @@ def _array_to_pil(a: np.ndarray):
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
-        raise ValueError(f"an image array must be (H, W), (H, W, 3|4) or (3|4, H, W), "
-                         f"got shape {a.shape}")
+        raise ValueError(
+            f"an image array must be (H, W), (H, W, 3|4) or (3|4, H, W), got shape {a.shape}"
+        )
     if np.issubdtype(a.dtype, np.floating):
         if a.min() < 0 or a.max() > 1:
             raise ValueError("a float image array must hold values in [0, 1]")
@@ -161,11 +163,16 @@ class ImageProcessor:
     """Gemma 4's image processor (PIL backend). `max_soft_tokens` bounds each image's soft
     tokens (one of 70, 140, 280, 560, 1120)."""
 
-    def __init__(self, patch_size: int = 16, pooling_kernel_size: int = 3,
-                 max_soft_tokens: int = DEFAULT_SOFT_TOKENS):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        pooling_kernel_size: int = 3,
+        max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+    ):
         if max_soft_tokens not in SUPPORTED_SOFT_TOKENS:
-            raise ValueError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, "
-                             f"got {max_soft_tokens}")
+            raise ValueError(
+                f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens}"
+            )
         self.patch_size, self.k = patch_size, pooling_kernel_size
         self.max_soft_tokens = max_soft_tokens
 
@@ -174,8 +181,10 @@ class ImageProcessor:
         """The checkpoint's tower shape and its processor config's soft-token default."""
         vision = model.args.vision
         if vision is None:
-            raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
-                             "it cannot read images")
+            raise ValueError(
+                "this checkpoint has no vision tower (a text-only conversion): "
+                "it cannot read images"
+            )
         if max_soft_tokens is None:
             max_soft_tokens = model.processor_config.get("max_soft_tokens", DEFAULT_SOFT_TOKENS)
         return cls(vision.patch_size, vision.pooling_kernel_size, int(max_soft_tokens))

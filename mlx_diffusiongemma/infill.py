@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .checks import check_int
-from .generation import Pins, eos_ids_for, stream_generate, cut_at_eos
+from .generation import Pins, cut_at_eos, eos_ids_for, stream_generate
 from .model import Model
 
 GAP_RE = re.compile(r"<\|gap(?::(\d+))?\|>")
@@ -42,6 +42,7 @@ def parse_gaps(text: str) -> List[Union[str, Gap]]:
 
 def layout(segments: Sequence[Union[str, Gap, Sequence[int]]], tokenizer, canvas_length: int):
     """Token ids of the prefix, and the canvas plan: a list of ('gap', n) / ('text', ids)."""
+
     def ids(seg, first=False):
         if isinstance(seg, str):
             if tokenizer is None:
@@ -57,12 +58,16 @@ def layout(segments: Sequence[Union[str, Gap, Sequence[int]]], tokenizer, canvas
         raise ValueError("infilling needs some text before the first gap")
     plan = [("gap", s.length) if isinstance(s, Gap) else ("text", ids(s)) for s in segments[1:]]
     plan = [p for p in plan if not (p[0] == "text" and not p[1])]
-    fixed = sum(len(v) for k, v in plan if k == "text") + sum(v for k, v in plan if k == "gap" and v)
+    fixed = sum(len(v) for k, v in plan if k == "text") + sum(
+        v for k, v in plan if k == "gap" and v
+    )
     open_gaps = [i for i, (k, v) in enumerate(plan) if k == "gap" and v is None]
     room = canvas_length - fixed
     if room < len(open_gaps) or (not open_gaps and room < 0):
-        raise ValueError(f"the gaps and the text after them need {fixed + len(open_gaps)} positions; "
-                         f"a canvas holds {canvas_length}")
+        raise ValueError(
+            f"the gaps and the text after them need {fixed + len(open_gaps)} positions; "
+            f"a canvas holds {canvas_length}"
+        )
     for n, i in enumerate(open_gaps):  # share the free room, earlier gaps take the remainder
         plan[i] = ("gap", room // len(open_gaps) + (1 if n < room % len(open_gaps) else 0))
     if any(k == "gap" and v <= 0 for k, v in plan):
@@ -76,7 +81,11 @@ def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwar
     `stream_generate` (seed, settings or the sampler keywords, draft_callback, images, ...),
     except `max_tokens`, which is one canvas unless given; images come before the text, after
     the BOS."""
-    segments = parse_gaps(text_or_segments) if isinstance(text_or_segments, str) else list(text_or_segments)
+    segments = (
+        parse_gaps(text_or_segments)
+        if isinstance(text_or_segments, str)
+        else list(text_or_segments)
+    )
     C = model.args.canvas_length
     prefix, plan = layout(segments, tokenizer, C)
     mask = [False] * C
@@ -96,8 +105,9 @@ def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwar
     if kwargs["max_tokens"] > C:
         raise ValueError(f"infilling fills one canvas ({C} tokens)")
     canvas = None
-    for r in stream_generate(model, tokenizer, prefix, apply_chat_template=False,
-                             eos_token_ids=[], pins=pins, **kwargs):
+    for r in stream_generate(
+        model, tokenizer, prefix, apply_chat_template=False, eos_token_ids=[], pins=pins, **kwargs
+    ):
         canvas = r.tokens
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
     fill_tokens = [cut_at_eos(canvas[start : start + n], eos)[0] for start, n in gaps]

@@ -14,9 +14,20 @@ from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError, check_dtype, read_header
 from .sampler import SamplerSettings
 
-WEIGHT_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "*.safetensors.index.json"]
-TOKENIZER_PATTERNS = ["tokenizer*", "chat_template*", "special_tokens_map.json", "*.model",
-                      "processor_config.json", "preprocessor_config.json"]
+WEIGHT_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "*.safetensors.index.json",
+]
+TOKENIZER_PATTERNS = [
+    "tokenizer*",
+    "chat_template*",
+    "special_tokens_map.json",
+    "*.model",
+    "processor_config.json",
+    "preprocessor_config.json",
+]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -101,8 +112,13 @@ def _quantize(model: Model, args: ModelArgs, keys):
             return False
         return f"{path}.scales" in keys
 
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                class_predicate=predicate)
+    nn.quantize(
+        model,
+        group_size=q["group_size"],
+        bits=q["bits"],
+        mode=q.get("mode", "affine"),
+        class_predicate=predicate,
+    )
 
 
 def check_weights(model: Model, weights: Dict[str, mx.array]):
@@ -117,7 +133,9 @@ def check_weights(model: Model, weights: Dict[str, mx.array]):
         problems.append(f"unexpected tensors: {_names(unexpected)}")
     for k, v in weights.items():
         if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            problems.append(f"{k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+            problems.append(
+                f"{k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}"
+            )
             break
     if problems:
         raise CheckpointError("; ".join(problems))
@@ -211,12 +229,17 @@ def load_processor_config(path: Path) -> dict:
         if not isinstance(cfg, dict):
             raise ConfigError(f"{f} must hold a JSON object (got {describe(cfg)})")
         nested = cfg.get("image_processor") if isinstance(cfg.get("image_processor"), dict) else {}
-        n = (cfg.get("max_soft_tokens") or nested.get("max_soft_tokens")
-             or cfg.get("image_seq_length"))
+        n = (
+            cfg.get("max_soft_tokens")
+            or nested.get("max_soft_tokens")
+            or cfg.get("image_seq_length")
+        )
         if n is None:
             continue
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ConfigError(f"{f}: max_soft_tokens must be a positive integer (got {describe(n)})")
+            raise ConfigError(
+                f"{f}: max_soft_tokens must be a positive integer (got {describe(n)})"
+            )
         return {"max_soft_tokens": n}
     return {}
 
@@ -258,8 +281,11 @@ def check_tokenizer_files(path: Path):
         )
 
 
-def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None,
-         adapter_path: Optional[Union[str, Path]] = None) -> Tuple[Model, "TokenizerWrapper"]:
+def load(
+    path_or_hub_id,
+    dtype: Optional[mx.Dtype] = None,
+    adapter_path: Optional[Union[str, Path]] = None,
+) -> Tuple[Model, "TokenizerWrapper"]:
     """(model, tokenizer) like `mlx_lm.load`: the tokenizer is mlx-lm's TokenizerWrapper with
     every EOS id from generation_config.json; `adapter_path` adds fine-tuned adapters (a folder
     written by `mlx_diffusiongemma.lora`). A folder without a tokenizer is refused (for token
@@ -287,5 +313,6 @@ def load(path_or_hub_id, dtype: Optional[mx.Dtype] = None,
     if n > vocab:  # its ids past the embedding would fail on every prompt that uses them
         raise CheckpointError(
             f"{path}: the tokenizer has {n} tokens, more than the model's vocabulary of {vocab} "
-            "(the tokenizer of another model?)")
+            "(the tokenizer of another model?)"
+        )
     return model, tokenizer

@@ -19,22 +19,43 @@ from mlx_lm.utils import save_config
 
 from .cli import one_line_errors
 
-DEFAULTS = dict(CONFIG_DEFAULTS, model=None, data=None, self_conditioning_prob=0.5,
-                encoder_loss_weight=1.0, fill_token=None, max_seq_length=4096)
-OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
-              "adafactor": optim.Adafactor}
+DEFAULTS = dict(
+    CONFIG_DEFAULTS,
+    model=None,
+    data=None,
+    self_conditioning_prob=0.5,
+    encoder_loss_weight=1.0,
+    fill_token=None,
+    max_seq_length=4096,
+)
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "muon": optim.Muon,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+}
 
 
 def parser():
     p = build_parser()
     p.prog = "mlx_diffusiongemma.lora"
     p.description = "Fine-tune DiffusionGemma (LoRA, DoRA, full; QLoRA on a quantized model)."
-    p.add_argument("--self-conditioning-prob", type=float,
-                   help="Probability that pass 2 gets pass 1's logits (default 0.5).")
-    p.add_argument("--encoder-loss-weight", type=float,
-                   help="Weight of the encoder's next-token loss (default 1.0).")
-    p.add_argument("--fill-token", type=int,
-                   help="Token that fills the last canvas (default: the first EOS id).")
+    p.add_argument(
+        "--self-conditioning-prob",
+        type=float,
+        help="Probability that pass 2 gets pass 1's logits (default 0.5).",
+    )
+    p.add_argument(
+        "--encoder-loss-weight",
+        type=float,
+        help="Weight of the encoder's next-token loss (default 1.0).",
+    )
+    p.add_argument(
+        "--fill-token",
+        type=int,
+        help="Token that fills the last canvas (default: the first EOS id).",
+    )
     return p
 
 
@@ -64,14 +85,25 @@ def check(a):
     if not (a.train or a.test):
         raise ValueError("pass --train, --test or both")
     if a.mask_prompt:
-        raise ValueError("--mask-prompt has no meaning here: the prompt is always what the "
-                         "encoder reads, and only the response is denoised")
+        raise ValueError(
+            "--mask-prompt has no meaning here: the prompt is always what the "
+            "encoder reads, and only the response is denoised"
+        )
     if a.report_to:
         raise ValueError("--report-to is not supported")
     if a.trust_remote_code:
-        raise ValueError("--trust-remote-code is not needed: the model and tokenizer load without it")
-    for name in ("iters", "batch_size", "steps_per_report", "steps_per_eval", "save_every",
-                 "grad_accumulation_steps", "max_seq_length"):
+        raise ValueError(
+            "--trust-remote-code is not needed: the model and tokenizer load without it"
+        )
+    for name in (
+        "iters",
+        "batch_size",
+        "steps_per_report",
+        "steps_per_eval",
+        "save_every",
+        "grad_accumulation_steps",
+        "max_seq_length",
+    ):
         v = getattr(a, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, not {v!r}")
@@ -111,12 +143,18 @@ def diffusion_settings(a, model):
         eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
         fill = eos[0] if isinstance(eos, (list, tuple)) else eos
     if not isinstance(fill, int) or not 0 <= fill < model.args.vocab_size:
-        raise ValueError(f"the fill token must be a token id below {model.args.vocab_size}, "
-                         f"not {fill!r} (set --fill-token)")
-    return DiffusionArgs(canvas_length=model.args.canvas_length, fill_token=fill,
-                         vocab_size=model.args.vocab_size,
-                         self_conditioning_prob=a.self_conditioning_prob,
-                         encoder_loss_weight=a.encoder_loss_weight, seed=a.seed)
+        raise ValueError(
+            f"the fill token must be a token id below {model.args.vocab_size}, "
+            f"not {fill!r} (set --fill-token)"
+        )
+    return DiffusionArgs(
+        canvas_length=model.args.canvas_length,
+        fill_token=fill,
+        vocab_size=model.args.vocab_size,
+        self_conditioning_prob=a.self_conditioning_prob,
+        encoder_loss_weight=a.encoder_loss_weight,
+        seed=a.seed,
+    )
 
 
 def run(a):
@@ -129,12 +167,16 @@ def run(a):
     diffusion = diffusion_settings(a, model)
     splits = ["train", "valid"] if a.train else []
     splits += ["test"] if a.test else []
-    data = datasets.load_splits(a.data, tokenizer, diffusion.canvas_length, a.max_seq_length,
-                                splits) if a.data else {}
+    data = (
+        datasets.load_splits(a.data, tokenizer, diffusion.canvas_length, a.max_seq_length, splits)
+        if a.data
+        else {}
+    )
     adapter_path = Path(a.adapter_path)
     if a.train:
-        a.lora_parameters = adapters.prepare(model, a.fine_tune_type, a.num_layers,
-                                             a.lora_parameters or {})
+        a.lora_parameters = adapters.prepare(
+            model, a.fine_tune_type, a.num_layers, a.lora_parameters or {}
+        )
         if not tree_flatten(model.trainable_parameters()):
             raise ValueError("nothing to train: the LoRA keys match no layer")
         print_trainable_parameters(model)  # mlx-lm's (counts packed quantized weights right)
@@ -149,13 +191,28 @@ def run(a):
         config = {k: v for k, v in vars(a).items() if k != "config"}
         save_config(config, adapter_path / "adapter_config.json")
         train_args = TrainingArgs(
-            batch_size=a.batch_size, iters=a.iters, val_batches=a.val_batches,
-            steps_per_report=a.steps_per_report, steps_per_eval=a.steps_per_eval,
-            steps_per_save=a.save_every, max_seq_length=a.max_seq_length,
-            grad_checkpoint=a.grad_checkpoint, grad_accumulation_steps=a.grad_accumulation_steps,
-            clear_cache_threshold=a.clear_cache_threshold or 0)
-        final = trainer.train(model, opt, data["train"], data["valid"], train_args, diffusion,
-                              adapter_path, start, log=adapter_path / "train_log.jsonl")
+            batch_size=a.batch_size,
+            iters=a.iters,
+            val_batches=a.val_batches,
+            steps_per_report=a.steps_per_report,
+            steps_per_eval=a.steps_per_eval,
+            steps_per_save=a.save_every,
+            max_seq_length=a.max_seq_length,
+            grad_checkpoint=a.grad_checkpoint,
+            grad_accumulation_steps=a.grad_accumulation_steps,
+            clear_cache_threshold=a.clear_cache_threshold or 0,
+        )
+        final = trainer.train(
+            model,
+            opt,
+            data["train"],
+            data["valid"],
+            train_args,
+            diffusion,
+            adapter_path,
+            start,
+            log=adapter_path / "train_log.jsonl",
+        )
         print(f"Saved {final}", flush=True)
     elif a.test and a.adapter_path:
         from .tuner.adapters import load_adapters

@@ -72,7 +72,12 @@ class Attention(nn.Module):
 
     def rope(self, x, offset):
         return mx.fast.rope(
-            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset,
+            x,
+            self.head_dim,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
             freqs=self._periods,
         )
 
@@ -137,7 +142,9 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.inter = args.moe_intermediate_size
-        self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * self.inter, args.num_experts, bias=False)
+        self.gate_up_proj = SwitchLinear(
+            args.hidden_size, 2 * self.inter, args.num_experts, bias=False
+        )
         self.down_proj = SwitchLinear(self.inter, args.hidden_size, args.num_experts, bias=False)
 
     def __call__(self, x, idx, weights):
@@ -194,7 +201,9 @@ class Layer(nn.Module):
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         # The router reads the raw residual, the experts its pre_feedforward_layernorm_2 view.
         idx, w = self.router(h)
-        moe = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(h), idx, w))
+        moe = self.post_feedforward_layernorm_2(
+            self.experts(self.pre_feedforward_layernorm_2(h), idx, w)
+        )
         h = h + self.post_feedforward_layernorm(dense + moe)
         return h * layer_scalar.astype(h.dtype), kv
 
@@ -310,7 +319,9 @@ class Model(nn.Module):
         return out
 
     def make_cache(self) -> PromptCache:
-        return PromptCache([self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window)
+        return PromptCache(
+            [self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window
+        )
 
     def embed(self, ids):
         """Token embeddings times sqrt(hidden), in the embedding's dtype."""
@@ -328,8 +339,10 @@ class Model(nn.Module):
         pixel_values (B, patches, 3·p²) in [0, 1], image_position_ids (B, patches, 2), -1 for
         padding, as the image processor makes them."""
         if not self.has_vision:
-            raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
-                             "it cannot read images")
+            raise ValueError(
+                "this checkpoint has no vision tower (a text-only conversion): "
+                "it cannot read images"
+            )
         enc = self.model.encoder
         # float32 pixels: the tower normalises them before casting to its weights' dtype
         pixels = mx.array(pixel_values).astype(mx.float32)
@@ -339,8 +352,14 @@ class Model(nn.Module):
         return (self.args.image_token_id, self.args.video_token_id)
 
     # ---- encoder -------------------------------------------------------------------------
-    def encode(self, input_ids: mx.array, cache: PromptCache, step: int = 2048,
-               mask: Optional[mx.array] = None, vision: Optional[dict] = None) -> PromptCache:
+    def encode(
+        self,
+        input_ids: mx.array,
+        cache: PromptCache,
+        step: int = 2048,
+        mask: Optional[mx.array] = None,
+        vision: Optional[dict] = None,
+    ) -> PromptCache:
         """Causally encodes `input_ids` (B, L) after what `cache` holds, appending their K/V.
         `mask` (B, L) marks real tokens (False = padding, masked from every later query).
         `vision` maps a token id (image / video) to the features (n, D) written, in order
@@ -354,8 +373,11 @@ class Model(nn.Module):
         while start < L:
             end = self._chunk_end(places, start, step, L)
             chunk_mask = None if mask is None else mask[:, start:end]
-            chunk = None if places is None else [(f, ids[:, start:end], at[:, start:end])
-                                                 for f, ids, at in places["feats"]]
+            chunk = (
+                None
+                if places is None
+                else [(f, ids[:, start:end], at[:, start:end]) for f, ids, at in places["feats"]]
+            )
             runs = None if places is None else places["runs"][:, start:end]
             self._encode_chunk(input_ids[:, start:end], cache, chunk_mask, chunk, runs)
             mx.eval(cache.state())
@@ -373,8 +395,10 @@ class Model(nn.Module):
             hits = ids == token
             n = int(hits.sum())
             if n != features.shape[0]:
-                raise ValueError(f"the prompt has {n} tokens of id {token} for "
-                                 f"{features.shape[0]} image features")
+                raise ValueError(
+                    f"the prompt has {n} tokens of id {token} for "
+                    f"{features.shape[0]} image features"
+                )
             at = np.maximum(np.cumsum(hits.reshape(-1)) - 1, 0).reshape(ids.shape)
             feats.append((features, mx.array(hits), mx.array(at.astype(np.int32))))
         is_vision = np.isin(ids, list(vision))
@@ -437,7 +461,9 @@ class Model(nn.Module):
     def soft_embeddings(self, logits: mx.array) -> mx.array:
         """softmax(logits) @ embedding * embed_scale: the self-conditioning signal, hidden-sized."""
         dt = self.embed_dtype
-        return self.soft_embeddings_from_probs(mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt))
+        return self.soft_embeddings_from_probs(
+            mx.softmax(logits.astype(mx.float32), axis=-1).astype(dt)
+        )
 
     def soft_embeddings_from_probs(self, probs: mx.array) -> mx.array:
         emb = self.model.decoder.embed_tokens
@@ -445,8 +471,14 @@ class Model(nn.Module):
         probs = probs.astype(dt)
         if hasattr(emb, "scales"):
             soft = mx.quantized_matmul(
-                probs, emb.weight, emb.scales, getattr(emb, "biases", None), transpose=False,
-                group_size=emb.group_size, bits=emb.bits, mode=getattr(emb, "mode", "affine"),
+                probs,
+                emb.weight,
+                emb.scales,
+                getattr(emb, "biases", None),
+                transpose=False,
+                group_size=emb.group_size,
+                bits=emb.bits,
+                mode=getattr(emb, "mode", "affine"),
             )
         else:
             soft = probs @ emb.weight
@@ -485,14 +517,21 @@ class Model(nn.Module):
             return final_softcap(logits, cap)
         return logits.astype(mx.float32)
 
-    def decode(self, canvas, cache, self_conditioning_logits=None, soft_embeds=None,
-               softcap: bool = True) -> mx.array:
+    def decode(
+        self, canvas, cache, self_conditioning_logits=None, soft_embeds=None, softcap: bool = True
+    ) -> mx.array:
         if self_conditioning_logits is not None:
             soft_embeds = self.soft_embeddings(self_conditioning_logits)
         return self.lm_logits(self.decode_hidden(canvas, cache, soft_embeds), softcap)
 
-    def __call__(self, input_ids, decoder_input_ids, self_conditioning_logits=None,
-                 pixel_values=None, image_position_ids=None):
+    def __call__(
+        self,
+        input_ids,
+        decoder_input_ids,
+        self_conditioning_logits=None,
+        pixel_values=None,
+        image_position_ids=None,
+    ):
         """Same call as the reference forward: encodes `input_ids` (with the images'
         soft tokens over its image tokens) into a fresh cache and returns float32 logits
         (batch, canvas, vocab) for `decoder_input_ids`."""

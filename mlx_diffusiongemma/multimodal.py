@@ -38,10 +38,13 @@ def _blocks(model, images, videos, max_soft_tokens=None, video_frames=None, feat
     if images:
         processed = ImageProcessor.for_model(model, max_soft_tokens)(list(images))
         if features:
-            vision[args.image_token_id] = model.image_features(processed.pixel_values,
-                                                               processed.image_position_ids)
-        image_blocks = [[args.boi_token_id] + [args.image_token_id] * n + [args.eoi_token_id]
-                        for n in processed.num_soft_tokens]
+            vision[args.image_token_id] = model.image_features(
+                processed.pixel_values, processed.image_position_ids
+            )
+        image_blocks = [
+            [args.boi_token_id] + [args.image_token_id] * n + [args.eoi_token_id]
+            for n in processed.num_soft_tokens
+        ]
     if videos:
         proc = ImageProcessor.for_model(model, VIDEO_SOFT_TOKENS)
         frames, feats = [], []
@@ -49,15 +52,19 @@ def _blocks(model, images, videos, max_soft_tokens=None, video_frames=None, feat
             clip = read_video(v, num_frames=video_frames)
             processed = proc(clip.frames)
             if features:
-                feats.append(model.image_features(processed.pixel_values,
-                                                  processed.image_position_ids))
-            frames.append([(timestamp(t), n) for t, n in zip(clip.timestamps,
-                                                             processed.num_soft_tokens)])
+                feats.append(
+                    model.image_features(processed.pixel_values, processed.image_position_ids)
+                )
+            frames.append(
+                [(timestamp(t), n) for t, n in zip(clip.timestamps, processed.num_soft_tokens)]
+            )
         if features:
             vision[args.video_token_id] = mx.concatenate(feats, axis=0)
         video_blocks = [
-            [(f"{stamp} ", [args.boi_token_id] + [args.video_token_id] * n + [args.eoi_token_id])
-             for stamp, n in clip_frames]
+            [
+                (f"{stamp} ", [args.boi_token_id] + [args.video_token_id] * n + [args.eoi_token_id])
+                for stamp, n in clip_frames
+            ]
             for clip_frames in frames
         ]
     return image_blocks, video_blocks, vision
@@ -67,13 +74,19 @@ def _render(tokenizer, prompt, n_images, n_videos, system_prompt, enable_thinkin
     """The chat template with image / video content parts (where it places them); if the
     template does not render such parts, with the placeholders leading the user's text."""
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    parts = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
-             + [{"type": "text", "text": prompt}])
+    parts = (
+        [{"type": "image"}] * n_images
+        + [{"type": "video"}] * n_videos
+        + [{"type": "text", "text": prompt}]
+    )
     kw = dict(tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking)
     try:
         text = tokenizer.apply_chat_template(head + [{"role": "user", "content": parts}], **kw)
-        if (text.count(markers[0]) == n_images and text.count(markers[1]) == n_videos
-                and prompt.strip() in text):
+        if (
+            text.count(markers[0]) == n_images
+            and text.count(markers[1]) == n_videos
+            and prompt.strip() in text
+        ):
             return text
     except Exception:  # templates that take string content only
         pass
@@ -97,7 +110,7 @@ def _expand(tokenizer, text: str, markers, image_blocks, video_blocks, bos=()) -
         else:
             for n, (stamp, block) in enumerate(pending_videos.pop(0)):
                 ids += _encode(tokenizer, (" " if n else "") + stamp) + block
-        rest = rest[pos + len(m):]
+        rest = rest[pos + len(m) :]
     return ids + _encode(tokenizer, rest)
 
 
@@ -107,53 +120,75 @@ def _encode(tokenizer, text: str) -> List[int]:
 
 def placeholders(model, tokenizer, n_images: int, n_videos: int = 0) -> str:
     """The text that marks where `n_images` images and `n_videos` videos go in a prompt."""
-    return (_marker(tokenizer, model.args.image_token_id, IMAGE_MARKER) * n_images
-            + _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER) * n_videos)
+    return (
+        _marker(tokenizer, model.args.image_token_id, IMAGE_MARKER) * n_images
+        + _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER) * n_videos
+    )
 
 
-def expand_text(model, tokenizer, text: str, images=None, videos=None,
-                max_soft_tokens: Optional[int] = None) -> List[int]:
+def expand_text(
+    model, tokenizer, text: str, images=None, videos=None, max_soft_tokens: Optional[int] = None
+) -> List[int]:
     """Token ids of already templated `text` (no BOS added) whose placeholders, one per image
     and video in order, become their blocks (the tower is not run: pass the same images with
     these ids to `stream_generate`)."""
     images, videos = list(images or []), list(videos or [])
-    markers = (_marker(tokenizer, model.args.image_token_id, IMAGE_MARKER),
-               _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER))
+    markers = (
+        _marker(tokenizer, model.args.image_token_id, IMAGE_MARKER),
+        _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER),
+    )
     if text.count(markers[0]) != len(images) or text.count(markers[1]) != len(videos):
-        raise ValueError(f"the text has {text.count(markers[0])} image placeholders for "
-                         f"{len(images)} images")
+        raise ValueError(
+            f"the text has {text.count(markers[0])} image placeholders for {len(images)} images"
+        )
     image_blocks, video_blocks, _ = _blocks(model, images, videos, max_soft_tokens, features=False)
     return _expand(tokenizer, text, markers, image_blocks, video_blocks)
 
 
-def vision_prompt(model, tokenizer, prompt: Union[str, Sequence[int]], images=None, videos=None,
-                  system_prompt=None, enable_thinking=False, apply_chat_template=True,
-                  max_soft_tokens: Optional[int] = None, video_frames: Optional[int] = None,
-                  bos_token_id: Optional[int] = None) -> VisionPrompt:
+def vision_prompt(
+    model,
+    tokenizer,
+    prompt: Union[str, Sequence[int]],
+    images=None,
+    videos=None,
+    system_prompt=None,
+    enable_thinking=False,
+    apply_chat_template=True,
+    max_soft_tokens: Optional[int] = None,
+    video_frames: Optional[int] = None,
+    bos_token_id: Optional[int] = None,
+) -> VisionPrompt:
     """Token ids and features for a prompt with `images` (paths, URLs, data URLs, PIL images or
     arrays) and `videos` (paths). Text goes through the chat template where the tokenizer has
     one; ids are taken as given when they already hold the blocks, or get them after the BOS."""
     images, videos = list(images or []), list(videos or [])
     if not model.has_vision:
-        raise ValueError("this checkpoint has no vision tower (a text-only conversion): "
-                         "it cannot read images")
+        raise ValueError(
+            "this checkpoint has no vision tower (a text-only conversion): it cannot read images"
+        )
     args = model.args
     used = [args.boi_token_id, args.eoi_token_id] + [args.image_token_id] * bool(images)
     if any(t >= args.vocab_size for t in used + [args.video_token_id] * bool(videos)):
-        raise ValueError(f"this checkpoint's image token ids lie outside its vocabulary "
-                         f"({args.vocab_size} tokens): it cannot read images")
-    image_blocks, video_blocks, vision = _blocks(model, images, videos, max_soft_tokens,
-                                                 video_frames)
+        raise ValueError(
+            f"this checkpoint's image token ids lie outside its vocabulary "
+            f"({args.vocab_size} tokens): it cannot read images"
+        )
+    image_blocks, video_blocks, vision = _blocks(
+        model, images, videos, max_soft_tokens, video_frames
+    )
     if isinstance(prompt, str):
         if not prompt.strip() and not (images or videos):
             raise ValueError("the prompt is empty")
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer (pass token ids with tokenizer=None)")
-        markers = (_marker(tokenizer, model.args.image_token_id, IMAGE_MARKER),
-                   _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER))
+        markers = (
+            _marker(tokenizer, model.args.image_token_id, IMAGE_MARKER),
+            _marker(tokenizer, model.args.video_token_id, VIDEO_MARKER),
+        )
         if apply_chat_template and getattr(tokenizer, "chat_template", None):
-            text = _render(tokenizer, prompt, len(images), len(videos), system_prompt,
-                           enable_thinking, markers)
+            text = _render(
+                tokenizer, prompt, len(images), len(videos), system_prompt, enable_thinking, markers
+            )
             ids = _expand(tokenizer, text, markers, image_blocks, video_blocks)
         else:
             if prompt.count(markers[0]) != len(images) or prompt.count(markers[1]) != len(videos):

@@ -22,12 +22,16 @@ class QuantizationError(ValueError):
     """Quantization settings that MLX cannot apply."""
 
 
-def resolve(bits: Optional[int] = None, group_size: Optional[int] = None, mode: str = "affine") -> dict:
+def resolve(
+    bits: Optional[int] = None, group_size: Optional[int] = None, mode: str = "affine"
+) -> dict:
     """{"group_size", "bits", "mode"} with the mode's defaults filled in where not given (None;
     a zero is refused, never replaced), after checking with `mx.quantize` itself that this MLX
     build supports the combination."""
     if not isinstance(mode, str) or mode not in MODE_DEFAULTS:
-        raise QuantizationError(f"unknown quantization mode {mode!r} (choose from {', '.join(MODE_DEFAULTS)})")
+        raise QuantizationError(
+            f"unknown quantization mode {mode!r} (choose from {', '.join(MODE_DEFAULTS)})"
+        )
     dg, db = MODE_DEFAULTS[mode]
     if group_size is not None:
         check_int("quantization group size", group_size, hi=1 << 16, exc=QuantizationError)
@@ -60,8 +64,12 @@ def module_params(path: str, in_dims: int, default: dict, recipe: str = "mixed")
     last dimension is `in_dims`: a params dict, or None to keep it unquantized (its input size
     is not a multiple of the group size, as mlx-lm does)."""
     if recipe not in RECIPES:
-        raise QuantizationError(f"unknown quantization recipe {recipe!r} (choose from {', '.join(RECIPES)})")
-    params = dict(HIGH_PRECISION) if recipe == "mixed" and is_high_precision(path) else dict(default)
+        raise QuantizationError(
+            f"unknown quantization recipe {recipe!r} (choose from {', '.join(RECIPES)})"
+        )
+    params = (
+        dict(HIGH_PRECISION) if recipe == "mixed" and is_high_precision(path) else dict(default)
+    )
     return params if in_dims % params["group_size"] == 0 else None
 
 

@@ -10,8 +10,21 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 # What the model computes with. MLX reads F8_E4M3 as raw bytes and refuses a whole file that
 # holds an F64 or F8_E5M2 tensor.
@@ -80,8 +93,12 @@ def read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
             raise CheckpointError(f"{path.name}: corrupt header entry for {name}") from None
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise CheckpointError(f"{path.name}: tensor {name} has a bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
-                and offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]
+        ):
             raise CheckpointError(
                 f"{path.name}: tensor {name} has bad data_offsets {offsets!r} "
                 "(expected [begin, end], integers with 0 <= begin <= end)"
@@ -91,7 +108,8 @@ def read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
         if dtype in MLX_UNREADABLE:
             raise CheckpointError(
                 f"{path.name}: tensor {name} is {dtype}, which MLX cannot read "
-                "(cast the checkpoint to float32 or bfloat16 first)")
+                "(cast the checkpoint to float32 or bfloat16 first)"
+            )
         begin, end = offsets
         if end > data_len:
             raise CheckpointError(
@@ -100,7 +118,8 @@ def read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
             )
         if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise CheckpointError(
-                f"{path.name}: tensor {name} size does not match its shape {tuple(shape)}")
+                f"{path.name}: tensor {name} size does not match its shape {tuple(shape)}"
+            )
         out[name] = (dtype, tuple(shape))
         spans.append((begin, end, name))
     _check_tiling(path, spans, data_len)
@@ -114,10 +133,12 @@ def _check_tiling(path: Path, spans, data_len: int):
     for begin, end, name in sorted(spans):
         if begin < at:
             raise CheckpointError(
-                f"{path.name}: tensors {previous} and {name} overlap (data_offsets)")
+                f"{path.name}: tensors {previous} and {name} overlap (data_offsets)"
+            )
         if begin > at:
             raise CheckpointError(
-                f"{path.name}: {begin - at} unused bytes before tensor {name} (data_offsets)")
+                f"{path.name}: {begin - at} unused bytes before tensor {name} (data_offsets)"
+            )
         at, previous = end, name
     if at != data_len:
         raise CheckpointError(f"{path.name}: {data_len - at} bytes after the last tensor")
@@ -135,4 +156,5 @@ def check_dtype(name: str, dtype: str, quantized: bool, file_name: str):
         allowed = FLOAT_DTYPES
     if dtype not in allowed:
         raise CheckpointError(
-            f"{file_name}: tensor {name} is {dtype}; the model takes {' or '.join(allowed)}")
+            f"{file_name}: tensor {name} is {dtype}; the model takes {' or '.join(allowed)}"
+        )

@@ -18,17 +18,26 @@ from .checks import check_int, check_number, check_object
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = dict(
-    max_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
-    stability_threshold=1, confidence_threshold=0.005,
+    max_tokens=256,
+    max_denoising_steps=48,
+    entropy_bound=0.1,
+    t_min=0.4,
+    t_max=0.8,
+    stability_threshold=1,
+    confidence_threshold=0.005,
 )
 
 
 # What each setting must be: (integer?, lowest value, lowest excluded?). Steps and tokens
 # count from 1; zero is refused rather than replaced by a default.
 LIMITS = dict(
-    max_tokens=(True, 1, False), max_denoising_steps=(True, 1, False),
-    entropy_bound=(False, 0, True), t_min=(False, 0, False), t_max=(False, 0, False),
-    stability_threshold=(True, 0, False), confidence_threshold=(False, 0, True),
+    max_tokens=(True, 1, False),
+    max_denoising_steps=(True, 1, False),
+    entropy_bound=(False, 0, True),
+    t_min=(False, 0, False),
+    t_max=(False, 0, False),
+    stability_threshold=(True, 0, False),
+    confidence_threshold=(False, 0, True),
 )
 
 
@@ -59,14 +68,16 @@ class SamplerSettings:
         gen = {k: v for k, v in (generation_config or {}).items() if v is not None}
         values = dict(DEFAULTS)
         if "max_new_tokens" in gen:
-            values["max_tokens"] = check_setting("max_tokens", gen["max_new_tokens"],
-                                                 "max_new_tokens")
+            values["max_tokens"] = check_setting(
+                "max_tokens", gen["max_new_tokens"], "max_new_tokens"
+            )
         sampler_cfg = gen.get("sampler_config")
         if sampler_cfg is not None:
             check_object("sampler_config", sampler_cfg)
             if sampler_cfg.get("entropy_bound") is not None:
                 values["entropy_bound"] = check_setting(
-                    "entropy_bound", sampler_cfg["entropy_bound"], "sampler_config.entropy_bound")
+                    "entropy_bound", sampler_cfg["entropy_bound"], "sampler_config.entropy_bound"
+                )
         for f in fields(cls):
             if f.name in gen and f.name != "max_tokens":
                 values[f.name] = check_setting(f.name, gen[f.name])
@@ -82,7 +93,8 @@ class SamplerSettings:
             check_setting(f.name, getattr(self, f.name))
         if self.t_max <= self.t_min:
             raise ValueError(
-                f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
+                f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})"
+            )
 
 
 SEED_MAX = 2**64 - 1
@@ -220,8 +232,16 @@ def self_conditioning_probs(logits, temp, dtype, backend: Backend = DEFAULT, arg
     return backend.softmax(x, argmax).astype(dtype)
 
 
-def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32,
-                   softcap: Optional[float] = None):
+def denoise_sample(
+    logits,
+    temp,
+    bound,
+    key,
+    pin_mask=None,
+    pin_tokens=None,
+    probs_dtype=mx.float32,
+    softcap: Optional[float] = None,
+):
     """One step of the sampler on decoder logits (B, C, V): returns the next canvas (accepted
     samples, fresh uniform noise elsewhere), the argmax canvas, the per-position entropy of the
     tempered logits, the acceptance mask and the self-conditioning probabilities (in
@@ -236,8 +256,9 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     if isinstance(key, list):  # one key per row: each row draws what it would alone
         parts = [mx.random.split(k) for k in key]
         u = mx.concatenate([mx.random.uniform(shape=(1, C, 1), key=ks) for ks, _ in parts])
-        noise = mx.concatenate([mx.random.randint(0, V, (1, C), dtype=mx.int32, key=kn)
-                                for _, kn in parts])
+        noise = mx.concatenate(
+            [mx.random.randint(0, V, (1, C), dtype=mx.int32, key=kn) for _, kn in parts]
+        )
     else:
         k_sample, k_noise = mx.random.split(key)
         u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
@@ -254,7 +275,8 @@ def denoise_sample(logits, temp, bound, key, pin_mask=None, pin_tokens=None, pro
     args = (logits, temp, u) + ((mx.array(softcap, dtype=mx.float32),) if softcap else ())
     chunks = -(-B * C * V // CHUNK_ELEMENTS)
     entropy, sample, argmax, probs = backend.vocabulary_pass(
-        fn, args, (1, None, 1, None)[: len(args)], min_parts=chunks)
+        fn, args, (1, None, 1, None)[: len(args)], min_parts=chunks
+    )
     return (*_accept_compiled(entropy, sample, argmax, bound, noise, pin_mask, pin_tokens), probs)
 
 

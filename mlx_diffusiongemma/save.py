@@ -11,8 +11,15 @@ from mlx.utils import tree_flatten
 
 from .convert import shard, write_safetensors
 
-COPIED = ("tokenizer*", "chat_template*", "generation_config.json", "special_tokens_map.json",
-          "preprocessor_config.json", "processor_config.json", "task.json")
+COPIED = (
+    "tokenizer*",
+    "chat_template*",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "task.json",
+)
 
 
 def checkpoint_weights(model) -> dict:
@@ -23,23 +30,35 @@ def checkpoint_weights(model) -> dict:
     renamed = {}
     for k, v in out.items():
         base = k[: -len(".weight")] if k.endswith(".weight") else None
-        if base and base.endswith((".experts.gate_up_proj", ".experts.down_proj")) \
-                and base not in quantized:
+        if (
+            base
+            and base.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+            and base not in quantized
+        ):
             k = base
         renamed[k] = v
     return renamed
 
 
-def save_model(model, config: dict, out, source: Optional[Path] = None,
-               max_shard_size: int = 5 << 30, extra_files: Optional[dict] = None) -> Path:
+def save_model(
+    model,
+    config: dict,
+    out,
+    source: Optional[Path] = None,
+    max_shard_size: int = 5 << 30,
+    extra_files: Optional[dict] = None,
+) -> Path:
     """Writes `model` with `config` (config.json's content) to the folder `out`, copying the
     tokenizer and generation files from `source`; `extra_files` maps names to text."""
     out = Path(out).expanduser().absolute()
     weights = checkpoint_weights(model)
     groups = [[(k, v)] for k, v in sorted(weights.items())]
     shards = shard(groups, max_shard_size)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -50,9 +69,15 @@ def save_model(model, config: dict, out, source: Optional[Path] = None,
             write_safetensors(tmp / name, entries)
         if len(names) > 1:
             total = sum(v.nbytes for v in weights.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                indent=2))
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps(
+                    {
+                        "metadata": {"total_size": total},
+                        "weight_map": dict(sorted(weight_map.items())),
+                    },
+                    indent=2,
+                )
+            )
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if source is not None:
             for pattern in COPIED:

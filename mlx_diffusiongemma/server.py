@@ -11,8 +11,16 @@ import socket
 import sys
 
 
-def build_state(model, tokenizer, name, max_batch=8, max_queue=64, prompt_cache_size=8,
-                prompt_cache_bytes=None, limits=None):
+def build_state(
+    model,
+    tokenizer,
+    name,
+    max_batch=8,
+    max_queue=64,
+    prompt_cache_size=8,
+    prompt_cache_bytes=None,
+    limits=None,
+):
     from .serving.app import Limits, ServerState
     from .serving.prompt_store import PromptStore
     from .serving.scheduler import Scheduler
@@ -22,8 +30,9 @@ def build_state(model, tokenizer, name, max_batch=8, max_queue=64, prompt_cache_
     return ServerState(model, tokenizer, name, scheduler, limits or Limits())
 
 
-def make_server(state, sock, max_connections=64, keep_alive_timeout=5, header_timeout=10.0,
-                verbose=False):
+def make_server(
+    state, sock, max_connections=64, keep_alive_timeout=5, header_timeout=10.0, verbose=False
+):
     """A uvicorn server for `state` on the bound socket `sock` (run it with
     `server.run(sockets=[sock])`)."""
     import uvicorn
@@ -33,9 +42,15 @@ def make_server(state, sock, max_connections=64, keep_alive_timeout=5, header_ti
 
     protocol = type("Protocol", (Protocol,), {"header_timeout": header_timeout})
     config = uvicorn.Config(
-        create_app(state), http=protocol, lifespan="off", limit_concurrency=max_connections,
-        timeout_keep_alive=keep_alive_timeout, access_log=verbose,
-        log_level="info" if verbose else "warning", ws="none")
+        create_app(state),
+        http=protocol,
+        lifespan="off",
+        limit_concurrency=max_connections,
+        timeout_keep_alive=keep_alive_timeout,
+        access_log=verbose,
+        log_level="info" if verbose else "warning",
+        ws="none",
+    )
     return uvicorn.Server(config)
 
 
@@ -43,28 +58,58 @@ def main(argv=None):
     from .cli import add_model_argument, load_for_cli, one_line_errors, port_number
     from .serving.app import Limits
 
-    p = argparse.ArgumentParser(prog="mlx_diffusiongemma.server",
-                                description="OpenAI-compatible DiffusionGemma server.")
+    p = argparse.ArgumentParser(
+        prog="mlx_diffusiongemma.server", description="OpenAI-compatible DiffusionGemma server."
+    )
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8080)
-    p.add_argument("--max-tokens-limit", type=int, default=32768,
-                   help="largest max_tokens a request may ask")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="rows (choices) denoised together; more requests wait in the queue")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for the batch; beyond it requests get a 429")
-    p.add_argument("--prompt-cache-size", type=int, default=8,
-                   help="encoded prompts kept across requests (0: none)")
-    p.add_argument("--prompt-cache-bytes", type=int, default=None,
-                   help="also drop kept prompts beyond this many bytes")
-    p.add_argument("--max-connections", type=int, default=64,
-                   help="open connections and requests at once; beyond it a 503")
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=32768, help="largest max_tokens a request may ask"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="rows (choices) denoised together; more requests wait in the queue",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for the batch; beyond it requests get a 429",
+    )
+    p.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=8,
+        help="encoded prompts kept across requests (0: none)",
+    )
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=None,
+        help="also drop kept prompts beyond this many bytes",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="open connections and requests at once; beyond it a 503",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a client may take to send a request body")
-    p.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a client may take to send a request head")
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may take to send a request body",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client may take to send a request head",
+    )
     p.add_argument("--keep-alive-timeout", type=int, default=5)
     p.add_argument("--verbose", action="store_true", help="log requests")
     args = p.parse_args(argv)
@@ -79,13 +124,28 @@ def main(argv=None):
         sock.bind((args.host, args.port))
         sock.listen(2048)  # connections wait in the backlog until uvicorn takes them
         limits = Limits(args.max_body_bytes, args.body_timeout, args.max_tokens_limit)
-        state = build_state(model, tokenizer, name, args.max_batch, args.max_queue,
-                            args.prompt_cache_size, args.prompt_cache_bytes, limits)
+        state = build_state(
+            model,
+            tokenizer,
+            name,
+            args.max_batch,
+            args.max_queue,
+            args.prompt_cache_size,
+            args.prompt_cache_bytes,
+            limits,
+        )
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    server = make_server(state, sock, args.max_connections, args.keep_alive_timeout,
-                         args.header_timeout, args.verbose)
-    print(f"Serving {name} on http://{args.host}:{sock.getsockname()[1]}", file=sys.stderr,
-          flush=True)
+    server = make_server(
+        state,
+        sock,
+        args.max_connections,
+        args.keep_alive_timeout,
+        args.header_timeout,
+        args.verbose,
+    )
+    print(
+        f"Serving {name} on http://{args.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True
+    )
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

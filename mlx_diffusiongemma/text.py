@@ -5,8 +5,9 @@ from .generation import print_stats, stream_generate
 from .infill import Gap, infill
 
 
-def generate(model, tokenizer, prompt, verbose: bool = False, suffix=None, gap_length=None,
-             **kwargs) -> str:
+def generate(
+    model, tokenizer, prompt, verbose: bool = False, suffix=None, gap_length=None, **kwargs
+) -> str:
     """The whole response as text (like `mlx_lm.generate`); `verbose` streams it and prints stats.
     With `suffix`, fills the gap between `prompt` and `suffix` instead (raw text, no chat
     template; `gap_length` tokens, default: the rest of the canvas) and returns the fill."""

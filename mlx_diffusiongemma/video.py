@@ -20,8 +20,9 @@ class VideoFrames:
     timestamps: List[float]  # seconds
 
 
-def sample_indices(total: int, num_frames: Optional[int], fps: Optional[float],
-                   video_fps: Optional[float]) -> np.ndarray:
+def sample_indices(
+    total: int, num_frames: Optional[int], fps: Optional[float], video_fps: Optional[float]
+) -> np.ndarray:
     """transformers' `default_sample_indices_fn`: `num_frames` evenly spread, or `fps` per
     second of video; every frame when the video has fewer."""
     if num_frames is not None and fps is not None:

@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import VisionArgs
 from .backends import attention, gelu_glu, selected
+from .config import VisionArgs
 from .layers import RMSNormNoScale
 
 # mx.fast.scaled_dot_product_attention's fused kernels take these head dims; the tower's 72 is
@@ -190,8 +190,10 @@ class VisionTower(nn.Module):
         positions_np = np.asarray(positions).astype(np.int64)
         B, N, _ = positions_np.shape
         if positions_np.max(initial=0) >= args.position_embedding_size:
-            raise ValueError(f"patch position {positions_np.max()} is beyond the tower's position "
-                             f"table ({args.position_embedding_size})")
+            raise ValueError(
+                f"patch position {positions_np.max()} is beyond the tower's position "
+                f"table ({args.position_embedding_size})"
+            )
         k = args.pooling_kernel_size
         length = N // (k * k)
         positions = mx.array(positions_np.astype(np.int32))

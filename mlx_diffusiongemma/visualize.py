@@ -32,8 +32,10 @@ class CanvasView:
             for t, ok in zip(d.tokens, d.accepted)
         )
         plain_len = sum(len(self._piece(t)) if ok else 1 for t, ok in zip(d.tokens, d.accepted))
-        status = (f"{DIM}canvas {d.canvas + 1} · step {d.step}/{self.steps} · accepted "
-                  f"{sum(d.accepted)}/{len(d.accepted)} · mean entropy {d.mean_entropy:.3f}{RESET}")
+        status = (
+            f"{DIM}canvas {d.canvas + 1} · step {d.step}/{self.steps} · accepted "
+            f"{sum(d.accepted)}/{len(d.accepted)} · mean entropy {d.mean_entropy:.3f}{RESET}"
+        )
         self._clear()
         self.out.write(body + "\n" + status + "\n")
         self.out.flush()

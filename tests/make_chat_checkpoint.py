@@ -6,13 +6,27 @@ tool parser for it)."""
 import json
 from pathlib import Path
 
+from make_checkpoints import write_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from make_checkpoints import write_checkpoint
-
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>",
-            "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-            "<tool_response|>", '<|"|>', "<|think|>"]
+SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<|turn>",
+    "<turn|>",
+    "<|channel>",
+    "<channel|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+    "<|think|>",
+]
 EOS = [SPECIALS.index("<eos>"), SPECIALS.index("<turn|>")]
 TEMPLATE = (
     "{{ bos_token }}"
@@ -27,9 +41,11 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|turn>model\n"
     "{% if enable_thinking %}<|channel>thought\n{% endif %}{% endif %}"
 )
-CORPUS = ["What is the weather in Paris? Sure, let me check. call:get_weather{city:Paris} "
-          "response thought I should call the tool. The answer is 42. user model system tool "
-          "0123456789 {}[]():,;.!?"]
+CORPUS = [
+    "What is the weather in Paris? Sure, let me check. call:get_weather{city:Paris} "
+    "response thought I should call the tool. The answer is 42. user model system tool "
+    "0123456789 {}[]():,;.!?"
+]
 
 
 def write_chat_checkpoint(out_dir):
@@ -38,15 +54,34 @@ def write_chat_checkpoint(out_dir):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 4096}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 4096,
+            }
+        )
+    )
     (out / "chat_template.jinja").write_text(TEMPLATE)
-    write_checkpoint(out, seed=5, canvas_length=16, vocab_size=384, eos_token_id=EOS,
-                     pad_token_id=0, bos_token_id=2,
-                     generation=dict(max_new_tokens=128, max_denoising_steps=4, eos_token_id=EOS))
+    write_checkpoint(
+        out,
+        seed=5,
+        canvas_length=16,
+        vocab_size=384,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=2,
+        generation=dict(max_new_tokens=128, max_denoising_steps=4, eos_token_id=EOS),
+    )
     return out

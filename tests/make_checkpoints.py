@@ -14,23 +14,47 @@ from transformers import AutoModel, DiffusionGemmaConfig, DiffusionGemmaForBlock
 from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
 TINY_TEXT = dict(
-    vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-    num_global_key_value_heads=1, sliding_window=8, num_experts=8, top_k_experts=2,
-    moe_intermediate_size=32, max_position_embeddings=4096, attention_k_eq_v=True,
-    use_bidirectional_attention="vision", final_logit_softcapping=30.0,
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    sliding_window=8,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+    max_position_embeddings=4096,
+    attention_k_eq_v=True,
+    use_bidirectional_attention="vision",
+    final_logit_softcapping=30.0,
 )
 # The tower the text weights were first drawn beside: building it first keeps their random
 # stream (and so every text test's weights) as it was; TINY_VISION then replaces it.
 FIRST_VISION = dict(
-    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64,
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    position_embedding_size=64,
 )
 # 4-pixel patches keep images small (70 soft tokens: 630 patches of 4 px, ~100 x 100 px).
 TINY_VISION = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=128,
-    patch_size=4, standardize=True,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    position_embedding_size=128,
+    patch_size=4,
+    standardize=True,
 )
 # Image tokens inside the tiny vocabulary.
 TINY_TOKENS = dict(boi_token_id=380, image_token_id=381, eoi_token_id=382)
@@ -39,8 +63,9 @@ TINY_VIDEO_TOKEN = 383
 
 def build_reference(seed=0, canvas_length=16, sharpen=1.0, vision=None, **text_overrides):
     text = dict(TINY_TEXT, **text_overrides)
-    cfg = DiffusionGemmaConfig(text_config=text, vision_config=FIRST_VISION,
-                               canvas_length=canvas_length, **TINY_TOKENS)
+    cfg = DiffusionGemmaConfig(
+        text_config=text, vision_config=FIRST_VISION, canvas_length=canvas_length, **TINY_TOKENS
+    )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     vision_cfg = Gemma4VisionConfig(**dict(TINY_VISION, **(vision or {})))
@@ -75,8 +100,9 @@ def build_reference(seed=0, canvas_length=16, sharpen=1.0, vision=None, **text_o
     return model
 
 
-def write_checkpoint(out_dir, seed=0, canvas_length=16, sharpen=1.0, generation=None,
-                     vision=None, **text_overrides):
+def write_checkpoint(
+    out_dir, seed=0, canvas_length=16, sharpen=1.0, generation=None, vision=None, **text_overrides
+):
     model = build_reference(seed, canvas_length, sharpen, vision, **text_overrides)
     out = Path(out_dir)
     model.save_pretrained(out)

@@ -37,14 +37,26 @@ def build_tokenizer(out: Path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 4096,
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 4096,
+            },
+            indent=2,
+        )
+    )
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return tok.get_vocab_size()
 
@@ -57,17 +69,34 @@ def main(out_dir):
     vocab = build_tokenizer(tmp)
     eos = [SPECIALS.index("<eos>"), SPECIALS.index("<turn|>")]
     write_checkpoint(
-        tmp, seed=1234, canvas_length=32, vocab_size=vocab, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=6, sliding_window=64, eos_token_id=eos, pad_token_id=0, bos_token_id=2,
-        generation=dict(max_new_tokens=64, max_denoising_steps=48, t_min=0.4, t_max=0.8,
-                        stability_threshold=1, confidence_threshold=0.005, eos_token_id=eos,
-                        pad_token_id=0, sampler_config={"entropy_bound": 0.1,
-                                                        "_cls_name": "EntropyBoundSamplerConfig"}),
+        tmp,
+        seed=1234,
+        canvas_length=32,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        sliding_window=64,
+        eos_token_id=eos,
+        pad_token_id=0,
+        bos_token_id=2,
+        generation=dict(
+            max_new_tokens=64,
+            max_denoising_steps=48,
+            t_min=0.4,
+            t_max=0.8,
+            stability_threshold=1,
+            confidence_threshold=0.005,
+            eos_token_id=eos,
+            pad_token_id=0,
+            sampler_config={"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+        ),
     )
     (tmp / "README.md").write_text(
         "# DiffusionGemma demo checkpoint (random weights)\n\nA 6-layer, 64-wide DiffusionGemma with "
         "random weights and a 512-token BPE tokenizer, for trying the pipeline offline. Its output "
-        "is noise. Use `--model google/diffusiongemma-26B-A4B-it` for the real model.\n")
+        "is noise. Use `--model google/diffusiongemma-26B-A4B-it` for the real model.\n"
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

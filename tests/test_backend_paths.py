@@ -16,8 +16,17 @@ from mlx_diffusiongemma.generation import stream_generate
 
 def run(model):
     r = None
-    for r in stream_generate(model, None, list(range(3, 40)), max_tokens=32, seed=3, eos_token_ids=[],
-                             max_denoising_steps=6, t_min=1e-4, t_max=2e-4):
+    for r in stream_generate(
+        model,
+        None,
+        list(range(3, 40)),
+        max_tokens=32,
+        seed=3,
+        eos_token_ids=[],
+        max_denoising_steps=6,
+        t_min=1e-4,
+        t_max=2e-4,
+    ):
         pass
     return r.tokens
 
@@ -47,10 +56,17 @@ def test_gpu_default_takes_none_of_the_cpu_paths(tiny, monkeypatch, restore_back
     for name in vars(backends.CpuBackend):  # every op of the CPU backend
         if callable(getattr(backends.CPU, name)) and not name.startswith("__"):
             spy(backends.CPU, name)
-    for mod, name in ((cpu_backend, "tiled_experts"), (cpu_backend, "attention_cpu"),
-                      (cpu_backend, "row_parallel"), (cpu_math, "exp"), (cpu_math, "tanh"),
-                      (cpu_math, "gelu_glu"), (cpu_math, "softmax"), (expert_tiles, "tile_layout"),
-                      (cpu_streams, "row_parallel")):
+    for mod, name in (
+        (cpu_backend, "tiled_experts"),
+        (cpu_backend, "attention_cpu"),
+        (cpu_backend, "row_parallel"),
+        (cpu_math, "exp"),
+        (cpu_math, "tanh"),
+        (cpu_math, "gelu_glu"),
+        (cpu_math, "softmax"),
+        (expert_tiles, "tile_layout"),
+        (cpu_streams, "row_parallel"),
+    ):
         spy(mod, name)
     monkeypatch.setattr(mx, "new_stream", lambda *a, **k: used.append("new_stream"))
     gpu_default(monkeypatch)
@@ -75,13 +91,17 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
 
     def stop_after_limit(history, argmax, entropy, threshold):
         count = history[0, :, 1] + 1  # steps before this one (history starts at -1)
-        history = mx.concatenate([history[:, :, :1], mx.broadcast_to(count[None, :, None],
-                                                                      history[:, :, 1:].shape)], axis=2)
+        history = mx.concatenate(
+            [history[:, :, :1], mx.broadcast_to(count[None, :, None], history[:, :, 1:].shape)],
+            axis=2,
+        )
         return count + 1 >= argmax[:, 0], history
 
     monkeypatch.setattr(generation, "stop_update", stop_after_limit)
     mask = mx.zeros((B, C), dtype=mx.bool_).at[:, 0].add(mx.array(True))
-    pins = Pins(mask, mx.zeros((B, C), dtype=mx.int32).at[:, 0].add(mx.array(limits, dtype=mx.int32)))
+    pins = Pins(
+        mask, mx.zeros((B, C), dtype=mx.int32).at[:, 0].add(mx.array(limits, dtype=mx.int32))
+    )
     settings = SamplerSettings(max_denoising_steps=8, stability_threshold=1)
     cache = model.encode(mx.array([list(range(3, 12))] * B), model.make_cache())
 
@@ -94,8 +114,12 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
     assert backends.select() is backends.DEFAULT
     restored = []
     real_restore = CanvasKV.restore
-    monkeypatch.setattr(CanvasKV, "restore", lambda self, snap: restored.append(1) or real_restore(self, snap))
+    monkeypatch.setattr(
+        CanvasKV, "restore", lambda self, snap: restored.append(1) or real_restore(self, snap)
+    )
     gpu_final, gpu_steps = run()
-    assert len(restored) == 2  # rows left twice with a step prebuilt: its K/V writes were taken back
+    assert (
+        len(restored) == 2
+    )  # rows left twice with a step prebuilt: its K/V writes were taken back
     assert cpu_steps == gpu_steps == max(limits)
     assert np.array_equal(np.array(cpu_final), np.array(gpu_final))

@@ -17,8 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench(*args, timeout=180, entry="mlx_diffusiongemma.benchmark"):
-    p = subprocess.run([sys.executable, "-m", entry, *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", entry, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p.stdout
 
@@ -38,8 +43,11 @@ def test_weights(tmp_path):
     assert_lines(
         out,
         r"^== weights: resident text-model weight bytes, full shape .* \| MLX .* \| BLAS: .* \| commit ",
-        r"^  mixed 4-bit \(default: 8-bit embeddings/attention/dense MLP/router, 4-bit experts\)" + row,
-        r"^  uniform 4-bit" + row, r"^  8-bit" + row, r"^  bf16" + row,
+        r"^  mixed 4-bit \(default: 8-bit embeddings/attention/dense MLP/router, 4-bit experts\)"
+        + row,
+        r"^  uniform 4-bit" + row,
+        r"^  8-bit" + row,
+        r"^  bf16" + row,
         r"^  mixed 4-bit by part: experts \d+\.\d{3} GB, embeddings \d+\.\d{3} GB",
         r"^  target <= 16 GB resident at 4 bits: mixed \d+\.\d\d GB \((met|missed) by \d+\.\d\d GB\)",
         r"^  \(\d+ s wall",
@@ -54,9 +62,30 @@ def test_weights(tmp_path):
 
 def test_gpu_dry_run(tmp_path):
     # the tiny shape at one layer and a small vocabulary: quantized matmuls are slow on a CPU
-    out = bench("gpu", "--allow-cpu", "--shape", "tiny", "--layers", "1", "--vocab", "256", "--prompt", "64",
-                "--chunk", "64", "--max-tokens", "256", "--steps", "2", "--repeat", "1", "--wait-idle", "0",
-                "--json", str(tmp_path / "g.jsonl"))
+    out = bench(
+        "gpu",
+        "--allow-cpu",
+        "--shape",
+        "tiny",
+        "--layers",
+        "1",
+        "--vocab",
+        "256",
+        "--prompt",
+        "64",
+        "--chunk",
+        "64",
+        "--max-tokens",
+        "256",
+        "--steps",
+        "2",
+        "--repeat",
+        "1",
+        "--wait-idle",
+        "0",
+        "--json",
+        str(tmp_path / "g.jsonl"),
+    )
     assert_lines(
         out,
         r"^== gpu: tiny shape, 1 layers, vocab 256, mixed 4-bit, 64-token prompt, 2 fixed steps \| ",
@@ -76,7 +105,9 @@ def test_gpu_dry_run(tmp_path):
 
 
 def test_graph(tmp_path):
-    out = bench("graph", "--repeat", "2", "--json", str(tmp_path / "g.jsonl"), entry="benchmarks.harness")
+    out = bench(
+        "graph", "--repeat", "2", "--json", str(tmp_path / "g.jsonl"), entry="benchmarks.harness"
+    )
     assert_lines(
         out,
         r"^== graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path \| ",
@@ -94,7 +125,9 @@ def test_long_sections_parse(section):
     assert o.section == section
 
 
-@pytest.mark.parametrize("section", ["peers", "profile", "_reference", "vision", "_vision_reference"])
+@pytest.mark.parametrize(
+    "section", ["peers", "profile", "_reference", "vision", "_vision_reference"]
+)
 def test_harness_sections_parse(section):
     from benchmarks.harness.__main__ import CHILDREN, SECTIONS
     from mlx_diffusiongemma.bench.cli import parse
@@ -104,8 +137,13 @@ def test_harness_sections_parse(section):
 
 
 def test_harness_section_named_to_the_package_command():
-    out = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.benchmark", "peers"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_diffusiongemma.benchmark", "peers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "python -m benchmarks.harness peers" in out.stderr
 
 
@@ -113,9 +151,26 @@ def test_lora_tiny(tmp_path):
     # the tiny shape (32-token canvas): three memory runs (each in its own process, plain and
     # with mlx-lm's grad checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
     # steps through the trainer for the speed figure
-    out = bench("lora", "--shape", "tiny", "--quick", "--no-compile", "--prompt", "16", "--batch-size", "1",
-                "--train-prompt", "16", "--repeat", "1", "--wait-idle", "0",
-                "--json", str(tmp_path / "l.jsonl"), timeout=900)
+    out = bench(
+        "lora",
+        "--shape",
+        "tiny",
+        "--quick",
+        "--no-compile",
+        "--prompt",
+        "16",
+        "--batch-size",
+        "1",
+        "--train-prompt",
+        "16",
+        "--repeat",
+        "1",
+        "--wait-idle",
+        "0",
+        "--json",
+        str(tmp_path / "l.jsonl"),
+        timeout=900,
+    )
     assert_lines(
         out,
         r"^== lora: LoRA training step, peak memory at tiny width .* \| commit ",

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from mlx_diffusiongemma import load, load_model, make_prompt_cache, stream_generate
 from mlx_diffusiongemma.chat import ChatSession
 
@@ -29,7 +28,9 @@ def test_second_turn_encodes_only_new_tokens_and_matches_fresh_run(tiny, monkeyp
     turn1, turn2 = [5, 6, 7, 8, 9], [40, 41, 42]
     cache = make_prompt_cache(model)
     r1 = list(stream_generate(model, None, turn1, prompt_cache=cache, seed=0, **kw))
-    reply = sum((r.tokens for r in r1), []) + ([r1[-1].stop_token] if r1[-1].stop_token is not None else [])
+    reply = sum((r.tokens for r in r1), []) + (
+        [r1[-1].stop_token] if r1[-1].stop_token is not None else []
+    )
     conversation = turn1 + reply
     assert cache.offset == len(conversation)
 
@@ -55,9 +56,24 @@ def test_chat_session_counts_tokens(monkeypatch, text_demo):
 
 
 def test_chat_repl_runs_turns(text_demo):
-    r = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.chat", "--model", str(text_demo),
-                        "--steps", "3", "--seed", "0"],
-                       cwd=ROOT, input="hi\nr\nhow are you\nq\n", capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_diffusiongemma.chat",
+            "--model",
+            str(text_demo),
+            "--steps",
+            "3",
+            "--seed",
+            "0",
+        ],
+        cwd=ROOT,
+        input="hi\nr\nhow are you\nq\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(">> ") == 4
 
@@ -72,13 +88,16 @@ def test_stopped_reply_keeps_the_conversation(text_demo):
     before = (s.cache.offset, list(s.history), list(s.messages))
 
     C = model.args.canvas_length
-    replies = s.send("Tell me more", seed=1, max_denoising_steps=2, max_tokens=8 * C,
-                     eos_token_ids=[])
+    replies = s.send(
+        "Tell me more", seed=1, max_denoising_steps=2, max_tokens=8 * C, eos_token_ids=[]
+    )
     first = next(replies)
     replies.close()  # what the REPL does on Ctrl-C
     assert (s.cache.offset, s.history) == before[:2] and s.cache.offset == len(s.history)
-    assert s.messages == before[2] + [{"role": "user", "content": "Tell me more"},
-                                       {"role": "assistant", "content": first.text}]
+    assert s.messages == before[2] + [
+        {"role": "user", "content": "Tell me more"},
+        {"role": "assistant", "content": first.text},
+    ]
 
     def stop(draft):
         raise KeyboardInterrupt
@@ -123,7 +142,9 @@ def test_repl_ctrl_c_stops_a_reply_and_ctrl_d_quits(monkeypatch, capsys, text_de
 
     monkeypatch.setattr("builtins.input", fake_input)
     monkeypatch.setattr(generation, "stream_generate", interrupted_second_turn)
-    rc = chat.main(["--model", str(text_demo), "--steps", "2", "--seed", "0", "--max-tokens", "256"])
+    rc = chat.main(
+        ["--model", str(text_demo), "--steps", "2", "--seed", "0", "--max-tokens", "256"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and len(calls) == 2
     assert "[reply stopped]" in out and out.endswith(">> \n")

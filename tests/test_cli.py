@@ -12,31 +12,86 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, stdin=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          input=stdin, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, input=stdin, timeout=300
+    )
 
 
 def test_generate_streams_with_stats(text_demo):
-    r = run("generate.py", "--model", str(text_demo), "--prompt", "Why is the sky blue?", "--seed", "0",
-            "--steps", "6", "--verbose")
+    r = run(
+        "generate.py",
+        "--model",
+        str(text_demo),
+        "--prompt",
+        "Why is the sky blue?",
+        "--seed",
+        "0",
+        "--steps",
+        "6",
+        "--verbose",
+    )
     assert r.returncode == 0, r.stderr
-    for figure in ("Prompt:", "tokens-per-sec", "steps per canvas", "tokens per forward", "Peak memory"):
+    for figure in (
+        "Prompt:",
+        "tokens-per-sec",
+        "steps per canvas",
+        "tokens per forward",
+        "Peak memory",
+    ):
         assert figure in r.stdout
 
 
 def test_module_and_stdin_prompt_are_repeatable(text_demo):
-    a = run("-m", "mlx_diffusiongemma.generate", "--model", str(text_demo), "--prompt", "-", "--seed", "3",
-            "--steps", "4", "--max-tokens", "8", "--ignore-chat-template", stdin="Hello there")
-    b = run("generate.py", "--model", str(text_demo), "--prompt", "Hello there", "--seed", "3", "--steps", "4",
-            "--max-tokens", "8", "--ignore-chat-template")
+    a = run(
+        "-m",
+        "mlx_diffusiongemma.generate",
+        "--model",
+        str(text_demo),
+        "--prompt",
+        "-",
+        "--seed",
+        "3",
+        "--steps",
+        "4",
+        "--max-tokens",
+        "8",
+        "--ignore-chat-template",
+        stdin="Hello there",
+    )
+    b = run(
+        "generate.py",
+        "--model",
+        str(text_demo),
+        "--prompt",
+        "Hello there",
+        "--seed",
+        "3",
+        "--steps",
+        "4",
+        "--max-tokens",
+        "8",
+        "--ignore-chat-template",
+    )
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
 def test_max_tokens_is_exact_in_the_cli(text_demo):
     import re
 
-    r = run("generate.py", "--model", str(text_demo), "--prompt", "Hello", "--seed", "1",
-            "--steps", "3", "--max-tokens", "3", "--verbose")
+    r = run(
+        "generate.py",
+        "--model",
+        str(text_demo),
+        "--prompt",
+        "Hello",
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--max-tokens",
+        "3",
+        "--verbose",
+    )
     assert r.returncode == 0, r.stderr
     assert int(re.search(r"Generation: (\d+) tokens", r.stdout).group(1)) <= 3
 
@@ -71,9 +126,24 @@ def test_visualize_draws_live_in_a_terminal_and_degrades_without_one(text_demo):
     import select
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "generate.py", "--model", str(text_demo), "--visualize", "--seed",
-                             "1", "--steps", "5", "--prompt", "hi"], cwd=ROOT, stdout=slave,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "generate.py",
+            "--model",
+            str(text_demo),
+            "--visualize",
+            "--seed",
+            "1",
+            "--steps",
+            "5",
+            "--prompt",
+            "hi",
+        ],
+        cwd=ROOT,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
     os.close(slave)
     out = b""
     while True:
@@ -92,8 +162,18 @@ def test_visualize_draws_live_in_a_terminal_and_degrades_without_one(text_demo):
     text = out.decode("utf-8", "replace")
     assert proc.returncode == 0
     assert "step 1/5" in text and "\x1b[" in text and "accepted" in text
-    plain = run("generate.py", "--model", str(text_demo), "--visualize", "--seed", "1", "--steps", "5",
-                "--prompt", "hi")
+    plain = run(
+        "generate.py",
+        "--model",
+        str(text_demo),
+        "--visualize",
+        "--seed",
+        "1",
+        "--steps",
+        "5",
+        "--prompt",
+        "hi",
+    )
     assert plain.returncode == 0 and "\x1b[" not in plain.stdout and plain.stdout.strip()
 
 
@@ -101,8 +181,13 @@ def test_two_quick_sigints_end_with_one_line():
     """Ctrl-C twice in a row while a command runs: status 130 and a line, never a traceback;
     so does SIGTERM."""
     for signals in ([signal.SIGINT, signal.SIGINT], [signal.SIGTERM]):
-        proc = subprocess.Popen([sys.executable, "generate.py", "--steps", "48"], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "generate.py", "--steps", "48"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         proc.stderr.readline()  # the demo notice: the command runs, and now loads the model
         for s in signals:
             proc.send_signal(s)
@@ -115,10 +200,21 @@ def test_two_quick_sigints_end_with_one_line():
 
 def test_closed_stdout_is_quiet(text_demo):
     """`generate ... | head -c1`: no BrokenPipeError report."""
-    argv = ["generate.py", "--model", str(text_demo), "--max-tokens", "256", "--steps", "3",
-            "--seed", "0", "--ignore-chat-template"]
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    argv = [
+        "generate.py",
+        "--model",
+        str(text_demo),
+        "--max-tokens",
+        "256",
+        "--steps",
+        "3",
+        "--seed",
+        "0",
+        "--ignore-chat-template",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc.stdout.read(1)
     proc.stdout.close()
     err = proc.stderr.read().decode()

@@ -28,9 +28,16 @@ CANVAS = mx.array([[4, 8, 15, 16, 23, 42, 1, 3, 5, 7, 100, 200, 300, 6, 9, 12]])
 # Group sizes up to 64 divide every input dim; two layers (sliding + full) and top_k equal to
 # num_experts, so that routing flips (discrete, chaotic in a random tiny model) do not hide
 # the quantization error being measured.
-QUANT_TEXT = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, head_dim=32,
-                  global_head_dim=64, num_hidden_layers=2, top_k_experts=8,
-                  layer_types=["sliding_attention", "full_attention"])
+QUANT_TEXT = dict(
+    hidden_size=128,
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    head_dim=32,
+    global_head_dim=64,
+    num_hidden_layers=2,
+    top_k_experts=8,
+    layer_types=["sliding_attention", "full_attention"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +98,32 @@ def test_unquantized_conversion_is_exact(tiny_src, ref_logits, tmp_path, capsys)
     assert mx.array_equal(logits(out), ref_logits[tiny_src])
     model_a, model_b = load_model(tiny_src), load_model(out)
     sc = mx.random.normal((1, CANVAS.shape[1], 384), key=mx.random.key(0))
-    assert mx.array_equal(model_a(IDS, CANVAS, sc), model_b(IDS, CANVAS, sc))  # self-conditioning MLP
+    assert mx.array_equal(
+        model_a(IDS, CANVAS, sc), model_b(IDS, CANVAS, sc)
+    )  # self-conditioning MLP
 
     src, got = read_header(tiny_src / "model.safetensors"), tensors(out)
-    renamed = {k + ".weight" if k.endswith((".experts.gate_up_proj", ".experts.down_proj")) else k: v
-               for k, v in src.items()}
+    renamed = {
+        k + ".weight" if k.endswith((".experts.gate_up_proj", ".experts.down_proj")) else k: v
+        for k, v in src.items()
+    }
     assert got == renamed  # every tensor, vision tower included, same dtype and shape
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(got) and set(index["weight_map"].values()) == {"model.safetensors"}
-    assert index["metadata"]["total_size"] == sum(math.prod(s) * 4 for _, s in got.values())  # all F32
+    assert set(index["weight_map"]) == set(got) and set(index["weight_map"].values()) == {
+        "model.safetensors"
+    }
+    assert index["metadata"]["total_size"] == sum(
+        math.prod(s) * 4 for _, s in got.values()
+    )  # all F32
     config = json.loads((out / "config.json").read_text())
     assert "quantization" not in config and config["model_type"] == "diffusion_gemma"
     assert config["text_config"]["global_head_dim"] == 32  # for mlx-vlm, from per_layer_config
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
         assert (out / name).read_bytes() == (tiny_src / name).read_bytes()
     assert "library_name: mlx" in (out / "README.md").read_text()
     from safetensors import safe_open  # the reference reader accepts the streamed files
@@ -121,15 +141,22 @@ def test_shared_weights_stored_once(tiny_src, ref_logits, tmp_path, capsys):
     for f in tiny_src.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
     w = mx.load(str(src / "model.safetensors"))
-    extra = {k.replace("model.decoder.", "model.encoder.language_model."): v
-             for k, v in w.items() if k.startswith("model.decoder.layers.")}
+    extra = {
+        k.replace("model.decoder.", "model.encoder.language_model."): v
+        for k, v in w.items()
+        if k.startswith("model.decoder.layers.")
+    }
     extra["lm_head.weight"] = w["model.decoder.embed_tokens.weight"]
     mx.save_safetensors(str(src / "model.safetensors"), {**extra, **w})
 
     out = tmp_path / "once"
     assert cli(["--hf-path", src, "--mlx-path", out], capsys)[0] == 0
     got = tensors(out)
-    text = {k: v for k, v in read_header(tiny_src / "model.safetensors").items() if not k.startswith(VISION)}
+    text = {
+        k: v
+        for k, v in read_header(tiny_src / "model.safetensors").items()
+        if not k.startswith(VISION)
+    }
     nbytes = lambda hdr: sum(math.prod(s) * 4 for _, s in hdr.values())  # noqa: E731 (all F32)
     assert nbytes({k: v for k, v in got.items() if not k.startswith(VISION)}) == nbytes(text)
     enc = [k for k in got if k.startswith("model.encoder.language_model.")]
@@ -139,7 +166,12 @@ def test_shared_weights_stored_once(tiny_src, ref_logits, tmp_path, capsys):
 
 def test_dtype_and_text_only(tiny_src, tmp_path, capsys):
     out = tmp_path / "bf16"
-    assert cli(["--hf-path", tiny_src, "--mlx-path", out, "--dtype", "bfloat16", "--text-only"], capsys)[0] == 0
+    assert (
+        cli(
+            ["--hf-path", tiny_src, "--mlx-path", out, "--dtype", "bfloat16", "--text-only"], capsys
+        )[0]
+        == 0
+    )
     got = tensors(out)
     assert not [k for k in got if k.startswith(VISION)]
     assert {d for d, _ in got.values()} == {"BF16"}
@@ -150,11 +182,36 @@ def test_dtype_and_text_only(tiny_src, tmp_path, capsys):
 
 # ---- quantization ------------------------------------------------------------------------------
 MODES = {  # name: (cli flags, (bits, group, mode), recipe, bound on the logits' and an expert weight's relative RMS error)
-    "affine4": (["--q-bits", "4", "--quant-recipe", "uniform"], (4, 64, "affine"), "uniform", (0.9, 0.12)),
-    "affine8": (["--q-bits", "8", "--quant-recipe", "uniform"], (8, 64, "affine"), "uniform", (0.12, 0.008)),
-    "mxfp4": (["--q-mode", "mxfp4", "--quant-recipe", "uniform"], (4, 32, "mxfp4"), "uniform", (0.9, 0.15)),
-    "mxfp8": (["--q-mode", "mxfp8", "--quant-recipe", "uniform"], (8, 32, "mxfp8"), "uniform", (0.4, 0.035)),
-    "nvfp4": (["--q-mode", "nvfp4", "--quant-recipe", "uniform"], (4, 16, "nvfp4"), "uniform", (0.95, 0.13)),
+    "affine4": (
+        ["--q-bits", "4", "--quant-recipe", "uniform"],
+        (4, 64, "affine"),
+        "uniform",
+        (0.9, 0.12),
+    ),
+    "affine8": (
+        ["--q-bits", "8", "--quant-recipe", "uniform"],
+        (8, 64, "affine"),
+        "uniform",
+        (0.12, 0.008),
+    ),
+    "mxfp4": (
+        ["--q-mode", "mxfp4", "--quant-recipe", "uniform"],
+        (4, 32, "mxfp4"),
+        "uniform",
+        (0.9, 0.15),
+    ),
+    "mxfp8": (
+        ["--q-mode", "mxfp8", "--quant-recipe", "uniform"],
+        (8, 32, "mxfp8"),
+        "uniform",
+        (0.4, 0.035),
+    ),
+    "nvfp4": (
+        ["--q-mode", "nvfp4", "--quant-recipe", "uniform"],
+        (4, 16, "nvfp4"),
+        "uniform",
+        (0.95, 0.13),
+    ),
     "mixed4": ([], (4, 64, "affine"), "mixed", (0.3, 0.12)),
     "mixed_mxfp4": (["--q-mode", "mxfp4"], (4, 32, "mxfp4"), "mixed", (0.35, 0.15)),
 }
@@ -180,11 +237,17 @@ def test_quantized_modes(name, quant_src, ref_logits, tmp_path, capsys):
     layer = model.model.decoder.layers[1]
     ql = layer.experts.gate_up_proj
     deq = mx.dequantize(ql.weight, ql.scales, getattr(ql, "biases", None), gs, bits, mode=mode)
-    want = mx.load(str(quant_src / "model.safetensors"))["model.decoder.layers.1.experts.gate_up_proj"]
-    w_err = math.sqrt(mx.mean((deq.astype(mx.float32) - want) ** 2).item() / mx.mean(want**2).item())
+    want = mx.load(str(quant_src / "model.safetensors"))[
+        "model.decoder.layers.1.experts.gate_up_proj"
+    ]
+    w_err = math.sqrt(
+        mx.mean((deq.astype(mx.float32) - want) ** 2).item() / mx.mean(want**2).item()
+    )
     err = rel_rms(got, ref_logits[quant_src])
     ERRORS[name] = (err, w_err)
-    assert err < bound[0] and w_err < bound[1], f"{name}: relative RMS error logits {err:.3f}, weight {w_err:.4f}"
+    assert err < bound[0] and w_err < bound[1], (
+        f"{name}: relative RMS error logits {err:.3f}, weight {w_err:.4f}"
+    )
 
     block = json.loads((out / "config.json").read_text())["quantization"]
     assert {k: block[k] for k in ("group_size", "bits", "mode")} == default
@@ -192,11 +255,19 @@ def test_quantized_modes(name, quant_src, ref_logits, tmp_path, capsys):
     assert (layer.experts.gate_up_proj.bits, layer.experts.gate_up_proj.mode) == (bits, mode)
     assert model.model.decoder.self_conditioning.gate_proj.bits == bits
     hp = (8, "affine") if recipe == "mixed" else (bits, mode)
-    for m in (model.model.decoder.embed_tokens, layer.self_attn.q_proj, layer.mlp.down_proj, layer.router.proj):
+    for m in (
+        model.model.decoder.embed_tokens,
+        layer.self_attn.q_proj,
+        layer.mlp.down_proj,
+        layer.router.proj,
+    ):
         assert (m.bits, m.mode) == hp
     overrides = {k for k in block if "." in k}
     if recipe == "mixed" and default != quant.HIGH_PRECISION:
-        assert "model.decoder.embed_tokens" in overrides and "model.decoder.layers.1.router.proj" in overrides
+        assert (
+            "model.decoder.embed_tokens" in overrides
+            and "model.decoder.layers.1.router.proj" in overrides
+        )
         assert all(quant.is_high_precision(k) for k in overrides)
     else:
         assert not overrides
@@ -208,8 +279,10 @@ def test_quantized_modes(name, quant_src, ref_logits, tmp_path, capsys):
 def test_report_quantization_errors():
     """Prints the measured errors (run with -s); the bounds are checked per mode above."""
     if ERRORS:
-        print("\nrelative RMS error (logits, expert weight): "
-              + ", ".join(f"{k} {a:.3f} {b:.4f}" for k, (a, b) in ERRORS.items()))
+        print(
+            "\nrelative RMS error (logits, expert weight): "
+            + ", ".join(f"{k} {a:.3f} {b:.4f}" for k, (a, b) in ERRORS.items())
+        )
 
 
 def test_group_size_misfit_stays_unquantized(tiny_src, ref_logits, tmp_path, capsys):
@@ -227,10 +300,28 @@ def test_group_size_misfit_stays_unquantized(tiny_src, ref_logits, tmp_path, cap
 
 def test_self_conditioning_with_mx_mode_embeddings(quant_src, ref_logits, tmp_path, capsys):
     out = tmp_path / "mxemb"
-    assert cli(["--hf-path", quant_src, "--mlx-path", out, "-q", "--q-mode", "mxfp4",
-                "--quant-recipe", "uniform"], capsys)[0] == 0
+    assert (
+        cli(
+            [
+                "--hf-path",
+                quant_src,
+                "--mlx-path",
+                out,
+                "-q",
+                "--q-mode",
+                "mxfp4",
+                "--quant-recipe",
+                "uniform",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     model, ref = load_model(out), load_model(quant_src)
-    soft, want = model.soft_embeddings(ref_logits[quant_src]), ref.soft_embeddings(ref_logits[quant_src])
+    soft, want = (
+        model.soft_embeddings(ref_logits[quant_src]),
+        ref.soft_embeddings(ref_logits[quant_src]),
+    )
     assert rel_rms(soft.astype(mx.float32), want) < 0.3
 
 
@@ -251,12 +342,16 @@ def write_mlx_community(src: Path, out: Path, n_shards=2):
         if key.startswith(VISION) or not key.endswith(".weight") or v.ndim < 2:
             weights[key] = v
             continue
-        eight = (path.endswith(("embed_tokens", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-                 or ".self_attn." in path or "router" in path)
+        eight = (
+            path.endswith(("embed_tokens", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+            or ".self_attn." in path
+            or "router" in path
+        )
         if eight:
             block[path] = {"group_size": 64, "bits": 8}
-        weights[f"{path}.weight"], weights[f"{path}.scales"], weights[f"{path}.biases"] = mx.quantize(
-            v, 64, 8 if eight else 4)
+        weights[f"{path}.weight"], weights[f"{path}.scales"], weights[f"{path}.biases"] = (
+            mx.quantize(v, 64, 8 if eight else 4)
+        )
     config = json.loads((src / "config.json").read_text())
     config.pop("torch_dtype", None)
     config["quantization"] = config["quantization_config"] = block
@@ -268,7 +363,10 @@ def write_mlx_community(src: Path, out: Path, n_shards=2):
         part = {k: weights[k] for k in keys[i::n_shards]}
         mx.save_safetensors(str(out / name), part, metadata={"format": "mlx"})
         weight_map.update({k: name for k in part})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": weight_map,
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
@@ -281,7 +379,11 @@ def test_mlx_community_layout_loads_and_matches(quant_src, ref_logits, tmp_path,
 
     model = load_model(community)
     layer = model.model.decoder.layers[0]
-    assert (layer.experts.gate_up_proj.bits, layer.self_attn.q_proj.bits, model.model.decoder.embed_tokens.bits) == (4, 8, 8)
+    assert (
+        layer.experts.gate_up_proj.bits,
+        layer.self_attn.q_proj.bits,
+        model.model.decoder.embed_tokens.bits,
+    ) == (4, 8, 8)
     got = logits(model)
     assert mx.array_equal(got, logits(ours))
     assert rel_rms(got, ref_logits[quant_src]) < MODES["mixed4"][3][0]
@@ -294,10 +396,15 @@ def test_mlx_community_layout_loads_and_matches(quant_src, ref_logits, tmp_path,
 def test_sharding(quant_src, ref_logits, tmp_path, capsys):
     out = tmp_path / "sharded"
     limit = 200_000
-    assert cli(["--hf-path", quant_src, "--mlx-path", out, "--max-shard-size", "200000"], capsys)[0] == 0
+    assert (
+        cli(["--hf-path", quant_src, "--mlx-path", out, "--max-shard-size", "200000"], capsys)[0]
+        == 0
+    )
     shards = sorted(out.glob("*.safetensors"))
     n = len(shards)
-    assert n > 3 and [p.name for p in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert n > 3 and [p.name for p in shards] == [
+        f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+    ]
     for p in shards:
         hdr = read_header(p)
         if len(hdr) > 1:  # a single bigger tensor gets a shard of its own
@@ -338,11 +445,14 @@ def test_existing_output_and_force(tiny_src, tmp_path, capsys):
     assert rc == 1 and "replace the source" in err and (tiny_src / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("exc, rc, message", [
-    (KeyboardInterrupt(), 130, "interrupted"),
-    ("SIGTERM", 130, "interrupted"),
-    (OSError(28, "No space left on device"), 1, "No space left on device"),
-])
+@pytest.mark.parametrize(
+    "exc, rc, message",
+    [
+        (KeyboardInterrupt(), 130, "interrupted"),
+        ("SIGTERM", 130, "interrupted"),
+        (OSError(28, "No space left on device"), 1, "No space left on device"),
+    ],
+)
 def test_interrupted_run_leaves_nothing(tiny_src, tmp_path, capsys, monkeypatch, exc, rc, message):
     out = tmp_path / "out"
     stale = tmp_path / ".out.partial-999999999"  # a killed earlier run: removed, never renamed
@@ -358,7 +468,9 @@ def test_interrupted_run_leaves_nothing(tiny_src, tmp_path, capsys, monkeypatch,
         return real(*args, **kw)
 
     monkeypatch.setattr(conv, "write_safetensors", failing)
-    got_rc, err = cli(["--hf-path", tiny_src, "--mlx-path", out, "--max-shard-size", "100KB"], capsys)
+    got_rc, err = cli(
+        ["--hf-path", tiny_src, "--mlx-path", out, "--max-shard-size", "100KB"], capsys
+    )
     assert got_rc == rc and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and leftovers(out) == []
 
@@ -384,11 +496,20 @@ def bad_sources(tiny_src, tmp: Path):
     d = _copy(tiny_src, tmp / "missing")
     (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
     keys = read_header(d / "model-00001-of-00002.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        k: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    k: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, k in enumerate(keys)
+                }
+            }
+        )
+    )
     cases["missing"] = (d, "missing shard(s)")
     d = _copy(tiny_src, tmp / "corrupt")
-    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}" + b"\0" * 64)
+    (d / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}" + b"\0" * 64
+    )
     cases["corrupt"] = (d, "corrupt safetensors header")
     d = _copy(tiny_src, tmp / "truncated")
     data = (d / "model.safetensors").read_bytes()
@@ -415,8 +536,11 @@ def test_what_cannot_be_copied_is_an_error(tiny_src, tmp_path, capsys):
     """A tokenizer file the converter cannot copy would be left out silently, giving a folder
     that loads without its tokenizer: refused before any work instead."""
     for name, spoil, message in [
-        ("tokenizer.json", lambda f: f.symlink_to(tmp_path / "gone.json"),
-         "cannot copy tokenizer.json: it is a broken link"),
+        (
+            "tokenizer.json",
+            lambda f: f.symlink_to(tmp_path / "gone.json"),
+            "cannot copy tokenizer.json: it is a broken link",
+        ),
         ("chat_template.jinja", os.mkfifo, "cannot copy chat_template.jinja: not a regular file"),
     ]:
         src = _copy(tiny_src, tmp_path / f"src-{name}")
@@ -428,17 +552,24 @@ def test_what_cannot_be_copied_is_an_error(tiny_src, tmp_path, capsys):
         assert not out.exists() and leftovers(out) == []
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["-q", "--q-bits", "7"], "not supported by MLX"),
-    (["-q", "--q-group-size", "48"], "group size 48"),
-    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"],
-     "mxfp4 quantization requires group size 32"),
-    (["-q", "--q-mode", "nvfp4", "--q-bits", "8"], "nvfp4"),
-    (["-q", "--q-mode", "mxfp8", "--q-bits", "4"], "mxfp8"),
-    (["-q", "--q-bits", "0"], "quantization bits must be an integer in [1, 64] (got 0)"),
-    (["-q", "--q-group-size", "0"],
-     "quantization group size must be an integer in [1, 65536] (got 0)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-q", "--q-bits", "7"], "not supported by MLX"),
+        (["-q", "--q-group-size", "48"], "group size 48"),
+        (
+            ["-q", "--q-mode", "mxfp4", "--q-group-size", "64"],
+            "mxfp4 quantization requires group size 32",
+        ),
+        (["-q", "--q-mode", "nvfp4", "--q-bits", "8"], "nvfp4"),
+        (["-q", "--q-mode", "mxfp8", "--q-bits", "4"], "mxfp8"),
+        (["-q", "--q-bits", "0"], "quantization bits must be an integer in [1, 64] (got 0)"),
+        (
+            ["-q", "--q-group-size", "0"],
+            "quantization group size must be an integer in [1, 65536] (got 0)",
+        ),
+    ],
+)
 def test_unsupported_quantization(tiny_src, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
     rc, err = cli(["--hf-path", tiny_src, "--mlx-path", out, *flags], capsys)
@@ -448,8 +579,10 @@ def test_unsupported_quantization(tiny_src, tmp_path, capsys, flags, message):
 
 def test_usage_errors(tiny_src, tmp_path, capsys):
     for argv, message in [
-        (["--hf-path", tiny_src, "--mlx-path", tmp_path / "o", "--q-bits", "8"],
-         "need -q/--quantize"),
+        (
+            ["--hf-path", tiny_src, "--mlx-path", tmp_path / "o", "--q-bits", "8"],
+            "need -q/--quantize",
+        ),
         (["--hf-path", tiny_src, "--quant-recipe", "uniform"], "--quant-recipe need -q/--quantize"),
         (["--hf-path", tiny_src, "--q-mode", "int4"], "invalid choice"),
         (["--hf-path", tiny_src, "--max-shard-size", "lots"], "invalid size"),
@@ -466,11 +599,40 @@ def test_usage_errors(tiny_src, tmp_path, capsys):
 def test_entry_points(tiny_src, ref_logits, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = tmp_path / "script"
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(tiny_src),
-                        "--mlx-path", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "convert.py"),
+            "--hf-path",
+            str(tiny_src),
+            "--mlx-path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert mx.array_equal(logits(out), ref_logits[tiny_src])
-    r = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.convert", "--hf-path", "nobody/no-such-model",
-                        "--mlx-path", str(tmp_path / "hub")], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_diffusiongemma.convert",
+            "--hf-path",
+            "nobody/no-such-model",
+            "--mlx-path",
+            str(tmp_path / "hub"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert (
+        r.returncode == 1
+        and "Traceback" not in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
     assert r.stderr.startswith("error: model 'nobody/no-such-model'")

@@ -9,8 +9,13 @@ from mlx_diffusiongemma.backends import cpu_math
 
 
 def test_exp_is_accurate_everywhere():
-    x = np.concatenate([np.linspace(-110, 89, 400001), np.random.default_rng(0).standard_normal(10000),
-                        [88.72, 88.7228, 88.73, 1e4, -87.3, -87.34, -1e4, 0.0, -0.0]]).astype(np.float32)
+    x = np.concatenate(
+        [
+            np.linspace(-110, 89, 400001),
+            np.random.default_rng(0).standard_normal(10000),
+            [88.72, 88.7228, 88.73, 1e4, -87.3, -87.34, -1e4, 0.0, -0.0],
+        ]
+    ).astype(np.float32)
     got = np.array(mx.compile(cpu_math.exp)(mx.array(x)))
     want = np.exp(x.astype(np.float64))
     normal = (want > np.finfo(np.float32).tiny) & (want < np.finfo(np.float32).max)
@@ -40,6 +45,7 @@ def test_gradients():
     g = mx.grad(lambda a: cpu_math.exp(a).sum())(x)
     np.testing.assert_allclose(np.array(g), np.exp(np.array(x, dtype=np.float64)), rtol=1e-5)
     import mlx.nn as nn
+
     u = mx.ones_like(x)
     g1 = mx.grad(lambda a: cpu_math.gelu_glu(a, u).sum())(x)
     g2 = mx.grad(lambda a: (nn.gelu_approx(a) * u).sum())(x)
@@ -47,7 +53,9 @@ def test_gradients():
 
 
 def test_tanh_absolute_error():
-    x = np.concatenate([np.linspace(-20, 20, 200001), [0.0, -0.0, 1e-30, 50.0, -50.0, 1e4, -1e4]]).astype(np.float32)
+    x = np.concatenate(
+        [np.linspace(-20, 20, 200001), [0.0, -0.0, 1e-30, 50.0, -50.0, 1e4, -1e4]]
+    ).astype(np.float32)
     got = np.array(mx.compile(cpu_math.tanh)(mx.array(x)))
     assert np.max(np.abs(got - np.tanh(x.astype(np.float64)))) < 2.5e-7
     special = np.array(cpu_math.tanh(mx.array([np.inf, -np.inf], dtype=mx.float32)))

@@ -29,12 +29,17 @@ def fresh(monkeypatch):
 def test_applied_once_on_linux_cpu(fresh, monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
     assert cpu_memory.keep_freed_memory() and cpu_memory.keep_freed_memory()
-    assert fresh == [(cpu_memory.M_MMAP_THRESHOLD, 32 << 20), (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_BYTES)]
+    assert fresh == [
+        (cpu_memory.M_MMAP_THRESHOLD, 32 << 20),
+        (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_BYTES),
+    ]
 
 
 @pytest.mark.parametrize("case", ["gpu", "darwin", "env off"])
 def test_not_applied_elsewhere(fresh, monkeypatch, case):
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu) if case == "gpu" else mx.cpu)
+    monkeypatch.setattr(
+        mx, "default_device", lambda: mx.Device(mx.gpu) if case == "gpu" else mx.cpu
+    )
     if case == "darwin":
         monkeypatch.setattr(sys, "platform", "darwin")
     if case == "env off":

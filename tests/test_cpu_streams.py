@@ -76,14 +76,18 @@ def test_cpu_attention_masks(H, Hk, L, S, chunk, monkeypatch):
     v = mx.random.normal((2, Hk, S, 16), key=mx.random.key(3))
     mask = mx.random.uniform(shape=(2, 1, L, S), key=mx.random.key(4)) > 0.3
     mask = mask | (mx.arange(S) == 0)  # no empty rows
-    per_head = mx.broadcast_to(mask, (2, H, L, S)) & (mx.arange(H)[:, None, None] + mx.arange(S) != 3)
+    per_head = mx.broadcast_to(mask, (2, H, L, S)) & (
+        mx.arange(H)[:, None, None] + mx.arange(S) != 3
+    )
     additive = mx.where(mask, 0.0, -1e9)
     for m in (mask, mask[:, :, :1], mask[0, 0], mask[0], per_head, per_head[0], additive, None):
         want = _attention_f64(q, k, v, m)
         got = np.array(attention(q, k, v, m))
         np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), rtol=0)
         fast = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=m))
-        assert np.abs(got - want).max() <= 2 * np.abs(fast - want).max() + 1e-6  # as close as mx.fast
+        assert (
+            np.abs(got - want).max() <= 2 * np.abs(fast - want).max() + 1e-6
+        )  # as close as mx.fast
 
 
 def test_streams_per_thread():

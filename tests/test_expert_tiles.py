@@ -7,14 +7,34 @@ import pytest
 
 from mlx_diffusiongemma import model as M
 from mlx_diffusiongemma.backends import cpu as cpu_backend
-from mlx_diffusiongemma.backends.expert_tiles import TILE_OVERHEAD_ROWS, TILE_SIZES, best_tile, tile_layout, tile_rows
+from mlx_diffusiongemma.backends.expert_tiles import (
+    TILE_OVERHEAD_ROWS,
+    TILE_SIZES,
+    best_tile,
+    tile_layout,
+    tile_rows,
+)
 from mlx_diffusiongemma.config import ModelArgs
 
 
 def make_experts(E, D, I, k, dtype=mx.float32, seed=0):
-    args = ModelArgs.from_config(dict(model_type="diffusion_gemma", text_config=dict(
-        hidden_size=D, moe_intermediate_size=I, num_experts=E, top_k_experts=k, num_hidden_layers=1,
-        vocab_size=16, intermediate_size=8, num_attention_heads=1, num_key_value_heads=1, head_dim=8)))
+    args = ModelArgs.from_config(
+        dict(
+            model_type="diffusion_gemma",
+            text_config=dict(
+                hidden_size=D,
+                moe_intermediate_size=I,
+                num_experts=E,
+                top_k_experts=k,
+                num_hidden_layers=1,
+                vocab_size=16,
+                intermediate_size=8,
+                num_attention_heads=1,
+                num_key_value_heads=1,
+                head_dim=8,
+            ),
+        )
+    )
     mx.random.seed(seed)
     ex = M.Experts(args)
     ex.set_dtype(dtype)
@@ -37,8 +57,18 @@ def rows_layout(ex, x, idx, w, monkeypatch):
         return ex(x, idx, w)
 
 
-@pytest.mark.parametrize("E,k,N,skew", [(8, 2, 16, 0), (8, 2, 37, 0), (16, 4, 64, 0), (64, 8, 256, 0),
-                                        (16, 1, 100, 0), (16, 4, 64, 3.0), (4, 4, 33, 0)])
+@pytest.mark.parametrize(
+    "E,k,N,skew",
+    [
+        (8, 2, 16, 0),
+        (8, 2, 37, 0),
+        (16, 4, 64, 0),
+        (64, 8, 256, 0),
+        (16, 1, 100, 0),
+        (16, 4, 64, 3.0),
+        (4, 4, 33, 0),
+    ],
+)
 def test_tile_layout_is_a_placement(E, k, N, skew):
     idx, _ = routing(N, E, k, seed=N, skew=skew)
     src, tile_expert, dest, tile = tile_layout(idx, E, tile_rows(idx.size, E) or 4)
@@ -55,9 +85,16 @@ def test_tile_layout_is_a_placement(E, k, N, skew):
     assert (np.diff(tile_expert.astype(np.int64)) >= 0).all()  # sorted, as the matmul is told
 
 
-@pytest.mark.parametrize("E,k,N,D,I,skew", [(8, 2, 16, 32, 16, 0), (16, 4, 64, 64, 32, 0),
-                                            (16, 4, 200, 64, 32, 2.0), (32, 8, 256, 48, 24, 0),
-                                            (8, 1, 50, 32, 16, 0)])
+@pytest.mark.parametrize(
+    "E,k,N,D,I,skew",
+    [
+        (8, 2, 16, 32, 16, 0),
+        (16, 4, 64, 64, 32, 0),
+        (16, 4, 200, 64, 32, 2.0),
+        (32, 8, 256, 48, 24, 0),
+        (8, 1, 50, 32, 16, 0),
+    ],
+)
 def test_tiled_equals_rows(E, k, N, D, I, skew, monkeypatch):
     ex = make_experts(E, D, I, k)
     idx, w = routing(N, E, k, seed=E + N, skew=skew)
@@ -66,10 +103,14 @@ def test_tiled_equals_rows(E, k, N, D, I, skew, monkeypatch):
     rows = rows_layout(ex, x, idx.reshape(1, N, k), w.reshape(1, N, k), monkeypatch)
     tiled = ex(x, idx.reshape(1, N, k), w.reshape(1, N, k))
     assert tiled.shape == rows.shape == (1, N, D)
-    np.testing.assert_allclose(np.array(tiled), np.array(rows), atol=2e-6 * float(mx.abs(rows).max()), rtol=0)
+    np.testing.assert_allclose(
+        np.array(tiled), np.array(rows), atol=2e-6 * float(mx.abs(rows).max()), rtol=0
+    )
     # Under mx.compile nothing can be evaluated: the tile count becomes its bound (dummy tiles).
     compiled = mx.compile(lambda a, i, g: ex(a, i, g))(x, idx.reshape(1, N, k), w.reshape(1, N, k))
-    np.testing.assert_allclose(np.array(compiled), np.array(rows), atol=2e-6 * float(mx.abs(rows).max()), rtol=0)
+    np.testing.assert_allclose(
+        np.array(compiled), np.array(rows), atol=2e-6 * float(mx.abs(rows).max()), rtol=0
+    )
 
 
 def test_tiled_bfloat16_weights(monkeypatch):
@@ -78,8 +119,12 @@ def test_tiled_bfloat16_weights(monkeypatch):
     x = mx.random.normal((64, 64), key=mx.random.key(1)).astype(mx.bfloat16)
     rows, tiled = rows_layout(ex, x, idx, w, monkeypatch), ex(x, idx, w)
     assert tiled.dtype == rows.dtype
-    np.testing.assert_allclose(np.array(tiled.astype(mx.float32)), np.array(rows.astype(mx.float32)),
-                               atol=0.02 * float(mx.abs(rows).max()), rtol=0)
+    np.testing.assert_allclose(
+        np.array(tiled.astype(mx.float32)),
+        np.array(rows.astype(mx.float32)),
+        atol=0.02 * float(mx.abs(rows).max()),
+        rtol=0,
+    )
 
 
 def test_tile_rows_choice():

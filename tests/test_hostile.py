@@ -23,6 +23,7 @@ def edit_json(name, fn):
     def mutate(folder):
         f = folder / name
         f.write_text(json.dumps(fn(json.loads(f.read_text()))))
+
     return mutate
 
 
@@ -31,8 +32,9 @@ def replace_json(name, value):
 
 
 def text(key, value):
-    return edit_json("config.json",
-                     lambda c: {**c, "text_config": {**c["text_config"], key: value}})
+    return edit_json(
+        "config.json", lambda c: {**c, "text_config": {**c["text_config"], key: value}}
+    )
 
 
 def top(key, value):
@@ -43,6 +45,7 @@ def rope(kind, value):
     def fn(c):
         t = c["text_config"]
         return {**c, "text_config": {**t, "rope_parameters": {**t["rope_parameters"], kind: value}}}
+
     return edit_json("config.json", fn)
 
 
@@ -55,9 +58,17 @@ def one_more_token(tok):
     vocab = tok["model"]["vocab"]  # {piece: id}, or [[piece, score], ...] for Unigram
     ids = [t["id"] for t in tok.get("added_tokens", [])]
     ids += list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-    tok.setdefault("added_tokens", []).append({
-        "id": max(ids) + 1, "content": "<|one too many|>", "single_word": False, "lstrip": False,
-        "rstrip": False, "normalized": False, "special": True})
+    tok.setdefault("added_tokens", []).append(
+        {
+            "id": max(ids) + 1,
+            "content": "<|one too many|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     return tok
 
 
@@ -69,6 +80,7 @@ def remove(*names):
     def mutate(folder):
         for n in names:
             (folder / n).unlink()
+
     return mutate
 
 
@@ -76,6 +88,7 @@ def broken_link(name):
     def mutate(folder):
         (folder / name).unlink()
         (folder / name).symlink_to(folder / "nowhere.json")
+
     return mutate
 
 
@@ -83,6 +96,7 @@ def fifo(name):
     def mutate(folder):
         (folder / name).unlink()
         os.mkfifo(folder / name)
+
     return mutate
 
 
@@ -90,6 +104,7 @@ def directory(name):
     def mutate(folder):
         (folder / name).unlink()
         (folder / name).mkdir()
+
     return mutate
 
 
@@ -101,6 +116,7 @@ def read_st(f: Path):
 
 def header(fn):
     """Edits model.safetensors's header (and, when fn returns bytes, its data section)."""
+
     def mutate(folder):
         f = folder / "model.safetensors"
         head, data = read_st(f)
@@ -108,13 +124,16 @@ def header(fn):
         data = data if new is None else new
         raw = json.dumps(head).encode()
         f.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
     return mutate
 
 
 def tensors(head):
     """Tensor entries by offset: (name, entry)."""
-    return sorted(((k, v) for k, v in head.items() if k != "__metadata__"),
-                  key=lambda kv: kv[1]["data_offsets"][0])
+    return sorted(
+        ((k, v) for k, v in head.items() if k != "__metadata__"),
+        key=lambda kv: kv[1]["data_offsets"][0],
+    )
 
 
 def alias_two(head, data):
@@ -134,27 +153,32 @@ BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "F8_E5M2": 1}
 def retype(dtype):
     """The first weight whose bytes can be read as `dtype` declared so (its last dimension
     rescaled: the byte size is unchanged, only the type is wrong)."""
+
     def fn(head, data):
         for k, v in tensors(head):
             nbytes = v["shape"][-1] * BYTES[v["dtype"]]
             if k.endswith(".weight") and nbytes % BYTES[dtype] == 0:
                 v["dtype"], v["shape"][-1] = dtype, nbytes // BYTES[dtype]
                 return
+
     return fn
 
 
 def first(field, value):
     def fn(head, data):
         tensors(head)[0][1][field] = value
+
     return fn
 
 
 def shift_all(n):
     """n zero bytes before the first tensor, every offset moved past them."""
+
     def fn(head, data):
         for _, v in tensors(head):
             v["data_offsets"] = [o + n for o in v["data_offsets"]]
         return b"\0" * n + data
+
     return fn
 
 
@@ -167,6 +191,7 @@ def no_tensors(head, data):
 def index(value):
     def mutate(folder):
         (folder / "model.safetensors.index.json").write_text(json.dumps(value))
+
     return mutate
 
 
@@ -176,14 +201,19 @@ CASES = [
     ("no tokenizer", remove("tokenizer.json"), r"has no tokenizer \(neither tokenizer\.json"),
     ("tokenizer broken link", broken_link("tokenizer.json"), r"tokenizer\.json is a broken link"),
     ("tokenizer fifo", fifo("tokenizer.json"), r"tokenizer\.json is not a regular file"),
-    ("tokenizer garbage", write("tokenizer.json", b"{\"model\": 42}"),
-     r"tokenizer cannot be loaded"),
-    ("tokenizer too big", edit_json("tokenizer.json", one_more_token),
-     r"the tokenizer has \d+ tokens, more than the model's vocabulary of \d+"),
+    ("tokenizer garbage", write("tokenizer.json", b'{"model": 42}'), r"tokenizer cannot be loaded"),
+    (
+        "tokenizer too big",
+        edit_json("tokenizer.json", one_more_token),
+        r"the tokenizer has \d+ tokens, more than the model's vocabulary of \d+",
+    ),
     # safetensors headers
     ("overlapping offsets", header(alias_two), r"model\.safetensors: tensors .* overlap"),
-    ("I32 float weight", header(retype("I32")),
-     r"model\.safetensors: tensor \S+ is I32; the model takes F32 or F16 or BF16"),
+    (
+        "I32 float weight",
+        header(retype("I32")),
+        r"model\.safetensors: tensor \S+ is I32; the model takes F32 or F16 or BF16",
+    ),
     ("F64 tensor", header(retype("F64")), r"is F64, which MLX cannot read"),
     ("F8_E5M2 tensor", header(retype("F8_E5M2")), r"is F8_E5M2, which MLX cannot read"),
     ("negative offset", header(first("data_offsets", [-4, 60])), r"bad data_offsets \[-4, 60\]"),
@@ -192,13 +222,19 @@ CASES = [
     ("bool in shape", header(first("shape", [True])), r"bad shape"),
     ("string dtype list", header(first("dtype", ["F32"])), r"unsupported dtype"),
     ("metadata list", header(lambda h, d: h.update(__metadata__=[1, 2])), r"__metadata__ must be"),
-    ("metadata numbers", header(lambda h, d: h.update(__metadata__={"a": 1})),
-     r"__metadata__ must"),
+    (
+        "metadata numbers",
+        header(lambda h, d: h.update(__metadata__={"a": 1})),
+        r"__metadata__ must",
+    ),
     ("gap before data", header(shift_all(8)), r"8 unused bytes before tensor"),
     ("bytes after data", header(lambda h, d: d + b"\0" * 8), r"8 bytes after the last tensor"),
     ("no tensors", header(no_tensors), r"missing tensors"),
-    ("header is a list", write("model.safetensors", struct.pack("<Q", 2) + b"[]"),
-     r"corrupt safetensors header \(not a JSON object\)"),
+    (
+        "header is a list",
+        write("model.safetensors", struct.pack("<Q", 2) + b"[]"),
+        r"corrupt safetensors header \(not a JSON object\)",
+    ),
     ("weights fifo", fifo("model.safetensors"), r"model\.safetensors: not a regular file"),
     ("weights folder", directory("model.safetensors"), r"model\.safetensors: not a regular file"),
     ("weights broken link", broken_link("model.safetensors"), r"cannot read \(a broken link\)"),
@@ -206,23 +242,40 @@ CASES = [
     ("index list", index([]), r"index\.json is not a valid index"),
     ("index escapes", index({"weight_map": {"a": "../model.safetensors"}}), r"not a valid index"),
     # config.json
-    ("config list", replace_json("config.json", []),
-     r"config\.json must hold a JSON object \(got a list"),
-    ("config null", replace_json("config.json", None),
-     r"config\.json must hold a JSON object \(got null"),
+    (
+        "config list",
+        replace_json("config.json", []),
+        r"config\.json must hold a JSON object \(got a list",
+    ),
+    (
+        "config null",
+        replace_json("config.json", None),
+        r"config\.json must hold a JSON object \(got null",
+    ),
     ("config fifo", fifo("config.json"), r"config\.json is not a regular file"),
-    ("config garbage", write("config.json", b"{\"model_type\": "),
-     r"config\.json is not valid JSON"),
-    ("text_config list", top("text_config", [1]),
-     r"text_config must be a JSON object \(got a list"),
-    ("hidden_size string", text("hidden_size", "64"),
-     r"text_config\.hidden_size must be an integer >= 1 \(got the string '64'\)"),
+    ("config garbage", write("config.json", b'{"model_type": '), r"config\.json is not valid JSON"),
+    (
+        "text_config list",
+        top("text_config", [1]),
+        r"text_config must be a JSON object \(got a list",
+    ),
+    (
+        "hidden_size string",
+        text("hidden_size", "64"),
+        r"text_config\.hidden_size must be an integer >= 1 \(got the string '64'\)",
+    ),
     ("rms_norm_eps string", text("rms_norm_eps", "1e-6"), r"rms_norm_eps must be a finite number"),
     ("rms_norm_eps NaN", text("rms_norm_eps", math.nan), r"rms_norm_eps must be a finite number"),
-    ("zero kv heads", text("num_key_value_heads", 0),
-     r"num_key_value_heads must be an integer >= 1"),
-    ("zero global kv heads", text("per_layer_config", {"5": {"num_key_value_heads": 0}}),
-     r"per_layer_config\.5\.num_key_value_heads must be an integer >= 1"),
+    (
+        "zero kv heads",
+        text("num_key_value_heads", 0),
+        r"num_key_value_heads must be an integer >= 1",
+    ),
+    (
+        "zero global kv heads",
+        text("per_layer_config", {"5": {"num_key_value_heads": 0}}),
+        r"per_layer_config\.5\.num_key_value_heads must be an integer >= 1",
+    ),
     ("odd head_dim", text("head_dim", 15), r"head_dim 15 is odd"),
     ("layers string", text("num_hidden_layers", "6"), r"num_hidden_layers must be an integer"),
     ("layer_types string", text("layer_types", "sliding"), r"layer_types must be a list"),
@@ -230,42 +283,73 @@ CASES = [
     ("softcap string", text("final_logit_softcapping", "30"), r"final_logit_softcapping must be"),
     ("bias string", text("attention_bias", "false"), r"attention_bias must be true or false"),
     ("rope block list", rope("full_attention", []), r"rope_parameters\.full_attention must be"),
-    ("rope theta string", rope("sliding_attention", {"rope_type": "default", "rope_theta": "1e4"}),
-     r"sliding_attention\.rope_theta must be a finite number"),
-    ("rope type unknown", rope("sliding_attention", {"rope_type": "yarn", "rope_theta": 1e4}),
-     r"rope_type 'yarn' is not supported"),
-    ("rope factor > 1", rope("full_attention", {"rope_type": "proportional", "rope_theta": 1e6,
-                                                "partial_rotary_factor": 2}),
-     r"partial_rotary_factor must be a finite number in \(0, 1\] \(got 2\)"),
+    (
+        "rope theta string",
+        rope("sliding_attention", {"rope_type": "default", "rope_theta": "1e4"}),
+        r"sliding_attention\.rope_theta must be a finite number",
+    ),
+    (
+        "rope type unknown",
+        rope("sliding_attention", {"rope_type": "yarn", "rope_theta": 1e4}),
+        r"rope_type 'yarn' is not supported",
+    ),
+    (
+        "rope factor > 1",
+        rope(
+            "full_attention",
+            {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 2},
+        ),
+        r"partial_rotary_factor must be a finite number in \(0, 1\] \(got 2\)",
+    ),
     ("canvas -4", top("canvas_length", -4), r"canvas_length must be an integer >= 1 \(got -4\)"),
     ("canvas 0", top("canvas_length", 0), r"canvas_length must be an integer >= 1 \(got 0\)"),
     ("canvas string", top("canvas_length", "32"), r"canvas_length must be an integer"),
-    ("canvas past context", edit_json("config.json", lambda c: {
-        **c, "canvas_length": c["text_config"]["max_position_embeddings"] + 8}),
-     r"exceeds max_position_embeddings"),
+    (
+        "canvas past context",
+        edit_json(
+            "config.json",
+            lambda c: {**c, "canvas_length": c["text_config"]["max_position_embeddings"] + 8},
+        ),
+        r"exceeds max_position_embeddings",
+    ),
     ("tie string", top("tie_word_embeddings", "yes"), r"tie_word_embeddings must be true or false"),
     ("quant bits 0", top("quantization", {"bits": 0, "group_size": 64}), r"quantization bits must"),
     ("quant list", top("quantization", [4]), r"quantization must be a JSON object"),
     ("eos string", text("eos_token_id", "1"), r"eos_token_id must be an integer >= 0"),
     ("other model", top("model_type", "llama"), r"model_type is 'llama'"),
     # generation_config.json
-    ("gen list", replace_json("generation_config.json", []),
-     r"generation_config\.json must hold a JSON object \(got a list\)"),
-    ("gen null", replace_json("generation_config.json", None),
-     r"must hold a JSON object \(got null"),
-    ("gen t_min string", gen("t_min", "0.4"),
-     r"generation_config\.json: t_min must be a finite number >= 0 \(got the string '0\.4'\)"),
+    (
+        "gen list",
+        replace_json("generation_config.json", []),
+        r"generation_config\.json must hold a JSON object \(got a list\)",
+    ),
+    (
+        "gen null",
+        replace_json("generation_config.json", None),
+        r"must hold a JSON object \(got null",
+    ),
+    (
+        "gen t_min string",
+        gen("t_min", "0.4"),
+        r"generation_config\.json: t_min must be a finite number >= 0 \(got the string '0\.4'\)",
+    ),
     ("gen t_min NaN", gen("t_min", math.nan), r"t_min must be a finite number >= 0 \(got nan\)"),
     ("gen t_max inf", gen("t_max", math.inf), r"t_max must be a finite number"),
     ("gen steps 0", gen("max_denoising_steps", 0), r"max_denoising_steps must be an integer >= 1"),
     ("gen tokens 0", gen("max_new_tokens", 0), r"max_new_tokens must be an integer >= 1"),
     ("gen steps float", gen("max_denoising_steps", 4.5), r"max_denoising_steps must be an integer"),
-    ("gen bound NaN", gen("sampler_config", {"entropy_bound": math.nan}),
-     r"sampler_config\.entropy_bound must be a finite number > 0"),
+    (
+        "gen bound NaN",
+        gen("sampler_config", {"entropy_bound": math.nan}),
+        r"sampler_config\.entropy_bound must be a finite number > 0",
+    ),
     ("gen sampler list", gen("sampler_config", [0.1]), r"sampler_config must be a JSON object"),
     ("gen t order", gen("t_min", 0.9), r"t_max must be greater than t_min"),
-    ("gen eos string", gen("eos_token_id", ["1"]),
-     r"generation_config\.json: eos_token_id must be"),
+    (
+        "gen eos string",
+        gen("eos_token_id", ["1"]),
+        r"generation_config\.json: eos_token_id must be",
+    ),
     ("gen fifo", fifo("generation_config.json"), r"generation_config\.json is not a regular file"),
 ]
 # What must still load: null means unset.
@@ -287,8 +371,10 @@ def spoiled(tmp_path, name, mutate):
 @pytest.fixture
 def alarm():
     """A FIFO that is opened would block forever: fail instead."""
+
     def hung(*_):
         raise TimeoutError("hung")
+
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(60)
     yield
@@ -332,6 +418,15 @@ def test_token_ids_need_no_tokenizer(tmp_path):
     from mlx_diffusiongemma import load_model, stream_generate
 
     folder = spoiled(tmp_path, "ids only", remove("tokenizer.json"))
-    rs = list(stream_generate(load_model(folder), None, [5, 6, 7], max_tokens=8,
-                              max_denoising_steps=2, seed=0, eos_token_ids=[]))
+    rs = list(
+        stream_generate(
+            load_model(folder),
+            None,
+            [5, 6, 7],
+            max_tokens=8,
+            max_denoising_steps=2,
+            seed=0,
+            eos_token_ids=[],
+        )
+    )
     assert rs[-1].tokens and rs[-1].finish_reason == "length"  # a whole canvas of ids

@@ -20,15 +20,35 @@ def test_pinned_tokens_never_change_during_denoising(tiny, monkeypatch):
     seen = []
     orig = gen.denoise_sample
 
-    def spy(logits, temp, bound, key, pin_mask=None, pin_tokens=None, probs_dtype=mx.float32, softcap=None):
+    def spy(
+        logits,
+        temp,
+        bound,
+        key,
+        pin_mask=None,
+        pin_tokens=None,
+        probs_dtype=mx.float32,
+        softcap=None,
+    ):
         out = orig(logits, temp, bound, key, pin_mask, pin_tokens, probs_dtype, softcap)
         seen.append((np.array(out[0]), np.array(out[1]), np.array(out[3])))
         return out
 
     monkeypatch.setattr(gen, "denoise_sample", spy)
     pins = Pins(mx.array(mask[None]), mx.array(tokens[None]))
-    rs = list(stream_generate(model, None, [4, 5, 6], max_tokens=16, seed=0, pins=pins, eos_token_ids=[],
-                              max_denoising_steps=7, stability_threshold=100))
+    rs = list(
+        stream_generate(
+            model,
+            None,
+            [4, 5, 6],
+            max_tokens=16,
+            seed=0,
+            pins=pins,
+            eos_token_ids=[],
+            max_denoising_steps=7,
+            stability_threshold=100,
+        )
+    )
     assert len(seen) == 7
     for canvas, argmax, accepted in seen:  # after every step: next canvas, draft and acceptance
         assert (canvas[0, mask] == tokens[mask]).all() and (argmax[0, mask] == tokens[mask]).all()
@@ -58,9 +78,26 @@ def test_gap_too_long_for_canvas(tiny):
 
 def test_suffix_through_generate(text_demo):
     model, tok = load(text_demo)
-    fill = generate(model, tok, "def add(a, b):\n    return", suffix="\n\nprint(add(1, 2))\n", gap_length=6,
-                    seed=0, max_denoising_steps=4)
+    fill = generate(
+        model,
+        tok,
+        "def add(a, b):\n    return",
+        suffix="\n\nprint(add(1, 2))\n",
+        gap_length=6,
+        seed=0,
+        max_denoising_steps=4,
+    )
     assert isinstance(fill, str)
-    res = infill(model, tok, "The quick <|gap:5|> fox jumps over the <|gap:3|> dog.", seed=0, max_denoising_steps=4)
-    assert res.text.startswith("The quick ") and " fox jumps over the " in res.text and res.text.endswith(" dog.")
+    res = infill(
+        model,
+        tok,
+        "The quick <|gap:5|> fox jumps over the <|gap:3|> dog.",
+        seed=0,
+        max_denoising_steps=4,
+    )
+    assert (
+        res.text.startswith("The quick ")
+        and " fox jumps over the " in res.text
+        and res.text.endswith(" dog.")
+    )
     assert len(res.fills) == 2 and all(len(t) <= n for t, n in zip(res.fill_tokens, (5, 3)))

@@ -95,14 +95,23 @@ def test_other_model_type(copy_of):
 
 
 def test_missing_tensor_is_named(copy_of):
-    rewrite(copy_of, lambda w: {k: v for k, v in w.items() if k != "model.decoder.layers.2.router.proj.weight"})
-    with pytest.raises(CheckpointError, match=r"missing tensors: model\.decoder\.layers\.2\.router\.proj\.weight"):
+    rewrite(
+        copy_of,
+        lambda w: {k: v for k, v in w.items() if k != "model.decoder.layers.2.router.proj.weight"},
+    )
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors: model\.decoder\.layers\.2\.router\.proj\.weight"
+    ):
         load_model(copy_of)
 
 
 def test_unexpected_tensor_is_named(copy_of):
-    rewrite(copy_of, lambda w: {**w, "model.decoder.layers.0.bogus.weight": np.zeros(3, np.float32)})
-    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.decoder\.layers\.0\.bogus\.weight"):
+    rewrite(
+        copy_of, lambda w: {**w, "model.decoder.layers.0.bogus.weight": np.zeros(3, np.float32)}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensors: model\.decoder\.layers\.0\.bogus\.weight"
+    ):
         load_model(copy_of)
 
 
@@ -147,10 +156,13 @@ def test_pickle_only_checkpoint_is_refused(copy_of):
         load_model(copy_of)
 
 
-@pytest.mark.parametrize("name,cfg", [
-    ("preprocessor_config.json", {"image_processor": {"max_soft_tokens": 140}}),
-    ("processor_config.json", {"max_soft_tokens": 560}),
-])
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("preprocessor_config.json", {"image_processor": {"max_soft_tokens": 140}}),
+        ("processor_config.json", {"max_soft_tokens": 560}),
+    ],
+)
 def test_processor_config_gives_the_soft_token_budget(copy_of, name, cfg):
     path = copy_of
     (path / name).write_text(json.dumps(cfg))
@@ -159,8 +171,14 @@ def test_processor_config_gives_the_soft_token_budget(copy_of, name, cfg):
     assert model.processor_config == {"max_soft_tokens": want}
 
 
-@pytest.mark.parametrize("text,msg", [("{not json", "not valid JSON"), ("[1]", "JSON object"),
-                                      ('{"max_soft_tokens": "many"}', "positive integer")])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "JSON object"),
+        ('{"max_soft_tokens": "many"}', "positive integer"),
+    ],
+)
 def test_bad_processor_config_is_a_clear_error(copy_of, text, msg):
     path = copy_of
     (path / "preprocessor_config.json").write_text(text)

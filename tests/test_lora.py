@@ -9,8 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffusiongemma import load, load_model
-from mlx_diffusiongemma import lora
+from mlx_diffusiongemma import load, load_model, lora
 from mlx_diffusiongemma.examples.sudoku import EOS, vocabulary, write_tokenizer
 from mlx_diffusiongemma.fuse import fuse
 
@@ -23,9 +22,16 @@ def task_model(tmp_path_factory):
     from make_checkpoints import write_checkpoint
 
     path = tmp_path_factory.mktemp("task_model")
-    write_checkpoint(path, seed=5, canvas_length=CANVAS, vocab_size=len(vocabulary(9)),
-                     eos_token_id=EOS, pad_token_id=0, bos_token_id=2,
-                     generation=dict(eos_token_id=EOS, max_new_tokens=CANVAS))
+    write_checkpoint(
+        path,
+        seed=5,
+        canvas_length=CANVAS,
+        vocab_size=len(vocabulary(9)),
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=2,
+        generation=dict(eos_token_id=EOS, max_new_tokens=CANVAS),
+    )
     write_tokenizer(path, 9)
     return path
 
@@ -38,8 +44,14 @@ def write_split(folder, name, n, seed, kind="completions"):
         if kind == "completions":
             rows.append({"prompt": " ".join(digits), "completion": " ".join(reversed(digits))})
         elif kind == "chat":
-            rows.append({"messages": [{"role": "user", "content": " ".join(digits)},
-                                      {"role": "assistant", "content": " ".join(sorted(digits))}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": " ".join(digits)},
+                        {"role": "assistant", "content": " ".join(sorted(digits))},
+                    ]
+                }
+            )
         else:
             rows.append({"text": " ".join(digits * 4)})
     (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -55,9 +67,26 @@ def data(tmp_path_factory):
 
 
 def run_lora(model, data, adapters, *extra):
-    lora.main(["--model", str(model), "--train", "--data", str(data), "--adapter-path",
-               str(adapters), "--batch-size", "8", "--steps-per-report", "2",
-               "--val-batches", "2", "--seed", "3", *map(str, extra)])
+    lora.main(
+        [
+            "--model",
+            str(model),
+            "--train",
+            "--data",
+            str(data),
+            "--adapter-path",
+            str(adapters),
+            "--batch-size",
+            "8",
+            "--steps-per-report",
+            "2",
+            "--val-batches",
+            "2",
+            "--seed",
+            "3",
+            *map(str, extra),
+        ]
+    )
 
 
 def log(adapters):
@@ -66,20 +95,42 @@ def log(adapters):
 
 def test_lora_training_lowers_validation_loss(task_model, data, tmp_path, capsys):
     adapters = tmp_path / "adapters"
-    run_lora(task_model, data, adapters, "--iters", 40, "--learning-rate", 3e-3,
-             "--steps-per-eval", 20, "--num-layers", -1, "--save-every", 20)
+    run_lora(
+        task_model,
+        data,
+        adapters,
+        "--iters",
+        40,
+        "--learning-rate",
+        3e-3,
+        "--steps-per-eval",
+        20,
+        "--num-layers",
+        -1,
+        "--save-every",
+        20,
+    )
     out = capsys.readouterr().out
     assert "diffusion" in out and "AR" in out and "tokens/s" in out and "peak mem" in out
     vals = [r["val_loss"] for r in log(adapters) if "val_loss" in r]
     assert len(vals) >= 2 and vals[-1] < vals[0] - 0.1, vals
-    for f in ("adapters.safetensors", "adapter_config.json", "0000020_adapters.safetensors",
-              "0000020_optimizer.safetensors"):
+    for f in (
+        "adapters.safetensors",
+        "adapter_config.json",
+        "0000020_adapters.safetensors",
+        "0000020_optimizer.safetensors",
+    ):
         assert (adapters / f).is_file(), f
     assert not list(adapters.glob(".*"))  # no temporary files left behind
     names = mx.load(str(adapters / "adapters.safetensors")).keys()
     # every linear kind is adapted: attention, dense MLP, router, experts, self-conditioning
-    for part in ("self_attn.q_proj.lora_a", "mlp.down_proj.lora_b", "router.proj.lora_a",
-                 "experts.gate_up_proj.lora_a", "self_conditioning.up_proj.lora_a"):
+    for part in (
+        "self_attn.q_proj.lora_a",
+        "mlp.down_proj.lora_b",
+        "router.proj.lora_a",
+        "experts.gate_up_proj.lora_a",
+        "self_conditioning.up_proj.lora_a",
+    ):
         assert any(part in k for k in names), part
 
     # the adapter generates, and fused weights give the same logits as model + adapter
@@ -103,8 +154,18 @@ def test_resume_continues_the_same_run(task_model, data, tmp_path):
     common = ("--learning-rate", 2e-3, "--steps-per-eval", 100, "--num-layers", 2)
     run_lora(task_model, data, straight, "--iters", 6, "--save-every", 3, *common)
     run_lora(task_model, data, split, "--iters", 3, "--save-every", 3, *common)
-    run_lora(task_model, data, split, "--iters", 6, "--save-every", 3, *common,
-             "--resume-adapter-file", split / "0000003_adapters.safetensors")
+    run_lora(
+        task_model,
+        data,
+        split,
+        "--iters",
+        6,
+        "--save-every",
+        3,
+        *common,
+        "--resume-adapter-file",
+        split / "0000003_adapters.safetensors",
+    )
     a = mx.load(str(straight / "adapters.safetensors"))
     b = mx.load(str(split / "adapters.safetensors"))
     assert a.keys() == b.keys()
@@ -115,8 +176,19 @@ def test_resume_continues_the_same_run(task_model, data, tmp_path):
 @pytest.mark.parametrize("kind", ["dora", "full"])
 def test_dora_and_full(task_model, data, tmp_path, kind):
     adapters = tmp_path / kind
-    run_lora(task_model, data, adapters, "--iters", 2, "--fine-tune-type", kind,
-             "--num-layers", 2, "--steps-per-eval", 100)
+    run_lora(
+        task_model,
+        data,
+        adapters,
+        "--iters",
+        2,
+        "--fine-tune-type",
+        kind,
+        "--num-layers",
+        2,
+        "--steps-per-eval",
+        100,
+    )
     weights = mx.load(str(adapters / "adapters.safetensors"))
     if kind == "dora":
         assert any(k.endswith(".m") for k in weights)
@@ -130,8 +202,9 @@ def test_dora_and_full(task_model, data, tmp_path, kind):
 def test_qlora_on_a_quantized_base(task_model, data, tmp_path):
     from mlx_diffusiongemma.convert import convert
 
-    q = convert(task_model, tmp_path / "q", quantize=True, q_bits=4, q_group_size=32,
-                log=lambda *a: None)
+    q = convert(
+        task_model, tmp_path / "q", quantize=True, q_bits=4, q_group_size=32, log=lambda *a: None
+    )
     adapters = tmp_path / "qlora"
     run_lora(q, data, adapters, "--iters", 2, "--num-layers", 1, "--steps-per-eval", 100)
     model, _ = load(q, adapter_path=adapters)
@@ -165,10 +238,28 @@ def test_bad_input_is_one_line(task_model, data, tmp_path, case):
     folder.mkdir()
     for split in ("train", "valid"):
         (folder / f"{split}.jsonl").write_text((data / f"{split}.jsonl").read_text())
-    args = ["--model", str(task_model), "--train", "--data", str(folder), "--iters", "1",
-            "--batch-size", "2", "--num-layers", "2", "--adapter-path", str(tmp_path / "a")]
-    expect = {"bad_json": "train.jsonl:3", "empty": "valid.jsonl holds no examples",
-              "too_long": "--max-seq-length", "iters0": "--iters", "mismatch": "does not fit"}[case]
+    args = [
+        "--model",
+        str(task_model),
+        "--train",
+        "--data",
+        str(folder),
+        "--iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-layers",
+        "2",
+        "--adapter-path",
+        str(tmp_path / "a"),
+    ]
+    expect = {
+        "bad_json": "train.jsonl:3",
+        "empty": "valid.jsonl holds no examples",
+        "too_long": "--max-seq-length",
+        "iters0": "--iters",
+        "mismatch": "does not fit",
+    }[case]
     if case == "bad_json":
         lines = (folder / "train.jsonl").read_text().splitlines()
         lines[2] = '{"prompt": "1 2'
@@ -185,11 +276,24 @@ def test_bad_input_is_one_line(task_model, data, tmp_path, case):
         from make_checkpoints import write_checkpoint
 
         other = tmp_path / "other"
-        write_checkpoint(other, canvas_length=CANVAS, vocab_size=len(vocabulary(9)),
-                         hidden_size=32, intermediate_size=48, eos_token_id=EOS)
+        write_checkpoint(
+            other,
+            canvas_length=CANVAS,
+            vocab_size=len(vocabulary(9)),
+            hidden_size=32,
+            intermediate_size=48,
+            eos_token_id=EOS,
+        )
         write_tokenizer(other, 9)
-        r = cli("mlx_diffusiongemma.generate", "--model", str(other), "--adapter-path",
-                str(tmp_path / "a"), "--prompt", "hi")
+        r = cli(
+            "mlx_diffusiongemma.generate",
+            "--model",
+            str(other),
+            "--adapter-path",
+            str(tmp_path / "a"),
+            "--prompt",
+            "hi",
+        )
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         return

@@ -17,7 +17,8 @@ TOL = 1e-4
 def ref_logits(ref, ids, canvas, sc=None):
     with torch.no_grad():
         return ref(
-            input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(canvas),
+            input_ids=torch.tensor(ids),
+            decoder_input_ids=torch.tensor(canvas),
             self_conditioning_logits=None if sc is None else torch.tensor(sc),
         ).logits.numpy()
 
@@ -48,7 +49,11 @@ def test_continuation_matches_reference(tiny):
     model = load_model(path)
     rng = np.random.default_rng(7)
     V, C = model.args.vocab_size, model.args.canvas_length
-    prompt, committed, canvas = rand_ids(rng, V, 1, 11), rand_ids(rng, V, 1, C), rand_ids(rng, V, 1, C)
+    prompt, committed, canvas = (
+        rand_ids(rng, V, 1, 11),
+        rand_ids(rng, V, 1, C),
+        rand_ids(rng, V, 1, C),
+    )
     sc = (rng.standard_normal((1, C, V)) * 3).astype(np.float32)
     with torch.no_grad():
         cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
@@ -56,8 +61,11 @@ def test_continuation_matches_reference(tiny):
         enc(input_ids=torch.tensor(prompt), past_key_values=cache)
         pos = torch.arange(11, 11 + C)[None]
         enc(input_ids=torch.tensor(committed), past_key_values=cache, position_ids=pos)
-        want = ref(past_key_values=cache, decoder_input_ids=torch.tensor(canvas),
-                   self_conditioning_logits=torch.tensor(sc)).logits.numpy()
+        want = ref(
+            past_key_values=cache,
+            decoder_input_ids=torch.tensor(canvas),
+            self_conditioning_logits=torch.tensor(sc),
+        ).logits.numpy()
     mcache = model.make_cache()
     model.encode(mx.array(prompt), mcache)
     model.encode(mx.array(committed), mcache)
@@ -85,9 +93,19 @@ def test_sliding_layers_stay_bounded_and_chunking_is_exact(tiny):
 
 VARIANTS = {
     "top1": dict(top_k_experts=1),
-    "layout": dict(num_hidden_layers=5, layer_types=["sliding_attention", "full_attention",
-                   "sliding_attention", "sliding_attention", "full_attention"], sliding_window=4,
-                   num_global_key_value_heads=2, global_head_dim=16),
+    "layout": dict(
+        num_hidden_layers=5,
+        layer_types=[
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+        sliding_window=4,
+        num_global_key_value_heads=2,
+        global_head_dim=16,
+    ),
     "mha": dict(num_key_value_heads=4, num_global_key_value_heads=4, sliding_window=16),
 }
 
@@ -100,7 +118,10 @@ def test_config_variants_match_reference(checkpoint_factory, variant):
     V, C = model.args.vocab_size, model.args.canvas_length
     ids, canvas = rand_ids(rng, V, 2, 19), rand_ids(rng, V, 2, C)
     sc = (rng.standard_normal((2, C, V)) * 2).astype(np.float32)
-    diff = np.abs(np.array(model(mx.array(ids), mx.array(canvas), mx.array(sc))) - ref_logits(ref, ids, canvas, sc)).max()
+    diff = np.abs(
+        np.array(model(mx.array(ids), mx.array(canvas), mx.array(sc)))
+        - ref_logits(ref, ids, canvas, sc)
+    ).max()
     assert diff < TOL, diff
 
 
@@ -126,7 +147,11 @@ def test_missing_decoder_layer_scalars_default_to_one(tiny, tmp_path):
     dst = tmp_path / "noscalar"
     shutil.copytree(path, dst)
     w = load_file(dst / "model.safetensors")
-    w = {k: v for k, v in w.items() if not (k.startswith("model.decoder.") and k.endswith("layer_scalar"))}
+    w = {
+        k: v
+        for k, v in w.items()
+        if not (k.startswith("model.decoder.") and k.endswith("layer_scalar"))
+    }
     save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
     model = load_model(dst)
     assert all(float(l.layer_scalar[0]) == 1.0 for l in model.layers)
@@ -159,7 +184,11 @@ def test_bfloat16_close_to_reference(tiny):
     want = ref_logits(ref, ids, canvas)
     ref16 = copy.deepcopy(ref).to(torch.bfloat16)
     with torch.no_grad():
-        ref_err = np.abs(ref16(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(canvas))
-                         .logits.float().numpy() - want).max()
+        ref_err = np.abs(
+            ref16(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(canvas))
+            .logits.float()
+            .numpy()
+            - want
+        ).max()
     ours = np.abs(np.array(out) - want).max()
     assert ours <= 1.5 * ref_err + 1e-3, (ours, ref_err)

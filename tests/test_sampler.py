@@ -17,8 +17,8 @@ from mlx_diffusiongemma.sampler import (
     denoise_sample,
     entropy_accept,
     stop_update,
-    tempered_stats,
     temperature,
+    tempered_stats,
 )
 
 
@@ -38,7 +38,9 @@ def test_entropy_matches_reference(scale, backend):
     _, e, s, h = tempered_stats(mx.array(logits), 0.7, backend)
     want = torch.distributions.Categorical(logits=torch.tensor(logits) / 0.7).entropy().numpy()
     np.testing.assert_allclose(np.array(h), want, atol=2e-5)
-    np.testing.assert_allclose(np.array(e / s), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(e / s), torch.softmax(torch.tensor(logits) / 0.7, -1).numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("bound", [1e-3, 0.1, 1.0, 10.0])
@@ -59,10 +61,14 @@ def test_acceptance_and_renoise_match_reference(bound, scale):
     renoised = ref.renoise_canvas(accepted, 1).numpy()
     np.testing.assert_array_equal(renoised[want_mask], denoised.numpy()[want_mask])
     # Ours: accepted positions carry the sample; the others fresh uniform noise.
-    nxt, argmax, _, acc, probs = denoise_sample(mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0))
+    nxt, argmax, _, acc, probs = denoise_sample(
+        mx.array(logits), mx.array(1.0), mx.array(bound), mx.random.key(0)
+    )
     np.testing.assert_array_equal(np.array(acc), want_mask)
     np.testing.assert_array_equal(np.array(argmax), logits.argmax(-1))
-    np.testing.assert_allclose(np.array(probs), torch.softmax(torch.tensor(logits), -1).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.array(probs), torch.softmax(torch.tensor(logits), -1).numpy(), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_samples_follow_the_tempered_distribution():
@@ -96,22 +102,37 @@ def test_stop_rule_matches_reference(stability):
 
 
 def test_settings_from_generation_config():
-    gen = {"max_new_tokens": 64, "max_denoising_steps": None, "sampler_config": {"entropy_bound": 0.3,
-           "_cls_name": "EntropyBoundSamplerConfig"}, "t_min": None, "t_max": 0.9,
-           "confidence_threshold": 0.01}
+    gen = {
+        "max_new_tokens": 64,
+        "max_denoising_steps": None,
+        "sampler_config": {"entropy_bound": 0.3, "_cls_name": "EntropyBoundSamplerConfig"},
+        "t_min": None,
+        "t_max": 0.9,
+        "confidence_threshold": 0.01,
+    }
     s = SamplerSettings.resolve(gen, t_min=0.2)
-    assert (s.max_tokens, s.max_denoising_steps, s.entropy_bound, s.t_min, s.t_max) == (64, 48, 0.3, 0.2, 0.9)
+    assert (s.max_tokens, s.max_denoising_steps, s.entropy_bound, s.t_min, s.t_max) == (
+        64,
+        48,
+        0.3,
+        0.2,
+        0.9,
+    )
     assert (s.stability_threshold, s.confidence_threshold) == (1, 0.01)
     assert SamplerSettings.resolve(None) == SamplerSettings()
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (dict(max_tokens=0), "max_tokens"), (dict(max_denoising_steps=-1), "max_denoising_steps"),
-    (dict(t_min=0.5, t_max=0.5), "t_max must be greater"), (dict(entropy_bound=0.0),
-     "entropy_bound"),
-    (dict(stability_threshold=-1), "stability_threshold"), (dict(confidence_threshold=0),
-     "confidence"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_denoising_steps=-1), "max_denoising_steps"),
+        (dict(t_min=0.5, t_max=0.5), "t_max must be greater"),
+        (dict(entropy_bound=0.0), "entropy_bound"),
+        (dict(stability_threshold=-1), "stability_threshold"),
+        (dict(confidence_threshold=0), "confidence"),
+    ],
+)
 def test_bad_settings(bad, msg):
     with pytest.raises(ValueError, match=msg):
         SamplerSettings.resolve(None, **bad)
@@ -120,21 +141,30 @@ def test_bad_settings(bad, msg):
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("gen, over, msg", [
-    ({}, dict(t_min=NAN), r"t_min must be a finite number >= 0 \(got nan\)"),
-    ({}, dict(t_max=INF), r"t_max must be a finite number >= 0 \(got inf\)"),
-    ({}, dict(entropy_bound=NAN), r"entropy_bound must be a finite number > 0"),
-    ({}, dict(confidence_threshold=-INF), r"confidence_threshold must be a finite number > 0"),
-    ({}, dict(max_denoising_steps=4.0),
-     r"max_denoising_steps must be an integer >= 1 \(got 4\.0\)"),
-    ({}, dict(stability_threshold=True),
-     r"stability_threshold must be an integer >= 0 \(got true\)"),
-    ({}, dict(max_tokens="64"), r"max_tokens must be an integer >= 1 \(got the string '64'\)"),
-    ({"t_min": "0.4"}, {}, r"t_min must be a finite number >= 0 \(got the string '0\.4'\)"),
-    ({"max_new_tokens": 0}, {}, r"max_new_tokens must be an integer >= 1"),
-    ({"sampler_config": {"entropy_bound": NAN}}, {}, r"sampler_config\.entropy_bound must be"),
-    ({"sampler_config": []}, {}, r"sampler_config must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "gen, over, msg",
+    [
+        ({}, dict(t_min=NAN), r"t_min must be a finite number >= 0 \(got nan\)"),
+        ({}, dict(t_max=INF), r"t_max must be a finite number >= 0 \(got inf\)"),
+        ({}, dict(entropy_bound=NAN), r"entropy_bound must be a finite number > 0"),
+        ({}, dict(confidence_threshold=-INF), r"confidence_threshold must be a finite number > 0"),
+        (
+            {},
+            dict(max_denoising_steps=4.0),
+            r"max_denoising_steps must be an integer >= 1 \(got 4\.0\)",
+        ),
+        (
+            {},
+            dict(stability_threshold=True),
+            r"stability_threshold must be an integer >= 0 \(got true\)",
+        ),
+        ({}, dict(max_tokens="64"), r"max_tokens must be an integer >= 1 \(got the string '64'\)"),
+        ({"t_min": "0.4"}, {}, r"t_min must be a finite number >= 0 \(got the string '0\.4'\)"),
+        ({"max_new_tokens": 0}, {}, r"max_new_tokens must be an integer >= 1"),
+        ({"sampler_config": {"entropy_bound": NAN}}, {}, r"sampler_config\.entropy_bound must be"),
+        ({"sampler_config": []}, {}, r"sampler_config must be a JSON object"),
+    ],
+)
 def test_non_finite_and_mistyped_settings_are_refused(gen, over, msg):
     """NaN fails every comparison, so it needs its own test; strings and bools are not numbers."""
     with pytest.raises(ValueError, match=msg):
@@ -155,7 +185,9 @@ def test_chunked_position_pass_gives_the_same_step(monkeypatch):
     is the same as one pass."""
     import mlx_diffusiongemma.sampler as sampler
 
-    logits = mx.array((np.random.default_rng(3).standard_normal((2, 10, 64)) * 3).astype(np.float32))
+    logits = mx.array(
+        (np.random.default_rng(3).standard_normal((2, 10, 64)) * 3).astype(np.float32)
+    )
     args = (logits, mx.array(0.7), mx.array(0.5), mx.random.key(4))
     whole = [np.array(a) for a in denoise_sample(*args)]
     monkeypatch.setattr(sampler, "CHUNK_ELEMENTS", 2 * 64 * 3)  # 3 positions per slice
@@ -176,7 +208,9 @@ def test_inverse_cdf_sample_is_exact(V, backend):
     logits[0, 0] = -30.0  # a flat row
     logits[1, 0, V - 1] = 40.0  # all mass on the last token
     u = rng.uniform(size=(2, 40, 1)).astype(np.float32)
-    _, sample, argmax, _ = _position_pass(mx.array(logits), mx.array(0.7), mx.array(u), None, mx.float32, backend)
+    _, sample, argmax, _ = _position_pass(
+        mx.array(logits), mx.array(0.7), mx.array(u), None, mx.float32, backend
+    )
     p = torch.softmax(torch.tensor(logits, dtype=torch.float64) / 0.7, -1).numpy()
     cdf = np.cumsum(p, -1)
     want = np.minimum((cdf < u).sum(-1), V - 1)
@@ -195,13 +229,17 @@ def test_softcap_inside_the_pass_equals_softcapped_logits(probs_dtype):
 
     raw = mx.array((np.random.default_rng(7).standard_normal((2, 24, 96)) * 40).astype(np.float32))
     args = (mx.array(0.6), mx.array(0.3), mx.random.key(2), None, None, probs_dtype)
-    as_np = lambda outs: [np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a) for a in outs]
+    as_np = lambda outs: [
+        np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a) for a in outs
+    ]
     capped = as_np(denoise_sample(final_softcap(raw, 30.0), *args))
     fused = as_np(denoise_sample(raw, *args, softcap=30.0))
     for i in (0, 1, 3):  # next canvas, argmax, acceptance
         np.testing.assert_array_equal(capped[i], fused[i])
     np.testing.assert_allclose(fused[2], capped[2], atol=1e-4)  # entropy
-    np.testing.assert_allclose(fused[4], capped[4], atol=1e-5 if probs_dtype == mx.float32 else 8e-3)
+    np.testing.assert_allclose(
+        fused[4], capped[4], atol=1e-5 if probs_dtype == mx.float32 else 8e-3
+    )
 
 
 @pytest.mark.parametrize("backend", [DEFAULT, CPU], ids=["default", "cpu"])
@@ -219,4 +257,4 @@ def test_bf16_self_conditioning_probs_round_as_the_reference(backend):
     got = np.array(got.astype(mx.float32))
     assert (got == want).mean() > 0.99  # MLX's own softmax, like ours: 99.4% here
     normal = want > 1e-30  # below, float32 exp underflows differently
-    np.testing.assert_allclose(got[normal], want[normal], rtol=2 ** -7, atol=0)
+    np.testing.assert_allclose(got[normal], want[normal], rtol=2**-7, atol=0)

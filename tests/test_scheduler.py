@@ -17,8 +17,9 @@ from mlx_diffusiongemma.serving.scheduler import Job, Scheduler
 
 class Recorder(Job):
     def __init__(self, prompt, max_tokens, seed, n=1, steps=3, gate=None):
-        super().__init__(prompt, SamplerSettings(max_tokens=max_tokens, max_denoising_steps=steps),
-                         n, seed)
+        super().__init__(
+            prompt, SamplerSettings(max_tokens=max_tokens, max_denoising_steps=steps), n, seed
+        )
         self.tokens = [[] for _ in range(n)]
         self.finish = [None] * n
         self.canvases = 0
@@ -83,8 +84,9 @@ def test_rows_joining_at_canvas_boundaries_equal_their_solo_runs(model):
         rows = sch.stats["canvas_rows"] - before["canvas_rows"]
         assert rows > sch.stats["canvases"] - before["canvases"]  # canvases were shared
         # and stream_generate with the seed draws the same
-        rs = stream_generate(model, None, [4, 5, 6], max_tokens=48, seed=1,
-                             max_denoising_steps=3, eos_token_ids=[])
+        rs = stream_generate(
+            model, None, [4, 5, 6], max_tokens=48, seed=1, max_denoising_steps=3, eos_token_ids=[]
+        )
         solo = [t for r in rs for t in r.tokens]
         assert solo == a.tokens[0]
     finally:

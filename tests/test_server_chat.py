@@ -18,9 +18,16 @@ from make_chat_checkpoint import EOS, write_chat_checkpoint  # noqa: E402
 from mlx_diffusiongemma.loader import load  # noqa: E402
 from mlx_diffusiongemma.serving import scheduler as scheduler_module  # noqa: E402
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
 
 
@@ -42,8 +49,13 @@ class Script:
             self.pos[id(cache)] = start + C
             rows.append(piece)
         if on_step is not None:
-            on_step(1, mx.array(rows), mx.ones((len(rows), C), dtype=mx.bool_),
-                    mx.zeros((len(rows), C)), list(range(len(rows))))
+            on_step(
+                1,
+                mx.array(rows),
+                mx.ones((len(rows), C), dtype=mx.bool_),
+                mx.zeros((len(rows), C)),
+                list(range(len(rows))),
+            )
         return mx.array(rows, dtype=mx.int32), 1
 
 
@@ -66,8 +78,12 @@ def served(tmp_path_factory):
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     port = sock.getsockname()[1]
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0), \
-        script, model, tokenizer
+    yield (
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0),
+        script,
+        model,
+        tokenizer,
+    )
     server.should_exit = True
     thread.join(10)
     state.scheduler.stop()
@@ -79,12 +95,16 @@ def ask(client, stream=False, **kw):
     if not stream:
         return client.chat.completions.create(**body)
     chunks = list(client.chat.completions.create(stream=True, **body))
-    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
-                        for c in chunks if c.choices)
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+        for c in chunks
+        if c.choices
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    finish = [c.choices[0].finish_reason for c in chunks
-              if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     return reasoning, content, calls, finish
 
 
@@ -156,11 +176,24 @@ def test_tool_history_renders_through_the_template(served):
     from mlx_diffusiongemma.serving.requests import parse
 
     _, _, model, tokenizer = served
-    body = {"messages": [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": TOOLS}
+    body = {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ],
+        "tools": TOOLS,
+    }
     text = tokenizer.decode(parse(body, True, model, tokenizer, 1000).prompt)
     assert '<|tool>declaration:get_weather{"type": "object"' in text
     assert '<|tool_call>call:get_weather{"city": "Paris"}<tool_call|>' in text

@@ -36,8 +36,11 @@ def run(text, piece, **kw):
     for i in range(0, len(ids), piece):
         final = i + piece >= len(ids)
         d = out.feed(ids[i : i + piece], final)
-        content, reasoning, calls = content + d.content, reasoning + d.reasoning, calls + [
-            (c["function"]["name"], c["function"]["arguments"]) for c in d.tool_calls]
+        content, reasoning, calls = (
+            content + d.content,
+            reasoning + d.reasoning,
+            calls + [(c["function"]["name"], c["function"]["arguments"]) for c in d.tool_calls],
+        )
         if out.finished:
             break
     return content, reasoning, calls, out.returned_tokens

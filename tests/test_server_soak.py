@@ -26,8 +26,11 @@ def rss(pid) -> int:
 
 def post(port, path, body: bytes, read_all=True, timeout=120):
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
     got = s.recv(65536)
     while read_all:
         chunk = s.recv(65536)
@@ -42,29 +45,56 @@ def one(port, kind, rng):
     """Sends one request of `kind`; returns the expected outcome ('served', 'rejected', ...)."""
     prompt = f"soak {rng.randrange(10**6)}"
     if kind == "completion":
-        body = {"prompt": prompt, "max_tokens": rng.choice([1, 8, 40]), "steps": 2,
-                "n": rng.choice([1, 2])}
-        assert post(port, "/v1/completions", json.dumps(body).encode()).startswith(
-            b"HTTP/1.1 200")
+        body = {
+            "prompt": prompt,
+            "max_tokens": rng.choice([1, 8, 40]),
+            "steps": 2,
+            "n": rng.choice([1, 2]),
+        }
+        assert post(port, "/v1/completions", json.dumps(body).encode()).startswith(b"HTTP/1.1 200")
     elif kind == "stream":
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "steps": 2,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 40,
+            "steps": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         assert b"data: [DONE]" in post(port, "/v1/chat/completions", json.dumps(body).encode())
     elif kind == "dropped":
-        body = {"prompt": prompt, "max_tokens": 32 * 20, "steps": 8, "stream": True,
-                "stability_threshold": 1000}
+        body = {
+            "prompt": prompt,
+            "max_tokens": 32 * 20,
+            "steps": 8,
+            "stream": True,
+            "stability_threshold": 1000,
+        }
         post(port, "/v1/completions", json.dumps(body).encode(), read_all=False)
     elif kind == "malformed":
-        body = rng.choice([b"{not json", b"[" * 5000 + b"]" * 5000, b'{"prompt": 5}',
-                           b'{"prompt": "x", "top_p": 0.1}', b'{"prompt": "\\udc00"}'])
+        body = rng.choice(
+            [
+                b"{not json",
+                b"[" * 5000 + b"]" * 5000,
+                b'{"prompt": 5}',
+                b'{"prompt": "x", "top_p": 0.1}',
+                b'{"prompt": "\\udc00"}',
+            ]
+        )
         assert post(port, "/v1/completions", body).startswith(b"HTTP/1.1 400")
     elif kind == "oversized":
         body = json.dumps({"prompt": "x" * 100_000}).encode()
         assert post(port, "/v1/completions", body).startswith(b"HTTP/1.1 413")
     else:  # garbage at the HTTP level: never reaches the routes
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(rng.choice([b"GARBAGE\r\n\r\n", b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-                              b"\x16\x03\x01\x02\x00"]))
+        s.sendall(
+            rng.choice(
+                [
+                    b"GARBAGE\r\n\r\n",
+                    b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                    b"\x16\x03\x01\x02\x00",
+                ]
+            )
+        )
         try:
             s.recv(4096)
         except ConnectionResetError:  # refused and closed before the rest was read: a reset
@@ -72,13 +102,28 @@ def one(port, kind, rng):
         s.close()
 
 
-KINDS = ["completion"] * 4 + ["stream"] * 3 + ["dropped"] * 2 + ["malformed"] * 2 + \
-    ["oversized", "garbage"]
+KINDS = (
+    ["completion"] * 4
+    + ["stream"] * 3
+    + ["dropped"] * 2
+    + ["malformed"] * 2
+    + ["oversized", "garbage"]
+)
 
 
 def test_soak(text_demo):
-    proc, port = start_server("--model", str(text_demo), "--max-body-bytes", "65536",
-                              "--max-batch", "4", "--body-timeout", "5", "--header-timeout", "5")
+    proc, port = start_server(
+        "--model",
+        str(text_demo),
+        "--max-body-bytes",
+        "65536",
+        "--max-batch",
+        "4",
+        "--body-timeout",
+        "5",
+        "--header-timeout",
+        "5",
+    )
     try:
         warm = random.Random(0)
         for kind in ("completion", "stream", "dropped", "malformed", "oversized"):
@@ -116,8 +161,9 @@ def test_soak(text_demo):
             time.sleep(0.2)
         assert h["requests"] == h["served"] + h["cancelled"] + h["rejected"] + h["failed"]
         assert h["failed"] == 0 and h["in_flight"] == 0 and h["active_rows"] == 0
-        r = client(port).completions.create(model="x", prompt="still there?", max_tokens=4,
-                                            extra_body={"steps": 2})
+        r = client(port).completions.create(
+            model="x", prompt="still there?", max_tokens=4, extra_body={"steps": 2}
+        )
         assert r.choices[0].finish_reason in ("stop", "length")
         end_rss = rss(proc.pid)
         print(f"soak: {sent[0]} requests, RSS {start_rss >> 20} -> {end_rss >> 20} MiB; {h}")

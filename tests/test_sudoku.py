@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from mlx_diffusiongemma.examples.sudoku_puzzles import (
-    box_shape, count_solutions, is_solution, make_puzzle, parse, solved_grid, to_text)
+    box_shape,
+    count_solutions,
+    is_solution,
+    make_puzzle,
+    parse,
+    solved_grid,
+    to_text,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "mlx_diffusiongemma" / "demo"
@@ -67,8 +74,13 @@ def test_demo_solves_puzzles_from_the_command_line():
     solved = 0
     for i, (puzzle, solution) in enumerate(easy_puzzles(n, 4, 2 * n * n // 3)):
         text = "".join(map(str, puzzle)) if i % 2 else to_text(puzzle)  # with or without spaces
-        r = subprocess.run([sys.executable, "generate.py", "--prompt", text, "--seed", str(i)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "generate.py", "--prompt", text, "--seed", str(i)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         assert "Sudoku" in r.stderr and "--model google/diffusiongemma-26B-A4B-it" in r.stderr
         digits = [int(ch) for ch in r.stdout if ch.isdigit()][: n * n]
@@ -78,8 +90,13 @@ def test_demo_solves_puzzles_from_the_command_line():
 
 
 def test_demo_refuses_what_is_not_a_puzzle():
-    r = subprocess.run([sys.executable, "generate.py", "--prompt", "Why is the sky blue?"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "generate.py", "--prompt", "Why is the sky blue?"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr and "puzzle" in r.stderr
 
 

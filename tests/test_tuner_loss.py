@@ -20,18 +20,26 @@ def torch_example_loss(ref, prompt, response, ci, replace, rand, sc, fill, w, C)
     n = -(-len(response) // C) * C
     seq = torch.tensor([list(prompt) + list(response) + [fill] * (n - len(response))])
     cap = ref.config.text_config.final_logit_softcapping
-    enc = ref.model.encoder(input_ids=seq, past_key_values=DynamicCache(config=ref.config.get_text_config(decoder=True)))
+    enc = ref.model.encoder(
+        input_ids=seq, past_key_values=DynamicCache(config=ref.config.get_text_config(decoder=True))
+    )
     ar_logits = torch.tanh(ref.lm_head(enc.last_hidden_state).float() / cap) * cap
     ar = torch.nn.functional.cross_entropy(ar_logits[0, :-1], seq[0, 1:])
     ctx = len(prompt) + ci * C
     cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
     ref.model.encoder(input_ids=seq[:, :ctx], past_key_values=cache)
     clean = seq[:, ctx : ctx + C]
-    noised = torch.where(torch.tensor(replace)[None], torch.tensor(rand, dtype=torch.long)[None], clean)
+    noised = torch.where(
+        torch.tensor(replace)[None], torch.tensor(rand, dtype=torch.long)[None], clean
+    )
     with torch.no_grad():
         first = ref(past_key_values=cache, decoder_input_ids=noised).logits
-    logits = ref(past_key_values=cache, decoder_input_ids=noised, self_conditioning_logits=first,
-                 self_conditioning_mask=torch.tensor([bool(sc)])).logits
+    logits = ref(
+        past_key_values=cache,
+        decoder_input_ids=noised,
+        self_conditioning_logits=first,
+        self_conditioning_mask=torch.tensor([bool(sc)]),
+    ).logits
     diffusion = torch.nn.functional.cross_entropy(logits[0], clean[0])
     return diffusion + w * ar
 
@@ -41,8 +49,11 @@ def torch_grads(ref):
     for name, p in list(ref.named_parameters(remove_duplicate=False)) + list(ref.named_buffers()):
         if "vision" in name or p.grad is None:
             continue
-        name = name.replace("model.encoder.language_model.layers", "model.decoder.layers") \
-            if not name.endswith("layer_scalar") else name
+        name = (
+            name.replace("model.encoder.language_model.layers", "model.decoder.layers")
+            if not name.endswith("layer_scalar")
+            else name
+        )
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             name += ".weight"
         grads[name] = p.grad.numpy()
@@ -62,8 +73,10 @@ def make_case(rng, V, C, prompt_lens, response_lens):
 
 # chunk: the encoder's AR cross-entropy in checkpointed chunks of this many positions (the
 # default chunk is longer than these sequences; 7 leaves a ragged last chunk)
-@pytest.mark.parametrize("lens,chunk", [(((7,), (16,)), None), (((5, 12, 9), (10, 40, 16)), None),
-                                        (((5, 12, 9), (10, 40, 16)), 7)])
+@pytest.mark.parametrize(
+    "lens,chunk",
+    [(((7,), (16,)), None), (((5, 12, 9), (10, 40, 16)), None), (((5, 12, 9), (10, 40, 16)), 7)],
+)
 def test_loss_and_gradients_match_torch(tiny, lens, chunk, monkeypatch):
     path, ref = tiny
     if chunk:
@@ -74,9 +87,17 @@ def test_loss_and_gradients_match_torch(tiny, lens, chunk, monkeypatch):
     prompts, responses, ci, replace, rand, sc = make_case(rng, V, C, *lens)
 
     def loss_fn(m):
-        return diffusion_loss(m, prompts, responses, canvas_index=ci, replace=replace,
-                              random_tokens=rand, self_condition=sc, fill_token=fill,
-                              encoder_loss_weight=w)
+        return diffusion_loss(
+            m,
+            prompts,
+            responses,
+            canvas_index=ci,
+            replace=replace,
+            random_tokens=rand,
+            self_condition=sc,
+            fill_token=fill,
+            encoder_loss_weight=w,
+        )
 
     loss, grads = nn.value_and_grad(model, loss_fn)(model)
     assert loss.dtype == mx.float32 and loss.shape == ()
@@ -85,8 +106,12 @@ def test_loss_and_gradients_match_torch(tiny, lens, chunk, monkeypatch):
         b.requires_grad_(b.dtype.is_floating_point)
         b.grad = None
     ref.zero_grad()
-    want = sum(torch_example_loss(ref, prompts[b], responses[b], int(ci[b]), replace[b], rand[b],
-                                  sc[b], fill, w, C) for b in range(len(prompts))) / len(prompts)
+    want = sum(
+        torch_example_loss(
+            ref, prompts[b], responses[b], int(ci[b]), replace[b], rand[b], sc[b], fill, w, C
+        )
+        for b in range(len(prompts))
+    ) / len(prompts)
     want.backward()
     assert abs(loss.item() - want.item()) <= REL * abs(want.item()), (loss.item(), want.item())
 
@@ -125,11 +150,29 @@ def test_padding_does_not_change_an_examples_loss(tiny):
     rng = np.random.default_rng(3)
     prompts, responses, ci, replace, rand, sc = make_case(rng, V, C, (4, 20, 9), (40, 7, 25))
     kw = dict(fill_token=2, encoder_loss_weight=1.0)
-    whole = diffusion_loss(model, prompts, responses, canvas_index=ci, replace=replace,
-                           random_tokens=rand, self_condition=sc, **kw).item()
-    alone = [diffusion_loss(model, [prompts[b]], [responses[b]], canvas_index=ci[b : b + 1],
-                            replace=replace[b : b + 1], random_tokens=rand[b : b + 1],
-                            self_condition=sc[b : b + 1], **kw).item() for b in range(3)]
+    whole = diffusion_loss(
+        model,
+        prompts,
+        responses,
+        canvas_index=ci,
+        replace=replace,
+        random_tokens=rand,
+        self_condition=sc,
+        **kw,
+    ).item()
+    alone = [
+        diffusion_loss(
+            model,
+            [prompts[b]],
+            [responses[b]],
+            canvas_index=ci[b : b + 1],
+            replace=replace[b : b + 1],
+            random_tokens=rand[b : b + 1],
+            self_condition=sc[b : b + 1],
+            **kw,
+        ).item()
+        for b in range(3)
+    ]
     assert abs(whole - np.mean(alone)) < 1e-5 * abs(whole)
 
 
@@ -138,6 +181,13 @@ def test_bad_canvas_index_is_refused(tiny):
     model = load_model(path)
     C = model.args.canvas_length
     with pytest.raises(ValueError, match="canvas_index"):
-        diffusion_loss(model, [[1, 2]], [[3] * C], canvas_index=np.array([1]),
-                       replace=np.zeros((1, C), bool), random_tokens=np.zeros((1, C), np.int32),
-                       self_condition=np.array([True]), fill_token=1)
+        diffusion_loss(
+            model,
+            [[1, 2]],
+            [[3] * C],
+            canvas_index=np.array([1]),
+            replace=np.zeros((1, C), bool),
+            random_tokens=np.zeros((1, C), np.int32),
+            self_condition=np.array([True]),
+            fill_token=1,
+        )

@@ -34,8 +34,14 @@ def random_image(rng, w, h, mode="RGB"):
     return Image.fromarray(a, "RGBA") if mode == "RGBA" else Image.fromarray(a).convert(mode)
 
 
-IMAGE_FILES = [(512, 512, "png", "RGB"), (1024, 768, "jpeg", "RGB"), (100, 37, "png", "RGBA"),
-               (3000, 200, "png", "L"), (37, 900, "jpeg", "RGB"), (48, 48, "png", "P")]
+IMAGE_FILES = [
+    (512, 512, "png", "RGB"),
+    (1024, 768, "jpeg", "RGB"),
+    (100, 37, "png", "RGBA"),
+    (3000, 200, "png", "L"),
+    (37, 900, "jpeg", "RGB"),
+    (48, 48, "png", "P"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +150,16 @@ def reference_logits(ref, ids, canvas, pv, pos, sc):
         emb = ref.model.encoder.get_input_embeddings()(tids)
         positions = torch.arange(ids.shape[1])[None]
         masks = DiffusionGemmaEncoderModel.create_masks_for_generate(
-            ref.config, emb, None, None, positions, (tids == IMG).long())
-        return ref(input_ids=tids, attention_mask=masks, decoder_input_ids=torch.tensor(canvas),
-                   pixel_values=torch.tensor(pv), image_position_ids=torch.tensor(pos),
-                   self_conditioning_logits=None if sc is None else torch.tensor(sc)).logits.numpy()
+            ref.config, emb, None, None, positions, (tids == IMG).long()
+        )
+        return ref(
+            input_ids=tids,
+            attention_mask=masks,
+            decoder_input_ids=torch.tensor(canvas),
+            pixel_values=torch.tensor(pv),
+            image_position_ids=torch.tensor(pos),
+            self_conditioning_logits=None if sc is None else torch.tensor(sc),
+        ).logits.numpy()
 
 
 def image_prompt(rng, counts, texts=(5, 4, 3)):
@@ -187,8 +199,13 @@ def test_logits_with_images_equal_reference(tiny, n_images, with_sc):
     canvas = rng.integers(0, V, (1, C))
     sc = (rng.standard_normal((1, C, V)) * 3).astype(np.float32) if with_sc else None
     want = reference_logits(ref, ids, canvas, pv, pos, sc)
-    got = model(mx.array(ids), mx.array(canvas), None if sc is None else mx.array(sc),
-                pixel_values=mx.array(pv), image_position_ids=mx.array(pos))
+    got = model(
+        mx.array(ids),
+        mx.array(canvas),
+        None if sc is None else mx.array(sc),
+        pixel_values=mx.array(pv),
+        image_position_ids=mx.array(pos),
+    )
     assert np.abs(np.array(got) - want).max() < TOL
     # chunks of 7 tokens (window 8, runs of 12 and 4 image tokens): never split a run
     cache = model.make_cache()
@@ -251,8 +268,11 @@ def test_near_greedy_generation_with_image_equals_reference(checkpoint_factory, 
     prompt = rng.integers(3, 300, 8).tolist()
     kw = dict(NEAR_GREEDY, max_denoising_steps=8)
     same_canvases(canvases)
-    got = list(gen.stream_generate(model, None, prompt, max_tokens=3 * C, eos_token_ids=[1],
-                                   seed=0, images=[image], **kw))
+    got = list(
+        gen.stream_generate(
+            model, None, prompt, max_tokens=3 * C, eos_token_ids=[1], seed=0, images=[image], **kw
+        )
+    )
     got = sum((r.tokens for r in got), [])
     ids = vision_prompt(model, None, prompt, images=[image]).ids
     p = ImageProcessor.for_model(model)([image])
@@ -262,16 +282,22 @@ def test_near_greedy_generation_with_image_equals_reference(checkpoint_factory, 
     same_canvases(canvases)
     with torch.no_grad():
         tids = torch.tensor([ids])
-        out = ref.generate(tids, max_new_tokens=3 * C, eos_token_id=[1],
-                           pixel_values=torch.tensor(p.pixel_values),
-                           image_position_ids=torch.tensor(p.image_position_ids),
-                           mm_token_type_ids=(tids == IMG).long(), **kw)
-    seq = out.sequences[0, len(ids):].tolist()
+        out = ref.generate(
+            tids,
+            max_new_tokens=3 * C,
+            eos_token_id=[1],
+            pixel_values=torch.tensor(p.pixel_values),
+            image_position_ids=torch.tensor(p.image_position_ids),
+            mm_token_type_ids=(tids == IMG).long(),
+            **kw,
+        )
+    seq = out.sequences[0, len(ids) :].tolist()
     want = seq[: next((i for i, t in enumerate(seq) if t == 1), len(seq))]
     assert got == want and len(want) > C
     same_canvases(canvases)
-    text_only = list(gen.stream_generate(model, None, prompt, max_tokens=3 * C, eos_token_ids=[1],
-                                         seed=0, **kw))
+    text_only = list(
+        gen.stream_generate(model, None, prompt, max_tokens=3 * C, eos_token_ids=[1], seed=0, **kw)
+    )
     assert sum((r.tokens for r in text_only), []) != got  # the image is read
 
 
@@ -283,11 +309,20 @@ def test_batch_rows_with_images_equal_single_runs(checkpoint_factory):
     prompts = [rng.integers(3, 300, 6).tolist(), rng.integers(3, 300, 11).tolist()]
     canvases = [[rng.integers(0, 384, 16).tolist()] for _ in prompts]
     kw = dict(max_tokens=16, max_denoising_steps=4, seed=0, eos_token_ids=[], **NEAR_GREEDY)
-    res = batch_generate(model, None, prompts, images=[[imgs[0]], [imgs[1]]],
-                         initial_canvases=[c[0] for c in canvases], **kw)
+    res = batch_generate(
+        model,
+        None,
+        prompts,
+        images=[[imgs[0]], [imgs[1]]],
+        initial_canvases=[c[0] for c in canvases],
+        **kw,
+    )
     for i, p in enumerate(prompts):
-        one = list(gen.stream_generate(model, None, p, images=[imgs[i]],
-                                       initial_canvas=canvases[i][0], **kw))
+        one = list(
+            gen.stream_generate(
+                model, None, p, images=[imgs[i]], initial_canvas=canvases[i][0], **kw
+            )
+        )
         assert res.tokens[i] == one[0].tokens
 
 
@@ -298,14 +333,18 @@ def test_text_only_checkpoint_refuses_images(tiny, tmp_path):
     out = convert(path, tmp_path / "text", text_only=True, log=lambda *a: None)
     model = load_model(out)
     assert not model.has_vision
-    text = list(gen.stream_generate(model, None, [2, 5, 6], max_tokens=16, max_denoising_steps=2,
-                                    seed=0, eos_token_ids=[]))
+    text = list(
+        gen.stream_generate(
+            model, None, [2, 5, 6], max_tokens=16, max_denoising_steps=2, seed=0, eos_token_ids=[]
+        )
+    )
     assert len(text[0].tokens) == 16  # a text-only conversion still generates
     with pytest.raises(ValueError, match="no vision tower"):
         generate(model, None, [2, 5, 6], images=[np.zeros((8, 8, 3), np.uint8)])
     # a conversion keeps the tower, unquantized, and it loads
-    q = load_model(convert(path, tmp_path / "q", quantize=True, q_group_size=32,
-                           log=lambda *a: None))
+    q = load_model(
+        convert(path, tmp_path / "q", quantize=True, q_group_size=32, log=lambda *a: None)
+    )
     up = q.model.encoder.vision_tower.encoder.layers[0].mlp.up_proj.linear
     assert q.has_vision and "scales" not in up
 
@@ -392,9 +431,8 @@ def test_video_frames_are_laid_out_as_gemma4(tiny, tmp_path):
     n = ImageProcessor(4, 3, 70)([clip.frames[0]]).num_soft_tokens[0]
     assert list(runs) == [n] * 4  # each frame its own run
     assert vp.vision[TINY_VIDEO_TOKEN].shape[0] == 4 * n
-    assert vp.ids[-2:] == [7, 8] and vp.ids[1:1 + 6] == tok.encode("00:00 ", False)
-    got = generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2,
-                   seed=0)
+    assert vp.ids[-2:] == [7, 8] and vp.ids[1 : 1 + 6] == tok.encode("00:00 ", False)
+    got = generate(model, tok, [2, 7, 8], videos=[f], max_tokens=16, max_denoising_steps=2, seed=0)
     assert isinstance(got, str)
 
 
@@ -407,8 +445,10 @@ def test_cli_image_errors_are_one_line(tiny, tmp_path, capsys):
     path = tmp_path / "with_tokenizer"
     shutil.copytree(tiny[0], path)
     write_tokenizer(path, 9)  # a small tokenizer that fits the tiny vocabulary
-    for flag, value, msg in (("--image", str(tmp_path / "nope.png"), "does not exist"),
-                             ("--image-soft-tokens", "71", "invalid choice")):
+    for flag, value, msg in (
+        ("--image", str(tmp_path / "nope.png"), "does not exist"),
+        ("--image-soft-tokens", "71", "invalid choice"),
+    ):
         try:
             code = main(["--model", str(path), "--prompt", "hi", flag, value])
         except SystemExit as e:
@@ -448,7 +488,9 @@ def test_padded_head_dim_attention_equals_unpadded(monkeypatch):
     real_pad = mx.pad
     monkeypatch.setattr(vision.mx, "pad", lambda a, w: padded.append(w) or real_pad(a, w))
     with using(CPU):  # the CPU's attention takes head dim 72 as it is
-        assert np.abs(np.array(vision.vision_attention(q, k, v, mask)) - np.array(want)).max() < 1e-5
+        assert (
+            np.abs(np.array(vision.vision_attention(q, k, v, mask)) - np.array(want)).max() < 1e-5
+        )
     assert not padded
     with using(DEFAULT):
         got = vision.vision_attention(q, k, v, mask)
@@ -497,15 +539,32 @@ def test_server_reads_image_url_parts(tiny):
     buf = io.BytesIO()
     Image.fromarray(np.asarray(img)).save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "look"}]}]}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "look"},
+                ],
+            }
+        ]
+    }
     p = types.SimpleNamespace(images=[])
     chat_prompt(body, p, model, tok)
     want = vision_prompt(model, tok, "look", images=[np.asarray(img)])
     assert p.prompt == want.ids and len(p.images) == 1
     got = vision_prompt(model, None, p.prompt, p.images).vision
     assert np.abs(np.array(got[IMG]) - np.array(want.vision[IMG])).max() < 1e-5
-    bad = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    bad = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                ],
+            }
+        ]
+    }
     with pytest.raises(RequestError):
         chat_prompt(bad, types.SimpleNamespace(images=[]), model, tok)

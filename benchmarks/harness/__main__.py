@@ -9,10 +9,20 @@ from .serve import section_serve
 from .vision import reference_main as vision_reference_main
 from .vision import section_vision
 
-SECTIONS = {"peers": section_peers, "profile": section_profile, "graph": section_graph,
-            "serve": section_serve, "vision": section_vision}
+SECTIONS = {
+    "peers": section_peers,
+    "profile": section_profile,
+    "graph": section_graph,
+    "serve": section_serve,
+    "vision": section_vision,
+}
 CHILDREN = {"_reference": reference_main, "_vision_reference": vision_reference_main}
 
 if __name__ == "__main__":
-    main(sections=SECTIONS, children=CHILDREN, prog="python -m benchmarks.harness", entry=ENTRY,
-         doc=DOC)
+    main(
+        sections=SECTIONS,
+        children=CHILDREN,
+        prog="python -m benchmarks.harness",
+        entry=ENTRY,
+        doc=DOC,
+    )

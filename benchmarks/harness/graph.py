@@ -21,15 +21,21 @@ def section_graph(opts, rep):
     from mlx_diffusiongemma.model import Model
     from mlx_diffusiongemma.sampler import denoise_sample, stop_update
 
-    rep.header("graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path")
+    rep.header(
+        "graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path"
+    )
     args = make_args(FULL_TEXT)
     model = Model(args)  # float weights stay lazy: never evaluated
     quantize_structure(model, default_quant(), "mixed")
     cache = model.make_cache()
-    for i, layer in enumerate(model.layers):  # a 4096-token prompt's K/V (zeros: values do not matter)
+    for i, layer in enumerate(
+        model.layers
+    ):  # a 4096-token prompt's K/V (zeros: values do not matter)
         a = layer.self_attn
         n = args.sliding_window - 1 if args.is_sliding(i) else opts.prompt
-        cache.keys[i] = cache.values[i] = mx.zeros((1, a.n_kv_heads, n, a.head_dim), dtype=mx.bfloat16)
+        cache.keys[i] = cache.values[i] = mx.zeros(
+            (1, a.n_kv_heads, n, a.head_dim), dtype=mx.bfloat16
+        )
     cache.offset = opts.prompt
     times = []
     with using(DEFAULT):
@@ -41,14 +47,24 @@ def section_graph(opts, rep):
         for i in range(opts.repeat + 1):
             t = time.perf_counter()
             logits = model.decode(canvas, kv, soft_embeds=soft, softcap=False)
-            _, argmax, entropy, _, probs = denoise_sample(logits, temp, bound, mx.random.key(i), None, None,
-                                                          mx.bfloat16, softcap=args.final_logit_softcapping)
+            _, argmax, entropy, _, probs = denoise_sample(
+                logits,
+                temp,
+                bound,
+                mx.random.key(i),
+                None,
+                None,
+                mx.bfloat16,
+                softcap=args.final_logit_softcapping,
+            )
             stop_update(history, argmax, entropy, 0.005)
             model.soft_embeddings_from_probs(probs)
             times.append(time.perf_counter() - t)
     times = sorted(times[1:])  # the first call also traces the compiled sampler
     med = times[len(times) // 2]
-    say(f"  one step's graph ({args.num_hidden_layers} layers, mixed 4-bit, decoder forward + sampler + "
+    say(
+        f"  one step's graph ({args.num_hidden_layers} layers, mixed 4-bit, decoder forward + sampler + "
         f"stop test + self-conditioning): built in {med * 1e3:.1f} ms (median of {len(times)}; "
-        f"{med * 1e3 / args.num_hidden_layers:.2f} ms per layer); vLLM's H100 step for scale: 9.1 ms")
+        f"{med * 1e3 / args.num_hidden_layers:.2f} ms per layer); vLLM's H100 step for scale: 9.1 ms"
+    )
     rep.save("graph", {"build_s": med, "layers": args.num_hidden_layers, "times_s": times})

@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 
 from mlx_diffusiongemma.bench.common import (
-    GB, ROOT, ensure_mid_checkpoint, random_prompt, release, rss_bytes, say, timeit,
+    GB,
+    ROOT,
+    ensure_mid_checkpoint,
+    random_prompt,
+    release,
+    rss_bytes,
+    say,
+    timeit,
 )
 from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, MID_TEXT, NO_STOP, TARGETS
 from mlx_diffusiongemma.bench.step import decoder_cache, fixed_steps
@@ -34,8 +41,14 @@ def run_ours(path, ids, max_tokens, steps, warm=True):
         fixed_steps(model, ids[:64], FULL_CANVAS, 2, seed=1)
     marks = []
     t = time.perf_counter()
-    r = fixed_steps(model, ids, max_tokens, steps, seed=0,
-                    draft_callback=lambda d: marks.append((d.canvas, time.perf_counter())))
+    r = fixed_steps(
+        model,
+        ids,
+        max_tokens,
+        steps,
+        seed=0,
+        draft_callback=lambda d: marks.append((d.canvas, time.perf_counter())),
+    )
     total = time.perf_counter() - t
     intervals = [b[1] - a[1] for a, b in zip(marks, marks[1:]) if a[0] == b[0]]
     # isolated decoder forward (logits evaluated), per-canvas buffers reused as in the loop
@@ -43,9 +56,16 @@ def run_ours(path, ids, max_tokens, steps, warm=True):
     dcache = decoder_cache(cache, model.args.canvas_length)
     canvas = mx.random.randint(0, V, (1, model.args.canvas_length), dtype=mx.int32)
     t_dec = timeit(lambda: mx.eval(model.decode(canvas, dcache)), 3)
-    out = dict(prompt_tps=r.prompt_tps, generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
-               decoder_forwards=r.decoder_forwards, step_s=statistics.median(intervals), decode_forward_s=t_dec,
-               peak_gb=r.peak_memory, total_s=total)
+    out = dict(
+        prompt_tps=r.prompt_tps,
+        generation_tokens=r.generation_tokens,
+        generation_tps=r.generation_tps,
+        decoder_forwards=r.decoder_forwards,
+        step_s=statistics.median(intervals),
+        decode_forward_s=t_dec,
+        peak_gb=r.peak_memory,
+        total_s=total,
+    )
     del model, cache, dcache
     release()
     return out
@@ -70,8 +90,14 @@ def mlx_vlm_copy(path, steps):
         if "num_key_value_heads" in over:
             tc["num_global_key_value_heads"] = over["num_key_value_heads"]
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
-    gen = dict(max_denoising_steps=steps, confidence_threshold=NO_STOP, stability_threshold=1, t_min=0.4,
-               t_max=0.8, sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1})
+    gen = dict(
+        max_denoising_steps=steps,
+        confidence_threshold=NO_STOP,
+        stability_threshold=1,
+        t_min=0.4,
+        t_max=0.8,
+        sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    )
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=1))
     for f in path.glob("*.safetensors*"):
         link = dst / f.name
@@ -113,7 +139,9 @@ def run_mlx_vlm(path, ids, max_tokens, steps, warm=True):
         from mlx_vlm.generate.diffusion import stream_diffusion_generate
         from mlx_vlm.utils import load_model as vlm_load_model
     except ImportError as e:
-        return {"error": f"mlx-vlm not importable ({e}); pip install mlx-vlm==0.7.10 --no-deps, requests, Pillow"}
+        return {
+            "error": f"mlx-vlm not importable ({e}); pip install mlx-vlm==0.7.10 --no-deps, requests, Pillow"
+        }
     import mlx_vlm
 
     vpath = mlx_vlm_copy(path, steps)
@@ -131,8 +159,17 @@ def run_mlx_vlm(path, ids, max_tokens, steps, warm=True):
     def gen(prompt, n_tokens, n_steps):
         last = None
         for last in stream_diffusion_generate(
-            model, tok, tok, mx.array([prompt]), None, None, max_tokens=n_tokens, skip_special_token_ids=[],
-            temperature=1.0, max_denoising_steps=n_steps, diffusion_sampler="entropy-bound",
+            model,
+            tok,
+            tok,
+            mx.array([prompt]),
+            None,
+            None,
+            max_tokens=n_tokens,
+            skip_special_token_ids=[],
+            temperature=1.0,
+            max_denoising_steps=n_steps,
+            diffusion_sampler="entropy-bound",
         ):
             pass
         return last
@@ -147,19 +184,31 @@ def run_mlx_vlm(path, ids, max_tokens, steps, warm=True):
     # decoder calls are timestamped when their graphs are built; mlx-vlm evaluates a step at its
     # stop test, so the spacing of calls within a canvas is its per-step time (its first two steps
     # of a canvas are evaluated together, so those are left out)
-    per_canvas = [marks[i:i + steps] for i in range(0, len(marks), steps)]
+    per_canvas = [marks[i : i + steps] for i in range(0, len(marks), steps)]
     intervals = [b - a for c in per_canvas for a, b in list(zip(c, c[1:]))[1:]]
-    out = dict(version=getattr(mlx_vlm, "__version__", "?"), prompt_tps=r.prompt_tps,
-               generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
-               decoder_forwards=int(r.diffusion_denoising_steps), step_s=statistics.median(intervals),
-               peak_gb=r.peak_memory, total_s=total)
+    out = dict(
+        version=getattr(mlx_vlm, "__version__", "?"),
+        prompt_tps=r.prompt_tps,
+        generation_tokens=r.generation_tokens,
+        generation_tps=r.generation_tps,
+        decoder_forwards=int(r.diffusion_denoising_steps),
+        step_s=statistics.median(intervals),
+        peak_gb=r.peak_memory,
+        total_s=total,
+    )
     # isolated decoder forward
     cache = model.diffusion_prefill_cache(mx.array([ids]))
     mx.eval([c.state for c in cache])
-    canvas = mx.random.randint(0, model.config.text_config.vocab_size, (1, FULL_CANVAS)).astype(mx.int32)
+    canvas = mx.random.randint(0, model.config.text_config.vocab_size, (1, FULL_CANVAS)).astype(
+        mx.int32
+    )
     masks = model.diffusion_decoder_masks(canvas, cache, None)
-    out["decode_forward_s"] = timeit(lambda: mx.eval(orig(canvas, cache=cache, self_conditioning=None,
-                                                          decoder_attention_mask=masks)), 3)
+    out["decode_forward_s"] = timeit(
+        lambda: mx.eval(
+            orig(canvas, cache=cache, self_conditioning=None, decoder_attention_mask=masks)
+        ),
+        3,
+    )
     del model, cache
     release()
     return out
@@ -181,23 +230,38 @@ def mlx_lm_autoregressive(path):
     a = ModelArgs.from_config(cfg)
     full = [i for i in range(a.num_hidden_layers) if not a.is_sliding(i)]
     lm_args = gemma4_text.ModelArgs(
-        model_type="gemma4_text", hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
-        intermediate_size=a.intermediate_size, num_attention_heads=a.num_attention_heads,
-        head_dim=a.head_dim, global_head_dim=a.layer_head_dims[full[0]], rms_norm_eps=a.rms_norm_eps,
-        vocab_size=a.vocab_size, vocab_size_per_layer_input=a.vocab_size,
-        num_key_value_heads=a.num_key_value_heads, num_global_key_value_heads=a.layer_kv_heads[full[0]],
-        num_kv_shared_layers=0, hidden_size_per_layer_input=0, sliding_window=a.sliding_window,
-        layer_types=list(a.layer_types), attention_k_eq_v=True, final_logit_softcapping=a.final_logit_softcapping,
-        use_double_wide_mlp=False, enable_moe_block=True, num_experts=a.num_experts,
-        top_k_experts=a.top_k_experts, moe_intermediate_size=a.moe_intermediate_size,
-        rope_parameters=dict(a.rope_parameters), max_position_embeddings=a.max_position_embeddings,
+        model_type="gemma4_text",
+        hidden_size=a.hidden_size,
+        num_hidden_layers=a.num_hidden_layers,
+        intermediate_size=a.intermediate_size,
+        num_attention_heads=a.num_attention_heads,
+        head_dim=a.head_dim,
+        global_head_dim=a.layer_head_dims[full[0]],
+        rms_norm_eps=a.rms_norm_eps,
+        vocab_size=a.vocab_size,
+        vocab_size_per_layer_input=a.vocab_size,
+        num_key_value_heads=a.num_key_value_heads,
+        num_global_key_value_heads=a.layer_kv_heads[full[0]],
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
+        sliding_window=a.sliding_window,
+        layer_types=list(a.layer_types),
+        attention_k_eq_v=True,
+        final_logit_softcapping=a.final_logit_softcapping,
+        use_double_wide_mlp=False,
+        enable_moe_block=True,
+        num_experts=a.num_experts,
+        top_k_experts=a.top_k_experts,
+        moe_intermediate_size=a.moe_intermediate_size,
+        rope_parameters=dict(a.rope_parameters),
+        max_position_embeddings=a.max_position_embeddings,
         tie_word_embeddings=True,
     )
     lm = gemma4_text.Model(lm_args)
     weights = {}
     for k, v in load_weights_lazily(path).items():
         if k.startswith("model.decoder.") and not k.startswith("model.decoder.self_conditioning."):
-            weights["model." + k[len("model.decoder."):]] = v
+            weights["model." + k[len("model.decoder.") :]] = v
     lm.load_weights(list(lm.sanitize(weights).items()), strict=True)
     mx.eval(lm.parameters())
     lm.eval()
@@ -219,8 +283,12 @@ def run_autoregressive(path, ids, n_tokens):
         if first is None:
             first = time.perf_counter()
         last = time.perf_counter()
-    out = dict(prompt_tps=len(ids) / (first - t0), tokens=n,
-               decode_tps=(n - 1) / (last - first), peak_gb=mx.get_peak_memory() / GB)
+    out = dict(
+        prompt_tps=len(ids) / (first - t0),
+        tokens=n,
+        decode_tps=(n - 1) / (last - first),
+        peak_gb=mx.get_peak_memory() / GB,
+    )
     del lm
     release()
     return out
@@ -234,9 +302,22 @@ def run_reference_child(path, prompt_len, max_tokens, steps, seed, vocab, malloc
     `malloc`: with the malloc thresholds our load_model sets (cpu_memory.py)."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env["DG_BENCH_REEXEC"] = "1"
-    cmd = [*ENTRY, "_reference", "--path", str(path),
-           "--prompt", str(prompt_len), "--max-tokens", str(max_tokens), "--steps", str(steps),
-           "--seed", str(seed), "--vocab", str(vocab)] + (["--reference-malloc"] if malloc else [])
+    cmd = [
+        *ENTRY,
+        "_reference",
+        "--path",
+        str(path),
+        "--prompt",
+        str(prompt_len),
+        "--max-tokens",
+        str(max_tokens),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--vocab",
+        str(vocab),
+    ] + (["--reference-malloc"] if malloc else [])
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     for line in p.stdout.splitlines():
         if line.startswith("JSON "):
@@ -248,11 +329,11 @@ def reference_main(opts):
     """Child: DiffusionGemmaForBlockDiffusion.generate at `steps` denoising steps, early stop off."""
     if opts.reference_malloc:
         from mlx_diffusiongemma.backends.cpu_memory import set_malloc_thresholds
+
         set_malloc_thresholds()
     import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
-
     import transformers
+    from transformers import DiffusionGemmaForBlockDiffusion
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(opts.path, dtype=torch.float32).eval()
     ids = random_prompt(opts.prompt, opts.vocab, opts.seed)
@@ -292,9 +373,15 @@ def reference_main(opts):
 
     def gen(prompt, n_tokens, n_steps, streamer=None):
         with torch.no_grad():
-            return model.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, max_denoising_steps=n_steps,
-                                  confidence_threshold=NO_STOP, stability_threshold=1, eos_token_id=[-1],
-                                  streamer=streamer)
+            return model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=n_tokens,
+                max_denoising_steps=n_steps,
+                confidence_threshold=NO_STOP,
+                stability_threshold=1,
+                eos_token_id=[-1],
+                streamer=streamer,
+            )
 
     gen(ids[:64], FULL_CANVAS, 2)  # warm-up
     enc_times.clear()
@@ -305,13 +392,23 @@ def reference_main(opts):
     total = time.perf_counter() - t
     prefill = enc_times[0][1] - enc_times[0][0]
     n_new = out.sequences.shape[1] - len(ids)
-    intervals = [b - a for a, b in zip(marks.drafts, marks.drafts[1:]) if a is not None and b is not None]
-    res = dict(version=transformers.__version__, torch=torch.__version__, threads=torch.get_num_threads(),
-               prompt_tps=len(ids) / prefill, generation_tokens=int(n_new),
-               generation_tps=n_new / (total - prefill), step_s=statistics.median(intervals),
-               decoder_forwards=len([d for d in marks.drafts if d is not None]), total_s=total,
-               decode_forward_s=statistics.median(fwd_times) if fwd_times else None,
-               peak_gb=(rss_bytes("VmHWM") or 0) / GB, peak_is_rss=True)
+    intervals = [
+        b - a for a, b in zip(marks.drafts, marks.drafts[1:]) if a is not None and b is not None
+    ]
+    res = dict(
+        version=transformers.__version__,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        prompt_tps=len(ids) / prefill,
+        generation_tokens=int(n_new),
+        generation_tps=n_new / (total - prefill),
+        step_s=statistics.median(intervals),
+        decoder_forwards=len([d for d in marks.drafts if d is not None]),
+        total_s=total,
+        decode_forward_s=statistics.median(fwd_times) if fwd_times else None,
+        peak_gb=(rss_bytes("VmHWM") or 0) / GB,
+        peak_is_rss=True,
+    )
     print("JSON " + json.dumps(res), flush=True)
 
 
@@ -319,8 +416,10 @@ def reference_main(opts):
 # section: peers
 # ---------------------------------------------------------------------------------------------
 def section_peers(opts, rep):
-    rep.header(f"peers: mid-size random checkpoint, {opts.prompt}-token prompt, {opts.max_tokens} new tokens, "
-               f"{opts.steps} fixed denoising steps per canvas, float32")
+    rep.header(
+        f"peers: mid-size random checkpoint, {opts.prompt}-token prompt, {opts.max_tokens} new tokens, "
+        f"{opts.steps} fixed denoising steps per canvas, float32"
+    )
     path = ensure_mid_checkpoint(opts.workdir)
     say(f"  checkpoint {path}: " + ", ".join(f"{k}={v}" for k, v in MID_TEXT.items()))
     cfg = json.loads((path / "config.json").read_text())
@@ -343,14 +442,19 @@ def section_peers(opts, rep):
         release()
     if "reference" not in skip:
         say("  running the transformers reference (child process, no LD_PRELOAD) ...")
-        res["reference"] = run_reference_child(path, opts.prompt, opts.max_tokens, opts.steps, opts.seed, vocab)
+        res["reference"] = run_reference_child(
+            path, opts.prompt, opts.max_tokens, opts.steps, opts.seed, vocab
+        )
         if opts.reference_malloc:
             say("  running the reference again with our malloc thresholds (cpu_memory.py) ...")
-            res["reference, our malloc"] = run_reference_child(path, opts.prompt, opts.max_tokens, opts.steps,
-                                                               opts.seed, vocab, malloc=True)
+            res["reference, our malloc"] = run_reference_child(
+                path, opts.prompt, opts.max_tokens, opts.steps, opts.seed, vocab, malloc=True
+            )
 
-    say(f"  {'implementation':<22} {'step ms':>8} {'fwd ms':>8} {'gen tok/s':>10} {'prefill tok/s':>14} "
-        f"{'steps':>6} {'peak GB':>8}")
+    say(
+        f"  {'implementation':<22} {'step ms':>8} {'fwd ms':>8} {'gen tok/s':>10} {'prefill tok/s':>14} "
+        f"{'steps':>6} {'peak GB':>8}"
+    )
     for name in ("ours", "reference", "reference, our malloc", "mlx-vlm"):
         r = res.get(name)
         if not r:
@@ -359,36 +463,57 @@ def section_peers(opts, rep):
             say(f"  {name:<22} error: {r['error']}")
             continue
         fwd = r.get("decode_forward_s")
-        say(f"  {name:<22} {r['step_s'] * 1e3:>8.0f} {fwd * 1e3 if fwd else float('nan'):>8.0f} "
+        say(
+            f"  {name:<22} {r['step_s'] * 1e3:>8.0f} {fwd * 1e3 if fwd else float('nan'):>8.0f} "
             f"{r['generation_tps']:>10.2f} {r['prompt_tps']:>14.0f} {r['decoder_forwards']:>6} "
-            f"{r.get('peak_gb', float('nan')):>8.2f}")
+            f"{r.get('peak_gb', float('nan')):>8.2f}"
+        )
     ar = res.get("mlx-lm AR")
     if ar and "error" not in ar:
-        say(f"  {'mlx-lm AR (gemma4)':<22} {1e3 / ar['decode_tps']:>8.1f} {'':>8} {ar['decode_tps']:>10.2f} "
-            f"{ar['prompt_tps']:>14.0f} {ar['tokens']:>6} {ar['peak_gb']:>8.2f}")
-    say("  (step ms: time per denoising step inside whole generation, sampler included; fwd ms: one "
+        say(
+            f"  {'mlx-lm AR (gemma4)':<22} {1e3 / ar['decode_tps']:>8.1f} {'':>8} {ar['decode_tps']:>10.2f} "
+            f"{ar['prompt_tps']:>14.0f} {ar['tokens']:>6} {ar['peak_gb']:>8.2f}"
+        )
+    say(
+        "  (step ms: time per denoising step inside whole generation, sampler included; fwd ms: one "
         "decoder forward with its logits; gen tok/s: new tokens / generation time after prefill; peak: "
-        "MLX peak memory of the measured generation, for the reference the child process's peak RSS)")
+        "MLX peak memory of the measured generation, for the reference the child process's peak RSS)"
+    )
     ours = res.get("ours")
     ratios = {}
     if ours:
-        for name, key, tgt in (("mlx-vlm", "vs_mlx_vlm", TARGETS["vs_mlx_vlm"]),
-                               ("reference", "vs_reference", TARGETS["vs_reference"]),
-                               ("reference, our malloc", "vs_reference_our_malloc", TARGETS["vs_reference"])):
+        for name, key, tgt in (
+            ("mlx-vlm", "vs_mlx_vlm", TARGETS["vs_mlx_vlm"]),
+            ("reference", "vs_reference", TARGETS["vs_reference"]),
+            ("reference, our malloc", "vs_reference_our_malloc", TARGETS["vs_reference"]),
+        ):
             r = res.get(name)
             if r and "error" not in r:
                 g = ours["generation_tps"] / r["generation_tps"]
                 s = r["step_s"] / ours["step_s"]
                 ratios[key] = g
                 verdict = "met" if (g >= tgt if tgt > 1 else g > tgt) else "missed"
-                say(f"  ours / {name}: whole-generation tok/s x{g:.2f}, step time x{s:.2f} faster; "
-                    f"target {'>= %.0fx' % tgt if tgt > 1 else 'faster'}: {verdict}")
+                say(
+                    f"  ours / {name}: whole-generation tok/s x{g:.2f}, step time x{s:.2f} faster; "
+                    f"target {'>= %.0fx' % tgt if tgt > 1 else 'faster'}: {verdict}"
+                )
         if ar and "error" not in ar:
             g = ours["generation_tps"] / ar["decode_tps"]
             ratios["vs_autoregressive"] = g
             tgt = TARGETS["vs_autoregressive"]
-            say(f"  ours diffusion ({opts.steps} steps) / mlx-lm AR decode tok/s: x{g:.2f}; target >= {tgt:.0f}x: "
-                f"{'met' if g >= tgt else 'missed'}")
-    rep.save("peers", {"results": res, "ratios": ratios, "prompt": opts.prompt, "max_tokens": opts.max_tokens,
-                       "steps": opts.steps, "shape": MID_TEXT})
+            say(
+                f"  ours diffusion ({opts.steps} steps) / mlx-lm AR decode tok/s: x{g:.2f}; target >= {tgt:.0f}x: "
+                f"{'met' if g >= tgt else 'missed'}"
+            )
+    rep.save(
+        "peers",
+        {
+            "results": res,
+            "ratios": ratios,
+            "prompt": opts.prompt,
+            "max_tokens": opts.max_tokens,
+            "steps": opts.steps,
+            "shape": MID_TEXT,
+        },
+    )
     return res

@@ -6,8 +6,17 @@ import time
 
 from mlx_diffusiongemma.bench.common import GiB, ensure_mid_checkpoint, random_prompt, say, timeit
 from mlx_diffusiongemma.bench.shapes import FULL_TEXT
-from mlx_diffusiongemma.bench.step import (decoder_cache, fused_softcap, loop_decode, per_layer_times, sampler_inputs,
-                   sampler_step, time_lm_head, time_sampler, timed_calls)
+from mlx_diffusiongemma.bench.step import (
+    decoder_cache,
+    fused_softcap,
+    loop_decode,
+    per_layer_times,
+    sampler_inputs,
+    sampler_step,
+    time_lm_head,
+    time_sampler,
+    timed_calls,
+)
 
 
 def expert_strategies(E, D, I, N, K, n=3):
@@ -41,7 +50,10 @@ def expert_strategies(E, D, I, N, K, n=3):
 
     def tiled():
         from mlx_diffusiongemma.backends.expert_tiles import tile_rows, tiled_experts
-        gm = lambda w: lambda h, e: mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=e, sorted_indices=True)
+
+        gm = lambda w: (
+            lambda h, e: mx.gather_mm(h, w.swapaxes(-1, -2), rhs_indices=e, sorted_indices=True)
+        )
         act = lambda h: nn.gelu_approx(h[..., :I]) * h[..., I:]
         y = tiled_experts(x, idx, gm(w1), gm(w2), act, E, tile_rows(idx.size, E))
         return (y * wts[..., None]).sum(-2)
@@ -64,7 +76,7 @@ def expert_strategies(E, D, I, N, K, n=3):
         ys, start = [], 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                h = xs[start:start + c] @ w1[e].T
+                h = xs[start : start + c] @ w1[e].T
                 h = nn.gelu_approx(h[:, :I]) * h[:, I:]
                 ys.append(h @ w2[e].T)
                 start += c
@@ -73,14 +85,20 @@ def expert_strategies(E, D, I, N, K, n=3):
 
     flop = 2 * N * K * 3 * D * I
     out = {}
-    for name, fn in (("gathered, expert tiles", tiled), ("gathered, sorted", lambda: gathered(True)),
-                     ("gathered, unsorted", lambda: gathered(False)),
-                     ("dense, all experts", dense), ("grouped GEMM per expert (host loop)", grouped)):
+    for name, fn in (
+        ("gathered, expert tiles", tiled),
+        ("gathered, sorted", lambda: gathered(True)),
+        ("gathered, unsorted", lambda: gathered(False)),
+        ("dense, all experts", dense),
+        ("grouped GEMM per expert (host loop)", grouped),
+    ):
         if name.startswith("dense") and N * E * 2 * I * 4 > 2 * GiB:
             continue
         s = timeit(lambda: mx.eval(fn()), n)
         out[name] = dict(s=s, gflops=flop / s / 1e9)
-    dense_flop = 2 * N * D * 2 * I  # one expert-sized dense matmul of all N tokens, for the BLAS rate
+    dense_flop = (
+        2 * N * D * 2 * I
+    )  # one expert-sized dense matmul of all N tokens, for the BLAS rate
     s = timeit(lambda: mx.eval(x @ w1[0].T), n)
     out["BLAS rate (dense N x D x 2I)"] = dict(s=s, gflops=dense_flop / s / 1e9)
     return out
@@ -113,7 +131,9 @@ def section_profile(opts, rep):
 
     from mlx_diffusiongemma.loader import load_model
 
-    rep.header(f"profile: where one decoder step goes, mid shape, float32, {opts.prompt}-token context")
+    rep.header(
+        f"profile: where one decoder step goes, mid shape, float32, {opts.prompt}-token context"
+    )
     path = ensure_mid_checkpoint(opts.workdir)
     model = load_model(path)
     args = model.args
@@ -141,9 +161,13 @@ def section_profile(opts, rep):
     mx.eval(soft)
     t_dec = timeit(lambda: mx.eval(loop_decode(model, canvas, dcache, soft)), opts.repeat)
     layer = model.layers[0]
-    classes = {"attention (projections, norms, RoPE, SDPA)": type(layer.self_attn), "dense MLP": type(layer.mlp),
-               "router": type(layer.router), "experts (MoE)": type(layer.experts),
-               "self-conditioning MLP + post-norm": type(model.model.decoder.self_conditioning)}
+    classes = {
+        "attention (projections, norms, RoPE, SDPA)": type(layer.self_attn),
+        "dense MLP": type(layer.mlp),
+        "router": type(layer.router),
+        "experts (MoE)": type(layer.experts),
+        "self-conditioning MLP + post-norm": type(model.model.decoder.self_conditioning),
+    }
     names = {v: k for k, v in classes.items()}
 
     def module_times():
@@ -155,8 +179,12 @@ def section_profile(opts, rep):
     acc, acc2 = module_times(), module_times()
     acc = {k: min(acc[k], acc2.get(k, acc[k])) for k in acc}
     # the attention's four projections on their own (Linear calls inside attention modules)
-    proj_ids = {id(getattr(l.self_attn, n)) for l in model.layers for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-                if n in l.self_attn}
+    proj_ids = {
+        id(getattr(l.self_attn, n))
+        for l in model.layers
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        if n in l.self_attn
+    }
     acc3 = {}
     lin = {type(getattr(layer.self_attn, "q_proj"))}
     with timed_calls(list(lin), acc3, key=lambda m: "proj" if id(m) in proj_ids else "other"):
@@ -169,7 +197,9 @@ def section_profile(opts, rep):
     t_head = time_lm_head(model, canvas, dcache, soft, opts.repeat)
     samp = time_sampler(model, logits, opts.repeat)
     parts = dict(acc)
-    parts["layers: norms, residuals, other"] = max(sum(lt) - sum(v for k, v in acc.items() if not k.startswith("self-conditioning")), 0)
+    parts["layers: norms, residuals, other"] = max(
+        sum(lt) - sum(v for k, v in acc.items() if not k.startswith("self-conditioning")), 0
+    )
     if fused_softcap(model):  # the loop's sampler applies the softcap in its own pass
         parts["final norm + LM head matmul"] = t_head
         parts["sampler (softcap + denoise_sample)"] = samp["denoise_sample"]
@@ -184,29 +214,69 @@ def section_profile(opts, rep):
         parts["self-conditioning softmax"] = samp["sc_softmax"]
     parts["self-conditioning probs @ embedding"] = samp["sc_matmul"]
     step = t_dec + samp["denoise_sample"] + samp["sc_total"]
-    say(f"  decoder forward {t_dec * 1e3:.0f} ms (layers {sum(lt) * 1e3:.0f} ms: "
-        + ", ".join(f"{x * 1e3:.0f}" for x in lt) + f"); + sampler and self-conditioning = {step * 1e3:.0f} ms per step")
+    say(
+        f"  decoder forward {t_dec * 1e3:.0f} ms (layers {sum(lt) * 1e3:.0f} ms: "
+        + ", ".join(f"{x * 1e3:.0f}" for x in lt)
+        + f"); + sampler and self-conditioning = {step * 1e3:.0f} ms per step"
+    )
     say(f"  {'part':<46} {'ms/step':>8} {'share':>7}")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         say(f"  {k:<46} {v * 1e3:>8.1f} {v / step:>7.1%}")
-    say(f"  per canvas: prefix K/V buffers {t_canvas_kv * 1e3:.1f} ms, committing the canvas to the prompt "
+    say(
+        f"  per canvas: prefix K/V buffers {t_canvas_kv * 1e3:.1f} ms, committing the canvas to the prompt "
         f"cache {t_commit * 1e3:.0f} ms; prompt encode {opts.prompt} tokens {t_enc * 1e3:.0f} ms "
-        f"({opts.prompt / t_enc:.0f} tok/s)")
-    say("  (module times are measured with each module's output evaluated on its own, which removes "
-        "some overlap; their sum is within a few % of the forward)")
-    experts_mid = expert_strategies(args.num_experts, args.hidden_size, args.moe_intermediate_size, C,
-                                    args.top_k_experts)
-    experts_full = expert_strategies(FULL_TEXT["num_experts"], FULL_TEXT["hidden_size"],
-                                     FULL_TEXT["moe_intermediate_size"], C, FULL_TEXT["top_k_experts"], n=2)
-    for label, ex in (("mid (E=%d, D=%d, I=%d)" % (args.num_experts, args.hidden_size, args.moe_intermediate_size), experts_mid),
-                      ("full (E=128, D=2816, I=704)", experts_full)):
-        say(f"  MoE block, {C} tokens top-8, {label}: " + "; ".join(
-            f"{k} {v['s'] * 1e3:.0f} ms ({v['gflops']:.0f} GFLOP/s)" for k, v in ex.items()))
+        f"({opts.prompt / t_enc:.0f} tok/s)"
+    )
+    say(
+        "  (module times are measured with each module's output evaluated on its own, which removes "
+        "some overlap; their sum is within a few % of the forward)"
+    )
+    experts_mid = expert_strategies(
+        args.num_experts, args.hidden_size, args.moe_intermediate_size, C, args.top_k_experts
+    )
+    experts_full = expert_strategies(
+        FULL_TEXT["num_experts"],
+        FULL_TEXT["hidden_size"],
+        FULL_TEXT["moe_intermediate_size"],
+        C,
+        FULL_TEXT["top_k_experts"],
+        n=2,
+    )
+    for label, ex in (
+        (
+            "mid (E=%d, D=%d, I=%d)"
+            % (args.num_experts, args.hidden_size, args.moe_intermediate_size),
+            experts_mid,
+        ),
+        ("full (E=128, D=2816, I=704)", experts_full),
+    ):
+        say(
+            f"  MoE block, {C} tokens top-8, {label}: "
+            + "; ".join(
+                f"{k} {v['s'] * 1e3:.0f} ms ({v['gflops']:.0f} GFLOP/s)" for k, v in ex.items()
+            )
+        )
     ops_mid = sampler_ops(args.vocab_size)
-    say(f"  one pass over (1, {C}, {args.vocab_size}) float32: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in ops_mid.items()))
-    rep.save("profile", dict(decode_s=t_dec, step_s=step, parts=parts, layer_s=lt, encode_s=t_enc,
-                             commit_s=t_commit, canvas_kv_s=t_canvas_kv, experts_mid=experts_mid,
-                             experts_full=experts_full, sampler_ops=ops_mid, prompt=opts.prompt))
+    say(
+        f"  one pass over (1, {C}, {args.vocab_size}) float32: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in ops_mid.items())
+    )
+    rep.save(
+        "profile",
+        dict(
+            decode_s=t_dec,
+            step_s=step,
+            parts=parts,
+            layer_s=lt,
+            encode_s=t_enc,
+            commit_s=t_commit,
+            canvas_kv_s=t_canvas_kv,
+            experts_mid=experts_mid,
+            experts_full=experts_full,
+            sampler_ops=ops_mid,
+            prompt=opts.prompt,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

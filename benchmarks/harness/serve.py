@@ -66,13 +66,22 @@ def section_serve(o, rep):
     else:
         model, tokenizer = load_model(ensure_mid_checkpoint(o.workdir)), None
     args = model.args
-    say(f"  model: {o.server_model} ({args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+    say(
+        f"  model: {o.server_model} ({args.num_hidden_layers} layers, hidden {args.hidden_size}, "
         f"canvas {args.canvas_length}, vocab {args.vocab_size}); {o.request_tokens}-token "
-        f"requests, {o.steps} steps per canvas, {o.prompt}-token prompts")
+        f"requests, {o.steps} steps per canvas, {o.prompt}-token prompts"
+    )
     state, server, thread, port = _start(model, tokenizer, max(o.concurrency))
-    bodies = [{"prompt": random_prompt(o.prompt, args.vocab_size, seed=i),
-               "max_tokens": o.request_tokens, "steps": o.steps, "confidence_threshold": NO_STOP,
-               "seed": o.seed + i} for i in range(max(o.concurrency))]
+    bodies = [
+        {
+            "prompt": random_prompt(o.prompt, args.vocab_size, seed=i),
+            "max_tokens": o.request_tokens,
+            "steps": o.steps,
+            "confidence_threshold": NO_STOP,
+            "seed": o.seed + i,
+        }
+        for i in range(max(o.concurrency))
+    ]
     try:
         _post(port, bodies[0])  # warm-up: compiled graphs, first allocations
         for n in o.concurrency:
@@ -89,19 +98,33 @@ def section_serve(o, rep):
                 runs += state.scheduler.stats["canvases"] - before["canvases"]
             sequential, concurrent = statistics.median(seq), statistics.median(con)
             tokens = sum(k for _, k in together)
-            same = None if tokenizer is None else [a[0] for a in together] == [
-                a[0] for a in in_turn]  # no tokenizer, no text to compare
+            same = (
+                None if tokenizer is None else [a[0] for a in together] == [a[0] for a in in_turn]
+            )  # no tokenizer, no text to compare
             verdict = {None: "not compared", True: "equal", False: "DIFFER"}[same]
-            say(f"  {n} requests: in turn {sequential:6.2f} s ({tokens / sequential:6.1f} tok/s), "
+            say(
+                f"  {n} requests: in turn {sequential:6.2f} s ({tokens / sequential:6.1f} tok/s), "
                 f"at once {concurrent:6.2f} s ({tokens / concurrent:6.1f} tok/s): "
                 f"{concurrent / sequential:.2f}x the time; {rows / max(runs, 1):.2f} rows per "
-                f"canvas; answers {verdict} (median of {o.repeat})")
-            rep.save("serve", {"model": o.server_model, "requests": n, "tokens": tokens,
-                               "sequential_s": sequential, "concurrent_s": concurrent,
-                               "sequential_runs": seq, "concurrent_runs": con,
-                               "ratio": concurrent / sequential,
-                               "rows_per_canvas": rows / max(runs, 1),
-                               "answers_equal": same, "steps": o.steps, "prompt": o.prompt})
+                f"canvas; answers {verdict} (median of {o.repeat})"
+            )
+            rep.save(
+                "serve",
+                {
+                    "model": o.server_model,
+                    "requests": n,
+                    "tokens": tokens,
+                    "sequential_s": sequential,
+                    "concurrent_s": concurrent,
+                    "sequential_runs": seq,
+                    "concurrent_runs": con,
+                    "ratio": concurrent / sequential,
+                    "rows_per_canvas": rows / max(runs, 1),
+                    "answers_equal": same,
+                    "steps": o.steps,
+                    "prompt": o.prompt,
+                },
+            )
     finally:
         server.should_exit = True
         thread.join(30)

@@ -7,16 +7,32 @@ import json
 import os
 import subprocess
 
-from mlx_diffusiongemma.bench.common import GB, GiB, ROOT, own_cpu_seconds, release, rss_bytes, say, timeit
+from mlx_diffusiongemma.bench.common import (
+    GB,
+    ROOT,
+    GiB,
+    own_cpu_seconds,
+    release,
+    rss_bytes,
+    say,
+    timeit,
+)
 from mlx_diffusiongemma.bench.shapes import MID_TEXT
 
 from . import ENTRY
 
 # google/diffusiongemma-26B-A4B-it's vision_config (the facts file in the project's notes).
 FULL_VISION = dict(
-    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-    num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3,
-    position_embedding_size=10240, standardize=True,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=72,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=10240,
+    standardize=True,
 )
 # 672 x 960 px: 42 x 60 patches of 16 px, exactly 280 soft tokens (the default budget).
 IMAGE_HW = (672, 960)
@@ -45,9 +61,13 @@ def tower_bytes(args, text_hidden=2816):
     v = args
     attn = 4 * v.hidden_size * v.num_attention_heads * v.head_dim
     layer = attn + 3 * v.hidden_size * v.intermediate_size + 4 * v.hidden_size + 2 * v.head_dim
-    n = (v.num_hidden_layers * layer + 3 * v.patch_size**2 * v.hidden_size
-         + 2 * v.position_embedding_size * v.hidden_size + 2 * v.hidden_size
-         + v.hidden_size * text_hidden)
+    n = (
+        v.num_hidden_layers * layer
+        + 3 * v.patch_size**2 * v.hidden_size
+        + 2 * v.position_embedding_size * v.hidden_size
+        + 2 * v.hidden_size
+        + v.hidden_size * text_hidden
+    )
     return n, 2 * n
 
 
@@ -97,9 +117,14 @@ def reference_main(opts):
             model(pixel_values=pv, pixel_position_ids=pos)
 
     s, cpu = timed(run, opts.repeat)
-    res = dict(version=transformers.__version__, torch=torch.__version__,
-               threads=torch.get_num_threads(), ms_per_image=1000 * s, cpu_s_per_image=cpu,
-               peak_gb=(rss_bytes("VmHWM") or 0) / GB)
+    res = dict(
+        version=transformers.__version__,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        ms_per_image=1000 * s,
+        cpu_s_per_image=cpu,
+        peak_gb=(rss_bytes("VmHWM") or 0) / GB,
+    )
     print("JSON " + json.dumps(res), flush=True)
 
 
@@ -108,14 +133,18 @@ def section_vision(opts, rep):
 
     from mlx_diffusiongemma.config import VisionArgs
 
-    rep.header("vision: the tower at full shape (float32, one 280-token image) and an image "
-               "prompt's prefill")
+    rep.header(
+        "vision: the tower at full shape (float32, one 280-token image) and an image "
+        "prompt's prefill"
+    )
     n, bf16 = tower_bytes(VisionArgs(**FULL_VISION))
     layers = opts.layers or FULL_VISION["num_hidden_layers"]
     # --layers: fewer layers of the full width (a loaded machine); times scale with the layers
     vargs = VisionArgs(**dict(FULL_VISION, num_hidden_layers=layers))
-    say(f"  tower + embed_vision: {n / 1e6:.1f} M parameters, {bf16 / GiB:.2f} GiB in bf16 "
-        f"(kept unquantized by convert), {2 * bf16 / GiB:.2f} GiB in float32")
+    say(
+        f"  tower + embed_vision: {n / 1e6:.1f} M parameters, {bf16 / GiB:.2f} GiB in bf16 "
+        f"(kept unquantized by convert), {2 * bf16 / GiB:.2f} GiB in float32"
+    )
     p = image_inputs()
     tokens = p.num_soft_tokens[0]
     pv, pos = mx.array(p.pixel_values), p.image_position_ids
@@ -130,9 +159,11 @@ def section_vision(opts, rep):
         mx.reset_peak_memory()
         s, cpu = timed(ours, opts.repeat)
         peak = mx.get_peak_memory()
-        say(f"  ours, {layers} layers: {1000 * s:.0f} ms per {tokens}-token image "
+        say(
+            f"  ours, {layers} layers: {1000 * s:.0f} ms per {tokens}-token image "
             f"({pv.shape[1]} patches; {cpu:.1f} CPU s), MLX peak {peak / GiB:.2f} GiB "
-            "(weights included)")
+            "(weights included)"
+        )
         figures.update(layers=layers, ours_ms=1000 * s, ours_cpu_s=cpu, ours_peak_gib=peak / GiB)
         del tower, embed
         release()
@@ -142,12 +173,17 @@ def section_vision(opts, rep):
         if "error" in ref:
             say(f"  reference: failed ({ref['error']})")
         else:
-            ratio = (f"; ours / reference: wall {figures['ours_ms'] / ref['ms_per_image']:.2f}, "
-                     f"CPU {figures['ours_cpu_s'] / ref['cpu_s_per_image']:.2f}"
-                     if "ours_ms" in figures else "")
-            say(f"  transformers {ref['version']} (torch {ref['torch']}, {ref['threads']} "
+            ratio = (
+                f"; ours / reference: wall {figures['ours_ms'] / ref['ms_per_image']:.2f}, "
+                f"CPU {figures['ours_cpu_s'] / ref['cpu_s_per_image']:.2f}"
+                if "ours_ms" in figures
+                else ""
+            )
+            say(
+                f"  transformers {ref['version']} (torch {ref['torch']}, {ref['threads']} "
                 f"threads), {layers} layers: {ref['ms_per_image']:.0f} ms per image "
-                f"({ref['cpu_s_per_image']:.1f} CPU s), peak RSS {ref['peak_gb']:.2f} GB{ratio}")
+                f"({ref['cpu_s_per_image']:.1f} CPU s), peak RSS {ref['peak_gb']:.2f} GB{ratio}"
+            )
     if "prefill" not in skip:
         figures.update(encoder_prefill(opts, vargs, tokens))
     rep.save("vision", figures)
@@ -182,8 +218,15 @@ def encoder_prefill(opts, vargs, tokens):
 
     s_img, c_img = timed(image_prefill, opts.repeat)
     s_txt, c_txt = timed(text_prefill, opts.repeat)
-    say(f"  mid-shape encoder over a {len(ids)}-token prompt with one image (soft tokens given): "
+    say(
+        f"  mid-shape encoder over a {len(ids)}-token prompt with one image (soft tokens given): "
         f"{1000 * s_img:.0f} ms ({c_img:.2f} CPU s); the same length of text: "
-        f"{1000 * s_txt:.0f} ms ({c_txt:.2f} CPU s); an image prompt's prefill = the tower + this")
-    return dict(prefill_tokens=len(ids), image_encoder_ms=1000 * s_img, image_encoder_cpu_s=c_img,
-                text_encoder_ms=1000 * s_txt, text_encoder_cpu_s=c_txt)
+        f"{1000 * s_txt:.0f} ms ({c_txt:.2f} CPU s); an image prompt's prefill = the tower + this"
+    )
+    return dict(
+        prefill_tokens=len(ids),
+        image_encoder_ms=1000 * s_img,
+        image_encoder_cpu_s=c_img,
+        text_encoder_ms=1000 * s_txt,
+        text_encoder_cpu_s=c_txt,
+    )

@@ -46,8 +46,22 @@ from .default import Backend
 DEFAULT = Backend()  # Metal and CUDA
 CPU = CpuBackend()
 
-__all__ = ["Backend", "CpuBackend", "DEFAULT", "CPU", "for_device", "select", "selected", "using",
-           "one_stream", "final_softcap", "gelu_glu", "attention", "switch_matmul", "experts"]
+__all__ = [
+    "Backend",
+    "CpuBackend",
+    "DEFAULT",
+    "CPU",
+    "for_device",
+    "select",
+    "selected",
+    "using",
+    "one_stream",
+    "final_softcap",
+    "gelu_glu",
+    "attention",
+    "switch_matmul",
+    "experts",
+]
 
 
 def for_device(device) -> Backend:

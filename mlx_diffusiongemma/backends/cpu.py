@@ -55,8 +55,12 @@ class CpuBackend(Backend):
         w = getattr(linear, "weight", None)  # None for LoRA-wrapped experts (they cast themselves)
         if w is None or hasattr(linear, "scales") or w.dtype == mx.float32:
             return linear(x, idx, sorted_indices=sorted_indices)
-        y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2),
-                         rhs_indices=idx, sorted_indices=sorted_indices)
+        y = mx.gather_mm(
+            x.astype(mx.float32),
+            w.astype(mx.float32).swapaxes(-1, -2),
+            rhs_indices=idx,
+            sorted_indices=sorted_indices,
+        )
         return y.astype(x.dtype)
 
     def experts(self, module, x, idx):
@@ -67,10 +71,13 @@ class CpuBackend(Backend):
         if not tile:
             return module.sorted_rows(x, idx)
         return tiled_experts(
-            x, idx,
+            x,
+            idx,
             lambda h, e: self.switch_matmul(module.gate_up_proj, h, e, True),
             lambda h, e: self.switch_matmul(module.down_proj, h, e, True),
-            module.activation, E, tile,
+            module.activation,
+            E,
+            tile,
         )
 
     def exp(self, x):

@@ -34,8 +34,11 @@ def keep_freed_memory() -> bool:
     global _done
     if _done is not None:
         return _done
-    if (not sys.platform.startswith("linux") or mx.default_device() != mx.cpu
-            or os.environ.get("MLX_DG_KEEP_FREED_MEMORY", "1") == "0"):
+    if (
+        not sys.platform.startswith("linux")
+        or mx.default_device() != mx.cpu
+        or os.environ.get("MLX_DG_KEEP_FREED_MEMORY", "1") == "0"
+    ):
         return False
     _done = set_malloc_thresholds()
     return _done
@@ -48,7 +51,8 @@ def set_malloc_thresholds() -> bool:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only (musl has no mallopt tunables)
         return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES))
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES)
+        )
     except (OSError, AttributeError):
         return False
 

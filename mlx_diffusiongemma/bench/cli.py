@@ -13,8 +13,14 @@ from .lora import section_lora
 from .shapes import SHAPES
 from .sudoku import section_sudoku
 
-SECTIONS = {"weights": section_weights, "build": section_build, "fullwidth": section_fullwidth,
-            "gpu": section_gpu, "lora": section_lora, "sudoku": section_sudoku}
+SECTIONS = {
+    "weights": section_weights,
+    "build": section_build,
+    "fullwidth": section_fullwidth,
+    "gpu": section_gpu,
+    "lora": section_lora,
+    "sudoku": section_sudoku,
+}
 # the project's own harness (benchmarks/harness/, in a checkout)
 HARNESS_SECTIONS = ("peers", "profile", "graph", "serve", "vision")
 
@@ -22,55 +28,124 @@ HARNESS_SECTIONS = ("peers", "profile", "graph", "serve", "vision")
 def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", doc=DOC):
     sections = SECTIONS if sections is None else sections
     if argv and argv[0] in HARNESS_SECTIONS and argv[0] not in sections:
-        raise SystemExit(f"error: {argv[0]} is a section of the project's measuring harness: from a "
-                         f"checkout's root, python -m benchmarks.harness {' '.join(argv)}")
+        raise SystemExit(
+            f"error: {argv[0]} is a section of the project's measuring harness: from a "
+            f"checkout's root, python -m benchmarks.harness {' '.join(argv)}"
+        )
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("section", choices=list(sections))
     p.add_argument("--json", help="append each section's figures to this file as JSON lines")
-    p.add_argument("--workdir", default=os.environ.get("DG_BENCH_WORKDIR", "/tmp/dg-bench"),
-                   help="where the mid-size checkpoint is written (default /tmp/dg-bench)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (fullwidth: 2; build, gpu: 30)")
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (fullwidth, gpu: 4096; peers, profile: 512)")
+    p.add_argument(
+        "--workdir",
+        default=os.environ.get("DG_BENCH_WORKDIR", "/tmp/dg-bench"),
+        help="where the mid-size checkpoint is written (default /tmp/dg-bench)",
+    )
+    p.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (fullwidth: 2; build, gpu: 30)"
+    )
+    p.add_argument(
+        "--prompt",
+        type=int,
+        default=None,
+        help="prompt tokens (fullwidth, gpu: 4096; peers, profile: 512)",
+    )
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (encode step)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="fullwidth weights (bfloat16 on a CPU: expert weights are cast to float32 per call, which inflates the transients)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="fullwidth weights (bfloat16 on a CPU: expert weights are cast to float32 per call, which inflates the transients)",
+    )
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
     p.add_argument("--max-tokens", type=int, default=512, help="new tokens (peers, gpu)")
     p.add_argument("--ar-tokens", type=int, default=256, help="autoregressive tokens (peers)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", choices=["ours", "mlx-vlm", "ar", "reference", "prefill"],
-                   help="peers (vision: parts) to leave out")
-    p.add_argument("--vocab", type=int, default=None, help="gpu: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="full", help="gpu: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        choices=["ours", "mlx-vlm", "ar", "reference", "prefill"],
+        help="peers (vision: parts) to leave out",
+    )
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        help="gpu: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies",
+    )
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="full",
+        help="gpu: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)",
+    )
     p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
     p.add_argument("--force", action="store_true", help="build: ignore the free-memory check")
     p.add_argument("--path", help="sudoku: the checkpoint (default: the bundled demo)")
-    p.add_argument("--wait-idle", type=float, default=300,
-                   help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)")
-    p.add_argument("--reference-malloc", action="store_true",
-                   help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)")
-    p.add_argument("--server-model", choices=["demo", "mid"], default="demo",
-                   help="serve: the bundled demo checkpoint or the mid-size random one")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8],
-                   help="serve: requests sent at once")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=300,
+        help="wait up to this many seconds for other processes to leave the CPUs idle (0: don't)",
+    )
+    p.add_argument(
+        "--reference-malloc",
+        action="store_true",
+        help="peers: run the reference a second time with the malloc thresholds load_model sets for MLX (cpu_memory.py)",
+    )
+    p.add_argument(
+        "--server-model",
+        choices=["demo", "mid"],
+        default="demo",
+        help="serve: the bundled demo checkpoint or the mid-size random one",
+    )
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=[4, 8], help="serve: requests sent at once"
+    )
     p.add_argument("--request-tokens", type=int, default=64, help="serve: tokens per request")
-    p.add_argument("--part", choices=["all", "memory", "speed"], default="all",
-                   help="lora: the memory extrapolation, the speed at the mid shape, or both")
-    p.add_argument("--no-compile", action="store_true",
-                   help="lora: measure the memory steps uncompiled (no C++ kernel builds on a CPU; peaks higher than mlx-lm's compiled step)")
-    p.add_argument("--quick", action="store_true",
-                   help="lora: three memory runs instead of four (a full-attention layer counted as a sliding one)")
+    p.add_argument(
+        "--part",
+        choices=["all", "memory", "speed"],
+        default="all",
+        help="lora: the memory extrapolation, the speed at the mid shape, or both",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="lora: measure the memory steps uncompiled (no C++ kernel builds on a CPU; peaks higher than mlx-lm's compiled step)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="lora: three memory runs instead of four (a full-attention layer counted as a sliding one)",
+    )
     p.add_argument("--batch-size", type=int, default=2, help="lora: batch of the speed measurement")
-    p.add_argument("--train-prompt", type=int, default=64, help="lora: prompt tokens of the speed measurement")
-    p.add_argument("--puzzles", type=int, default=256, help="sudoku: held-out puzzles at half givens")
+    p.add_argument(
+        "--train-prompt", type=int, default=64, help="lora: prompt tokens of the speed measurement"
+    )
+    p.add_argument(
+        "--puzzles", type=int, default=256, help="sudoku: held-out puzzles at half givens"
+    )
     p.add_argument("--exclude", help="sudoku: a train.jsonl whose puzzles are kept out")
-    p.add_argument("--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded")
+    p.add_argument(
+        "--no-openblas", action="store_true", help="do not re-execute with OpenBLAS preloaded"
+    )
     o = p.parse_args(argv)
-    defaults = {"fullwidth": (2, 4096), "build": (30, None), "gpu": (30, 4096), "peers": (None, 512),
-                "profile": (None, 512), "weights": (None, None), "_reference": (None, 512),
-                "graph": (30, 4096), "serve": (None, 32), "lora": (None, 512), "sudoku": (None, None),
-                "vision": (None, None), "_vision_reference": (None, None)}
+    defaults = {
+        "fullwidth": (2, 4096),
+        "build": (30, None),
+        "gpu": (30, 4096),
+        "peers": (None, 512),
+        "profile": (None, 512),
+        "weights": (None, None),
+        "_reference": (None, 512),
+        "graph": (30, 4096),
+        "serve": (None, 32),
+        "lora": (None, 512),
+        "sudoku": (None, None),
+        "vision": (None, None),
+        "_vision_reference": (None, None),
+    }
     dl, dp = defaults[o.section]
     if o.section == "gpu" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
@@ -87,8 +162,14 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
     return o
 
 
-def main(argv=None, sections=None, children=None, prog="python -m mlx_diffusiongemma.benchmark",
-         entry=ENTRY, doc=DOC):
+def main(
+    argv=None,
+    sections=None,
+    children=None,
+    prog="python -m mlx_diffusiongemma.benchmark",
+    entry=ENTRY,
+    doc=DOC,
+):
     """Runs one section. `sections` (default: the package's) map names to functions of (opts,
     report); `children` map names to functions of (opts) that a section runs in a child process
     (the transformers reference), without the OpenBLAS re-exec, the idle wait or the report."""
@@ -102,6 +183,7 @@ def main(argv=None, sections=None, children=None, prog="python -m mlx_diffusiong
         return children[opts.section](opts)
     try:  # as load_model does: the MLX peers in this process share it
         from ..backends.cpu_memory import keep_freed_memory
+
         keep_freed_memory()
     except ImportError:
         pass

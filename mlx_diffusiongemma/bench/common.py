@@ -47,11 +47,17 @@ def maybe_reexec_with_openblas(argv, entry=None):
         return
     lib = find_openblas()
     if lib is None:
-        print("note: OpenBLAS not found (apt-get install libopenblas0-pthread); MLX CPU matmuls "
-              "use the wheel's slow BLAS", file=sys.stderr)
+        print(
+            "note: OpenBLAS not found (apt-get install libopenblas0-pthread); MLX CPU matmuls "
+            "use the wheel's slow BLAS",
+            file=sys.stderr,
+        )
         return
-    env = dict(os.environ, DG_BENCH_REEXEC="1",
-               LD_PRELOAD=" ".join(x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x))
+    env = dict(
+        os.environ,
+        DG_BENCH_REEXEC="1",
+        LD_PRELOAD=" ".join(x for x in (lib, os.environ.get("LD_PRELOAD", "")) if x),
+    )
     sys.stdout.flush()
     os.execve(sys.executable, [*(entry or ENTRY), *argv], env)
 
@@ -69,7 +75,9 @@ def blas_in_process():
 
 def _git(*args):
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -118,18 +126,28 @@ def env_info():
     except (ValueError, OSError, AttributeError):
         pass
     # the benchmark's own code does not count as a change to the model
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "mlx_diffusiongemma",
-                 ":!mlx_diffusiongemma/benchmark.py", ":!mlx_diffusiongemma/bench")
+    dirty = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "mlx_diffusiongemma",
+        ":!mlx_diffusiongemma/benchmark.py",
+        ":!mlx_diffusiongemma/bench",
+    )
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), "
-                   f"{mem / GiB:.0f} GiB" if mem else platform.platform(),
+        f"{mem / GiB:.0f} GiB"
+        if mem
+        else platform.platform(),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
         "gpu": _gpu_name(),
         "blas": blas_in_process(),
         "malloc": "freed memory kept (cpu_memory.py)" if _malloc_kept() else "default",
-        "commit": (_git("rev-parse", "--short", "HEAD") or "?") + (" (model code modified)" if dirty else ""),
+        "commit": (_git("rev-parse", "--short", "HEAD") or "?")
+        + (" (model code modified)" if dirty else ""),
     }
 
 
@@ -192,7 +210,9 @@ def wait_idle(max_wait, threshold=0.1):
         if share is None or share < threshold:
             return share
         if time.time() > t_end:
-            say(f"  note: the machine is busy ({share:.0%} of its CPUs used by other processes); timing anyway")
+            say(
+                f"  note: the machine is busy ({share:.0%} of its CPUs used by other processes); timing anyway"
+            )
             return share
         time.sleep(5)
 
@@ -208,15 +228,19 @@ class Report:
     def header(self, section):
         self.env = env_info()
         e = self.env
-        print(f"== {section} | {e['date']} | {e['machine']} | MLX {e['mlx']} on {e['device']}"
-              f"{' (' + e['gpu'] + ')' if e['gpu'] else ''} | BLAS: {e['blas']} | malloc: {e['malloc']}"
-              f" | commit {e['commit']}",
-              flush=True)
+        print(
+            f"== {section} | {e['date']} | {e['machine']} | MLX {e['mlx']} on {e['device']}"
+            f"{' (' + e['gpu'] + ')' if e['gpu'] else ''} | BLAS: {e['blas']} | malloc: {e['malloc']}"
+            f" | commit {e['commit']}",
+            flush=True,
+        )
 
     def save(self, section, figures):
         if self.json_path:
             with open(self.json_path, "a") as f:
-                f.write(json.dumps({"section": section, "env": self.env, **figures}, default=str) + "\n")
+                f.write(
+                    json.dumps({"section": section, "env": self.env, **figures}, default=str) + "\n"
+                )
 
 
 def say(*a):
@@ -260,7 +284,9 @@ def ensure_mid_checkpoint(workdir, seed=0):
     try:
         from make_checkpoints import write_checkpoint
     except ImportError as e:
-        raise SystemExit(f"cannot write the mid-size checkpoint: tests/make_checkpoints.py not importable ({e})")
+        raise SystemExit(
+            f"cannot write the mid-size checkpoint: tests/make_checkpoints.py not importable ({e})"
+        )
     say(f"  writing the mid-size random checkpoint to {path} (float32, transformers)")
     t = time.perf_counter()
     write_checkpoint(path, seed=seed, canvas_length=FULL_CANVAS, **MID_TEXT)

@@ -6,21 +6,51 @@ import statistics
 import time
 
 from .common import GB, GiB, gpu_available, mem_available, random_prompt, rss_bytes, say, timeit
-from .models import (RECIPES, all_recipe_bytes, build_random_float, build_random_quantized, default_quant,
-                     layer_counts, make_args, param_bytes, recipe_bytes)
+from .models import (
+    RECIPES,
+    all_recipe_bytes,
+    build_random_float,
+    build_random_quantized,
+    default_quant,
+    layer_counts,
+    make_args,
+    param_bytes,
+    recipe_bytes,
+)
 from .shapes import FULL_CANVAS, FULL_TEXT, SHAPES, TARGETS, VLLM_H100
-from .step import (by_kind, canvas_kv_layers, decoder_cache, fixed_steps, kv_bytes, loop_decode,
-                   per_layer_times, sampler_inputs, sampler_step, time_lm_head, time_sampler)
+from .step import (
+    by_kind,
+    canvas_kv_layers,
+    decoder_cache,
+    fixed_steps,
+    kv_bytes,
+    loop_decode,
+    per_layer_times,
+    sampler_inputs,
+    sampler_step,
+    time_lm_head,
+    time_sampler,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # section: weights (analytic)
 # ---------------------------------------------------------------------------------------------
 def section_weights(opts, rep):
-    rep.header("weights: resident text-model weight bytes, full shape (analytic, nothing allocated)")
+    rep.header(
+        "weights: resident text-model weight bytes, full shape (analytic, nothing allocated)"
+    )
     args = make_args(FULL_TEXT)
     results = all_recipe_bytes(args)
-    cats_order = ["experts", "embeddings", "attention", "dense MLP", "router", "self-conditioning MLP", "norms, scales"]
+    cats_order = [
+        "experts",
+        "embeddings",
+        "attention",
+        "dense MLP",
+        "router",
+        "self-conditioning MLP",
+        "norms, scales",
+    ]
     say(f"  {'recipe':<84} {'bytes':>15} {'GB':>7} {'GiB':>7}")
     figures = {}
     for label, (total, cats) in results.items():
@@ -28,13 +58,20 @@ def section_weights(opts, rep):
         figures[label] = {"bytes": total, "by_category": cats}
     mixed_label = RECIPES[0][0]
     total, cats = results[mixed_label]
-    say("  mixed 4-bit by part: " + ", ".join(f"{c} {cats.get(c, 0) / GB:.3f} GB" for c in cats_order))
+    say(
+        "  mixed 4-bit by part: "
+        + ", ".join(f"{c} {cats.get(c, 0) / GB:.3f} GB" for c in cats_order)
+    )
     t = TARGETS["resident_4bit_gb"]
-    say(f"  target <= {t:.0f} GB resident at 4 bits: mixed {total / GB:.2f} GB "
+    say(
+        f"  target <= {t:.0f} GB resident at 4 bits: mixed {total / GB:.2f} GB "
         f"({'met' if total / GB <= t else 'missed'} by {abs(t - total / GB):.2f} GB); "
-        f"uniform 4-bit {results[RECIPES[1][0]][0] / GB:.2f} GB")
-    say("  (scales and biases counted in bf16, group 64, affine; the vision tower, which this port does "
-        "not load, is not included)")
+        f"uniform 4-bit {results[RECIPES[1][0]][0] / GB:.2f} GB"
+    )
+    say(
+        "  (scales and biases counted in bf16, group 64, affine; the vision tower, which this port does "
+        "not load, is not included)"
+    )
     rep.save("weights", {"recipes": figures})
     return results
 
@@ -51,8 +88,10 @@ def section_build(opts, rep):
     expected, _ = recipe_bytes(args, ("mixed", default))
     avail = mem_available()
     if avail is not None and avail < expected + 2 * GiB and not opts.force:
-        say(f"  skipped: needs ~{(expected + 2 * GiB) / GiB:.1f} GiB free, {avail / GiB:.1f} GiB available "
-            "(--force to try anyway)")
+        say(
+            f"  skipped: needs ~{(expected + 2 * GiB) / GiB:.1f} GiB free, {avail / GiB:.1f} GiB available "
+            "(--force to try anyway)"
+        )
         return None
     mx.reset_peak_memory()
     rss0 = rss_bytes()
@@ -63,12 +102,26 @@ def section_build(opts, rep):
     active, peak = mx.get_active_memory(), mx.get_peak_memory()
     rss, hwm = rss_bytes(), rss_bytes("VmHWM")
     say(f"  {args.num_hidden_layers} layers built in {dt:.0f} s")
-    say(f"  parameter bytes {nbytes:,} ({nbytes / GB:.2f} GB, {nbytes / GiB:.2f} GiB); analytic {expected:,} "
-        f"({'equal' if nbytes == expected else f'differs by {nbytes - expected:+,}'})")
-    say(f"  MLX active {active / GB:.2f} GB, MLX peak while building {peak / GB:.2f} GB, process RSS "
-        f"{rss / GB:.2f} GB (high-water {hwm / GB:.2f} GB, {rss0 / GB:.2f} GB before)" if rss else "")
-    figures = dict(layers=args.num_hidden_layers, seconds=dt, param_bytes=nbytes, analytic_bytes=expected,
-                   mlx_active=active, mlx_peak=peak, rss=rss, rss_hwm=hwm)
+    say(
+        f"  parameter bytes {nbytes:,} ({nbytes / GB:.2f} GB, {nbytes / GiB:.2f} GiB); analytic {expected:,} "
+        f"({'equal' if nbytes == expected else f'differs by {nbytes - expected:+,}'})"
+    )
+    say(
+        f"  MLX active {active / GB:.2f} GB, MLX peak while building {peak / GB:.2f} GB, process RSS "
+        f"{rss / GB:.2f} GB (high-water {hwm / GB:.2f} GB, {rss0 / GB:.2f} GB before)"
+        if rss
+        else ""
+    )
+    figures = dict(
+        layers=args.num_hidden_layers,
+        seconds=dt,
+        param_bytes=nbytes,
+        analytic_bytes=expected,
+        mlx_active=active,
+        mlx_peak=peak,
+        rss=rss,
+        rss_hwm=hwm,
+    )
     rep.save("build", figures)
     return model
 
@@ -79,8 +132,10 @@ def section_build(opts, rep):
 def section_fullwidth(opts, rep):
     import mlx.core as mx
 
-    rep.header(f"fullwidth: full width, {opts.layers} layers, {opts.prompt}-token prompt, one decoder step "
-               f"on a {FULL_CANVAS}-token canvas")
+    rep.header(
+        f"fullwidth: full width, {opts.layers} layers, {opts.prompt}-token prompt, one decoder step "
+        f"on a {FULL_CANVAS}-token canvas"
+    )
     args = make_args(FULL_TEXT, layers=opts.layers)
     full = make_args(FULL_TEXT)
     dtype = mx.float32 if opts.dtype == "float32" else mx.bfloat16
@@ -90,8 +145,10 @@ def section_fullwidth(opts, rep):
     t = time.perf_counter()
     model = build_random_float(args, dtype)
     W = param_bytes(model)
-    say(f"  weights: {W / GB:.2f} GB ({opts.dtype}), {Ls} sliding + {Lf} full layers, built in "
-        f"{time.perf_counter() - t:.0f} s")
+    say(
+        f"  weights: {W / GB:.2f} GB ({opts.dtype}), {Ls} sliding + {Lf} full layers, built in "
+        f"{time.perf_counter() - t:.0f} s"
+    )
     mx.clear_cache()
     ids = mx.array([random_prompt(opts.prompt, args.vocab_size)], dtype=mx.int32)
     canvas = mx.random.randint(0, args.vocab_size, (1, FULL_CANVAS), dtype=mx.int32)
@@ -112,10 +169,12 @@ def section_fullwidth(opts, rep):
     # one (the sliding layers' trim) keeps the larger buffer alive.
     KV_held = mx.get_active_memory() - base
     pinned = max(KV_held - KV, 0)
-    say(f"  encode: {opts.prompt} tokens in chunks of {opts.chunk}: {t_enc:.1f} s ({opts.prompt / t_enc:.0f} tok/s); "
+    say(
+        f"  encode: {opts.prompt} tokens in chunks of {opts.chunk}: {t_enc:.1f} s ({opts.prompt / t_enc:.0f} tok/s); "
         f"prompt K/V {KV / GB:.3f} GB (sliding layer {max(kv_s, default=0) / 1e6:.1f} MB, full layer "
         f"{max(kv_f, default=0) / 1e6:.1f} MB); memory held after encoding {KV_held / GB:.3f} GB "
-        f"({pinned / GB:.3f} GB more than the K/V arrays: buffers kept alive by trimmed views)")
+        f"({pinned / GB:.3f} GB more than the K/V arrays: buffers kept alive by trimmed views)"
+    )
 
     # 2. one decoder step, as the denoising loop runs it (per-canvas K/V buffers, then decode)
     mx.reset_peak_memory()
@@ -142,8 +201,10 @@ def section_fullwidth(opts, rep):
     tr_enc = peak_enc - base - KV_held
     tr_dec = max(peak_dec, peak_dec2) - a0 - copy
     tr_samp = peak_samp - a0 - copy
-    say(f"  peak over weights+prompt cache: encode {tr_enc / GB:.3f} GB, decoder step {tr_dec / GB:.3f} GB "
-        f"(+ per-canvas K/V buffers {copy / GB:.3f} GB), sampler+self-conditioning {tr_samp / GB:.3f} GB")
+    say(
+        f"  peak over weights+prompt cache: encode {tr_enc / GB:.3f} GB, decoder step {tr_dec / GB:.3f} GB "
+        f"(+ per-canvas K/V buffers {copy / GB:.3f} GB), sampler+self-conditioning {tr_samp / GB:.3f} GB"
+    )
 
     # timings
     n = opts.repeat
@@ -160,31 +221,47 @@ def section_fullwidth(opts, rep):
     t_s, t_f = t_s * scale, t_f * scale
     step30 = t_head + t_scmlp + S30 * t_s + F30 * t_f
     samp = time_sampler(model, logits, n)
-    say(f"  decoder step ({opts.layers} layers): {t_dec * 1e3:.0f} ms = final norm + LM head {t_head * 1e3:.0f} "
+    say(
+        f"  decoder step ({opts.layers} layers): {t_dec * 1e3:.0f} ms = final norm + LM head {t_head * 1e3:.0f} "
         f"+ self-conditioning MLP {t_scmlp * 1e3:.0f} + layers {t_layers * 1e3:.0f} (sliding {t_s * 1e3:.0f} ms, "
-        f"full {t_f * 1e3:.0f} ms)")
-    say(f"  decoder step scaled to {S30}+{F30} layers: {step30 * 1e3:.0f} ms "
-        f"(= {t_head * 1e3:.0f} + {t_scmlp * 1e3:.0f} + {S30} x {t_s * 1e3:.0f} + {F30} x {t_f * 1e3:.0f})")
-    say(f"  sampler at vocab {args.vocab_size}, canvas {FULL_CANVAS}: {samp['total'] * 1e3:.0f} ms in all = "
+        f"full {t_f * 1e3:.0f} ms)"
+    )
+    say(
+        f"  decoder step scaled to {S30}+{F30} layers: {step30 * 1e3:.0f} ms "
+        f"(= {t_head * 1e3:.0f} + {t_scmlp * 1e3:.0f} + {S30} x {t_s * 1e3:.0f} + {F30} x {t_f * 1e3:.0f})"
+    )
+    say(
+        f"  sampler at vocab {args.vocab_size}, canvas {FULL_CANVAS}: {samp['total'] * 1e3:.0f} ms in all = "
         f"denoise_sample {samp['denoise_sample'] * 1e3:.0f} ms + self-conditioning softmax "
-        f"{samp['sc_softmax'] * 1e3:.0f} ms + probs @ embedding {samp['sc_matmul'] * 1e3:.0f} ms (parts timed apart)")
+        f"{samp['sc_softmax'] * 1e3:.0f} ms + probs @ embedding {samp['sc_matmul'] * 1e3:.0f} ms (parts timed apart)"
+    )
     if "denoise_sample_bf16_probs" in samp:
         b = samp["denoise_sample_bf16_probs"]
-        say(f"  with bf16 self-conditioning probabilities (a bf16 or quantized checkpoint): denoise_sample "
-            f"{b * 1e3:.0f} ms; share of a 30-layer step {(b + samp['sc_total']) / (step30 + b + samp['sc_total']):.1%}")
+        say(
+            f"  with bf16 self-conditioning probabilities (a bf16 or quantized checkpoint): denoise_sample "
+            f"{b * 1e3:.0f} ms; share of a 30-layer step {(b + samp['sc_total']) / (step30 + b + samp['sc_total']):.1%}"
+        )
     share = samp["total"] / (step30 + samp["total"])
     share_ns = samp["denoise_sample"] / (step30 + samp["total"])
     share_cap = samp["total"] / (t_dec + samp["total"])
     tgt = TARGETS["sampler_share"]
-    say(f"  sampler share of a 30-layer step (decoder + sampler + self-conditioning): {share:.1%} "
+    say(
+        f"  sampler share of a 30-layer step (decoder + sampler + self-conditioning): {share:.1%} "
         f"(denoise_sample alone {share_ns:.1%}; at {opts.layers} layers {share_cap:.1%}); "
-        f"target <= {tgt:.0%}: {'met' if share <= tgt else 'missed'} by {abs(share - tgt) * 100:.1f} points")
+        f"target <= {tgt:.0%}: {'met' if share <= tgt else 'missed'} by {abs(share - tgt) * 100:.1f} points"
+    )
 
     # memory extrapolation to 30 layers, bf16 activations and K/V, mixed 4-bit weights
     W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
     f_kv = 2 / dtype.size  # K/V in bf16 on the real model
-    kv30 = f_kv * (S30 * statistics.mean(kv_s) + F30 * statistics.mean(kv_f)) if kv_s else f_kv * 30 * statistics.mean(kv_f)
-    pinned30 = f_kv * pinned * S30 / Ls if Ls else 0.0  # the extra is the sliding layers' (full layers are not trimmed)
+    kv30 = (
+        f_kv * (S30 * statistics.mean(kv_s) + F30 * statistics.mean(kv_f))
+        if kv_s
+        else f_kv * 30 * statistics.mean(kv_f)
+    )
+    pinned30 = (
+        f_kv * pinned * S30 / Ls if Ls else 0.0
+    )  # the extra is the sliding layers' (full layers are not trimmed)
     copy_layers = canvas_kv_layers(dcache, args.num_hidden_layers)
     if copy_layers is not None:
         cs, cf = by_kind(copy_layers, args)
@@ -196,19 +273,51 @@ def section_fullwidth(opts, rep):
     peak30_enc = W30 + kv30 + pinned30 + tr_enc
     peak30_dec = W30 + kv30 + pinned30 + copy30 + max(tr_dec, tr_samp)
     tgt = TARGETS["peak_4096_gb"]
-    say(f"  extrapolated peak, 30 layers, mixed 4-bit weights {W30 / GB:.2f} GB + prompt K/V {kv30 / GB:.3f} GB (bf16) "
+    say(
+        f"  extrapolated peak, 30 layers, mixed 4-bit weights {W30 / GB:.2f} GB + prompt K/V {kv30 / GB:.3f} GB (bf16) "
         f"+ pinned by trimmed views {pinned30 / GB:.3f} GB + per-canvas K/V buffers {copy30 / GB:.3f} GB + largest transient {tr / GB:.3f} GB "
         f"(measured, {opts.dtype}) = {peak30 / GB:.2f} GB ({peak30 / GiB:.2f} GiB); prefill alone "
-        f"{peak30_enc / GB:.2f} GB, denoising {peak30_dec / GB:.2f} GB")
-    say(f"  target <= {tgt:.0f} GB peak with a {opts.prompt}-token prompt: {'met' if peak30 / GB <= tgt else 'missed'} "
-        f"by {abs(tgt - peak30 / GB):.2f} GB")
-    figures = dict(layers=opts.layers, prompt=opts.prompt, chunk=opts.chunk, dtype=opts.dtype, weights=W,
-                   encode_s=t_enc, prompt_kv=KV, prompt_cache_held=KV_held, pinned=pinned, kv_layers=kv_layers, canvas_kv=copy, peak_encode=peak_enc,
-                   peak_decode=peak_dec, peak_decode_sc=peak_dec2, peak_sampler=peak_samp,
-                   transient_encode=tr_enc, transient_decode=tr_dec, transient_sampler=tr_samp,
-                   decode_s=t_dec, first_decode_s=t_first, layer_s=lt, sliding_layer_s=t_s, full_layer_s=t_f,
-                   lm_head_s=t_head, sc_mlp_s=t_scmlp, step30_s=step30, sampler=samp, sampler_share=share,
-                   weights30_mixed4=W30, kv30=kv30, pinned30=pinned30, canvas_kv30=copy30, peak30=peak30)
+        f"{peak30_enc / GB:.2f} GB, denoising {peak30_dec / GB:.2f} GB"
+    )
+    say(
+        f"  target <= {tgt:.0f} GB peak with a {opts.prompt}-token prompt: {'met' if peak30 / GB <= tgt else 'missed'} "
+        f"by {abs(tgt - peak30 / GB):.2f} GB"
+    )
+    figures = dict(
+        layers=opts.layers,
+        prompt=opts.prompt,
+        chunk=opts.chunk,
+        dtype=opts.dtype,
+        weights=W,
+        encode_s=t_enc,
+        prompt_kv=KV,
+        prompt_cache_held=KV_held,
+        pinned=pinned,
+        kv_layers=kv_layers,
+        canvas_kv=copy,
+        peak_encode=peak_enc,
+        peak_decode=peak_dec,
+        peak_decode_sc=peak_dec2,
+        peak_sampler=peak_samp,
+        transient_encode=tr_enc,
+        transient_decode=tr_dec,
+        transient_sampler=tr_samp,
+        decode_s=t_dec,
+        first_decode_s=t_first,
+        layer_s=lt,
+        sliding_layer_s=t_s,
+        full_layer_s=t_f,
+        lm_head_s=t_head,
+        sc_mlp_s=t_scmlp,
+        step30_s=step30,
+        sampler=samp,
+        sampler_share=share,
+        weights30_mixed4=W30,
+        kv30=kv30,
+        pinned30=pinned30,
+        canvas_kv30=copy30,
+        peak30=peak30,
+    )
     rep.save("fullwidth", figures)
     return figures
 
@@ -223,18 +332,22 @@ def section_gpu(opts, rep):
 
     if not gpu_available() and not opts.allow_cpu:
         rep.header("gpu: full-shape speed on a GPU")
-        say("  skipped: no GPU (MLX reports neither CUDA nor Metal). On an NVIDIA machine with mlx[cuda] "
+        say(
+            "  skipped: no GPU (MLX reports neither CUDA nor Metal). On an NVIDIA machine with mlx[cuda] "
             "this measures prefill tok/s, decoder step latency and decode tok/s at 16 fixed steps for "
             "the full 30-layer model in the mixed 4-bit recipe; `--allow-cpu --shape tiny` runs the same "
-            "code here on a small model (a dry run).")
+            "code here on a small model (a dry run)."
+        )
         return None
     if gpu_available():
         mx.set_default_device(mx.gpu)
         backends.select()
     overrides = {"vocab_size": opts.vocab} if opts.vocab else {}
     args = make_args(SHAPES[opts.shape], layers=opts.layers, **overrides)
-    rep.header(f"gpu: {opts.shape} shape, {args.num_hidden_layers} layers, vocab {args.vocab_size}, mixed 4-bit, "
-               f"{opts.prompt}-token prompt, {opts.steps} fixed steps")
+    rep.header(
+        f"gpu: {opts.shape} shape, {args.num_hidden_layers} layers, vocab {args.vocab_size}, mixed 4-bit, "
+        f"{opts.prompt}-token prompt, {opts.steps} fixed steps"
+    )
     default = default_quant(4)
     t = time.perf_counter()
     model = build_random_quantized(args, default, "mixed", verbose=False)
@@ -273,16 +386,38 @@ def section_gpu(opts, rep):
     r = fixed_steps(model, ids, opts.max_tokens, opts.steps, seed=0)
     total = time.perf_counter() - t
     canvas_ms = 1e3 * (r.generation_tokens / r.generation_tps) / (r.canvas + 1)
-    say(f"  prefill: {opts.prompt} tokens in {t_prefill * 1e3:.0f} ms = {opts.prompt / t_prefill:.0f} tok/s")
-    say(f"  decoder step latency (forward, logits) {t_dec * 1e3:.1f} ms; full step with sampler and "
+    say(
+        f"  prefill: {opts.prompt} tokens in {t_prefill * 1e3:.0f} ms = {opts.prompt / t_prefill:.0f} tok/s"
+    )
+    say(
+        f"  decoder step latency (forward, logits) {t_dec * 1e3:.1f} ms; full step with sampler and "
         f"self-conditioning {t_step * 1e3:.1f} ms (sampler {samp['denoise_sample'] * 1e3:.1f} ms, "
-        f"self-conditioning {samp['sc_total'] * 1e3:.1f} ms: {samp['total'] / t_step:.1%} of the step)")
-    say(f"  generation: {r.generation_tokens} tokens, {r.decoder_forwards} decoder forwards, "
+        f"self-conditioning {samp['sc_total'] * 1e3:.1f} ms: {samp['total'] / t_step:.1%} of the step)"
+    )
+    say(
+        f"  generation: {r.generation_tokens} tokens, {r.decoder_forwards} decoder forwards, "
         f"{r.generation_tps:.1f} tok/s, {canvas_ms:.1f} ms per {C}-token canvas, prompt {r.prompt_tps:.0f} tok/s, "
-        f"peak {r.peak_memory:.2f} GB ({total:.1f} s in all)")
-    say(f"  vLLM H100 FP8 (bs 1, 16 steps, 4096 in): {VLLM_H100['canvas_ms']} ms per canvas "
-        f"({VLLM_H100['step_ms']} ms/step), {VLLM_H100['tok_s']:.0f} tok/s")
-    rep.save("gpu", dict(layers=args.num_hidden_layers, vocab=V, weights=W, prefill_s=t_prefill,
-                         prefill_tps=opts.prompt / t_prefill, decode_step_s=t_dec, full_step_s=t_step,
-                         sampler=samp, generation_tps=r.generation_tps, tokens=r.generation_tokens,
-                         forwards=r.decoder_forwards, canvas_ms=canvas_ms, peak_gb=r.peak_memory))
+        f"peak {r.peak_memory:.2f} GB ({total:.1f} s in all)"
+    )
+    say(
+        f"  vLLM H100 FP8 (bs 1, 16 steps, 4096 in): {VLLM_H100['canvas_ms']} ms per canvas "
+        f"({VLLM_H100['step_ms']} ms/step), {VLLM_H100['tok_s']:.0f} tok/s"
+    )
+    rep.save(
+        "gpu",
+        dict(
+            layers=args.num_hidden_layers,
+            vocab=V,
+            weights=W,
+            prefill_s=t_prefill,
+            prefill_tps=opts.prompt / t_prefill,
+            decode_step_s=t_dec,
+            full_step_s=t_step,
+            sampler=samp,
+            generation_tps=r.generation_tps,
+            tokens=r.generation_tokens,
+            forwards=r.decoder_forwards,
+            canvas_ms=canvas_ms,
+            peak_gb=r.peak_memory,
+        ),
+    )

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import GB, GiB, ROOT, mem_available, random_prompt, say
+from .common import GB, ROOT, GiB, mem_available, random_prompt, say
 from .models import default_quant, make_args, param_bytes, recipe_bytes
 from .shapes import FULL_CANVAS, SHAPES
 
@@ -51,9 +51,11 @@ VOCABS = (8192, 262144)  # the full shape's: a small one and the real one
 # always a full-attention one (as the reference's config), and two layers at least: with one,
 # the first layer is also the last, and what a step keeps per layer does not show apart from
 # what it needs once (the recomputation of one layer under checkpointing).
-CONFIGS = [("sliding + full", ["sliding_attention", "full_attention"]),
-           ("2 sliding + full", ["sliding_attention"] * 2 + ["full_attention"]),
-           ("sliding + 2 full", ["sliding_attention"] + ["full_attention"] * 2)]
+CONFIGS = [
+    ("sliding + full", ["sliding_attention", "full_attention"]),
+    ("2 sliding + full", ["sliding_attention"] * 2 + ["full_attention"]),
+    ("sliding + 2 full", ["sliding_attention"] + ["full_attention"] * 2),
+]
 
 
 def canvas_for(shape):
@@ -72,8 +74,10 @@ def example_batch(prompt_len, canvas, vocab, batch=1, seed=0):
     from ..tuner.trainer import DiffusionArgs, draw_noise, make_batch
 
     diff = DiffusionArgs(canvas_length=canvas, fill_token=1, vocab_size=vocab)
-    examples = [(random_prompt(prompt_len, vocab, seed + i), random_prompt(canvas, vocab, seed + 100 + i))
-                for i in range(batch)]
+    examples = [
+        (random_prompt(prompt_len, vocab, seed + i), random_prompt(canvas, vocab, seed + 100 + i))
+        for i in range(batch)
+    ]
     return diff, make_batch(examples, draw_noise(np.random.default_rng(seed), examples, diff), diff)
 
 
@@ -86,10 +90,11 @@ def adapted_bytes(model):
 def measure_step(case):
     """Peaks of one LoRA step on a random float32 model, plain and then with mlx-lm's gradient
     checkpointing (patched in, then undone); returns their figures."""
+    from functools import partial
+
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from functools import partial
 
     from ..tuner.adapters import prepare
     from ..tuner.trainer import make_loss
@@ -97,6 +102,7 @@ def measure_step(case):
 
     try:
         from ..backends.cpu_memory import keep_freed_memory
+
         keep_freed_memory()
     except ImportError:
         pass
@@ -104,10 +110,16 @@ def measure_step(case):
     # attention), none of the CPU's routes. The CPU's expert tiles pad rows and keep tile-sized
     # temporaries that no Mac allocates (measured: ~2x the step's per-layer memory).
     from .. import backends
+
     backends.select(mx.gpu)  # this process only measures (run_case runs it alone)
     text = SHAPES[case["shape"]]
-    args = make_args(text, layers=len(case["layer_types"]), canvas_length=case["canvas"],
-                     vocab_size=case["vocab"], layer_types=case["layer_types"])
+    args = make_args(
+        text,
+        layers=len(case["layer_types"]),
+        canvas_length=case["canvas"],
+        vocab_size=case["vocab"],
+        layer_types=case["layer_types"],
+    )
     mx.random.seed(0)
     model = build_random_float(args, mx.float32, verbose=False)
     W = param_bytes(model)
@@ -150,8 +162,9 @@ def measure_step(case):
         finally:
             layer_class.__call__ = original
         key = "checkpoint" if ckpt else "plain"
-        out[key] = dict(optimizer=base - W - A, peak=peak, transient=peak - base, step_s=dt,
-                        loss=lvalue.item())
+        out[key] = dict(
+            optimizer=base - W - A, peak=peak, transient=peak - base, step_s=dt, loss=lvalue.item()
+        )
     return out
 
 
@@ -160,7 +173,9 @@ def run_case(case, timeout=3600):
     cmd = [sys.executable, "-m", "mlx_diffusiongemma.bench.lora", json.dumps(case)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        raise SystemExit(f"lora: the measurement {case} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+        raise SystemExit(
+            f"lora: the measurement {case} failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
+        )
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -195,7 +210,9 @@ def fit(rows, full_layers):
         a, s, c = np.linalg.solve(X, y)
         coef = np.array([a, s, s, c])
     else:
-        coef = np.linalg.solve(np.array([[1.0, r["sliding"], r["full"], r["vocab"]] for r in rows]), y)
+        coef = np.linalg.solve(
+            np.array([[1.0, r["sliding"], r["full"], r["vocab"]] for r in rows]), y
+        )
     return coef, float(coef @ np.array([1.0, S, F, V]))
 
 
@@ -211,61 +228,108 @@ def memory_part(opts, rep):
     if opts.vocab:
         vocabs = (vocabs[0], opts.vocab)
     prompt = opts.prompt
-    say(f"  memory: {shape} width, batch 1, {prompt}-token prompt, one {full.canvas_length}-token canvas, "
+    say(
+        f"  memory: {shape} width, batch 1, {prompt}-token prompt, one {full.canvas_length}-token canvas, "
         f"LoRA rank {LORA_PARAMETERS['rank']} on every linear (experts included), Adam; weights and activations "
-        f"float32 here")
+        f"float32 here"
+    )
     est = 13e9 if shape == "full" else 0
     avail = mem_available()
     if avail is not None and avail < est and not opts.force:
-        say(f"  skipped: the three-layer measurements need ~{est / GB:.1f} GB free, {avail / GB:.1f} GB available "
-            "(--force to try anyway)")
+        say(
+            f"  skipped: the three-layer measurements need ~{est / GB:.1f} GB free, {avail / GB:.1f} GB available "
+            "(--force to try anyway)"
+        )
         return None
     configs = CONFIGS[:2] if opts.quick else CONFIGS
-    cases = [(name, types, vocabs[0]) for name, types in configs[:2]] + [(CONFIGS[0][0], CONFIGS[0][1], vocabs[1])]
+    cases = [(name, types, vocabs[0]) for name, types in configs[:2]] + [
+        (CONFIGS[0][0], CONFIGS[0][1], vocabs[1])
+    ]
     cases += [(name, types, vocabs[0]) for name, types in configs[2:]]
     compiled = not opts.no_compile
     results = {False: [], True: []}
     for name, types, vocab in cases:
         say(f"    measuring {name}, vocab {vocab} ...")
-        r = run_case(dict(shape=shape, layer_types=types, vocab=vocab, prompt=prompt, canvas=full.canvas_length,
-                          compile=compiled))
+        r = run_case(
+            dict(
+                shape=shape,
+                layer_types=types,
+                vocab=vocab,
+                prompt=prompt,
+                canvas=full.canvas_length,
+                compile=compiled,
+            )
+        )
         for ckpt in (False, True):
-            row = dict(r[("checkpoint" if ckpt else "plain")], weights=r["weights"], adapters=r["adapters"],
-                       vocab=vocab, sliding=types.count("sliding_attention"), full=types.count("full_attention"),
-                       name=name)
+            row = dict(
+                r[("checkpoint" if ckpt else "plain")],
+                weights=r["weights"],
+                adapters=r["adapters"],
+                vocab=vocab,
+                sliding=types.count("sliding_attention"),
+                full=types.count("full_attention"),
+                name=name,
+            )
             results[ckpt].append(row)
-            say(f"    {name:<15} vocab {vocab:>6} {'checkpointed' if ckpt else 'plain':<12}: peak "
+            say(
+                f"    {name:<15} vocab {vocab:>6} {'checkpointed' if ckpt else 'plain':<12}: peak "
                 f"{row['peak'] / GB:6.2f} GB = weights {row['weights'] / GB:.2f} + adapters {row['adapters'] / GB:.3f} "
-                f"+ Adam {row['optimizer'] / GB:.3f} + step {row['transient'] / GB:.3f} GB ({row['step_s']:.0f} s)")
+                f"+ Adam {row['optimizer'] / GB:.3f} + step {row['transient'] / GB:.3f} GB ({row['step_s']:.0f} s)"
+            )
     S30 = sum(full.is_sliding(i) for i in range(full.num_hidden_layers))
     F30 = full.num_hidden_layers - S30
     W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
     A30, n30 = lora_layout(full)
     O30 = 2 * A30  # Adam: first and second moments, float32 like the adapters
-    figures = dict(shape=shape, prompt=prompt, canvas=full.canvas_length, vocab=V, vocabs=vocabs, compiled=compiled,
-                   weights30_mixed4=W30, adapters30=A30, adapter_params30=n30, optimizer30=O30)
-    say(f"  30-layer constants: mixed 4-bit weights {W30 / GB:.2f} GB (analytic, bf16 scales), LoRA "
-        f"{n30 / 1e6:.1f}M parameters = {A30 / GB:.3f} GB (float32), Adam moments {O30 / GB:.3f} GB")
+    figures = dict(
+        shape=shape,
+        prompt=prompt,
+        canvas=full.canvas_length,
+        vocab=V,
+        vocabs=vocabs,
+        compiled=compiled,
+        weights30_mixed4=W30,
+        adapters30=A30,
+        adapter_params30=n30,
+        optimizer30=O30,
+    )
+    say(
+        f"  30-layer constants: mixed 4-bit weights {W30 / GB:.2f} GB (analytic, bf16 scales), LoRA "
+        f"{n30 / 1e6:.1f}M parameters = {A30 / GB:.3f} GB (float32), Adam moments {O30 / GB:.3f} GB"
+    )
     for ckpt, rows in results.items():
         (a, s, f, c), T30 = fit(rows, (S30, F30, V))
         peak30 = W30 + A30 + O30 + T30
         label = "with --grad-checkpoint" if ckpt else "without grad checkpointing"
         vocab_part = c * V
-        per_layer = (f"{s / GB:.3f} GB per layer (full-attention layers taken as sliding ones: --quick)"
-                     if len(rows) == 3 else f"{s / GB:.3f} GB per sliding layer + {f / GB:.3f} GB per full layer")
-        say(f"  {label}: step = {a / GB:.3f} GB + {per_layer}"
-            f" + {c / 1e3:.1f} KB per vocabulary entry ({vocab_part / GB:.2f} GB at {V})")
-        say(f"    extrapolated peak, {S30}+{F30} layers, vocab {V}: weights {W30 / GB:.2f} + adapters {A30 / GB:.2f} "
+        per_layer = (
+            f"{s / GB:.3f} GB per layer (full-attention layers taken as sliding ones: --quick)"
+            if len(rows) == 3
+            else f"{s / GB:.3f} GB per sliding layer + {f / GB:.3f} GB per full layer"
+        )
+        say(
+            f"  {label}: step = {a / GB:.3f} GB + {per_layer}"
+            f" + {c / 1e3:.1f} KB per vocabulary entry ({vocab_part / GB:.2f} GB at {V})"
+        )
+        say(
+            f"    extrapolated peak, {S30}+{F30} layers, vocab {V}: weights {W30 / GB:.2f} + adapters {A30 / GB:.2f} "
             f"+ Adam {O30 / GB:.2f} + step {T30 / GB:.2f} = {peak30 / GB:.2f} GB ({peak30 / GiB:.2f} GiB); "
             f"target <= {TARGET_GB:.0f} GB: {'met' if peak30 / GB <= TARGET_GB else 'missed'} by "
-            f"{abs(TARGET_GB - peak30 / GB):.2f} GB")
+            f"{abs(TARGET_GB - peak30 / GB):.2f} GB"
+        )
         figures["checkpoint" if ckpt else "plain"] = dict(
-            runs=rows, fit=dict(a=a, per_sliding=s, per_full=f, per_vocab=c), step30=T30, peak30=peak30)
+            runs=rows,
+            fit=dict(a=a, per_sliding=s, per_full=f, per_vocab=c),
+            step30=T30,
+            peak30=peak30,
+        )
     rows = results[False]
     ratio = statistics.mean(r["optimizer"] / r["adapters"] for r in rows)
-    say(f"  (measured Adam state / adapter bytes = {ratio:.3f}; weights measured in float32 are replaced by the "
+    say(
+        f"  (measured Adam state / adapter bytes = {ratio:.3f}; weights measured in float32 are replaced by the "
         f"analytic mixed 4-bit bytes; step = peak - weights - adapters - Adam state, float32 activations: an "
-        f"upper bound for bf16 on a Mac; the step {'compiled as mlx-lm compiles it' if compiled else 'not compiled (--no-compile: an upper bound, mx.compile fuses temporaries away)'})")
+        f"upper bound for bf16 on a Mac; the step {'compiled as mlx-lm compiles it' if compiled else 'not compiled (--no-compile: an upper bound, mx.compile fuses temporaries away)'})"
+    )
     rep.save("lora:memory", figures)
     return figures
 
@@ -283,20 +347,31 @@ def speed_part(opts, rep):
     args = make_args(SHAPES[shape], canvas_length=canvas_for(shape))
     C = args.canvas_length
     B, P, n = opts.batch_size, opts.train_prompt, opts.repeat
-    say(f"  speed: {shape} shape ({args.num_hidden_layers} layers, hidden {args.hidden_size}, vocab "
+    say(
+        f"  speed: {shape} shape ({args.num_hidden_layers} layers, hidden {args.hidden_size}, vocab "
         f"{args.vocab_size}), float32, batch {B}, {P}-token prompts, one {C}-token canvas each, LoRA rank 8, "
-        f"Adam, through tuner.trainer.train (mlx-lm's compiled step); {n} timed iterations after one untimed")
+        f"Adam, through tuner.trainer.train (mlx-lm's compiled step); {n} timed iterations after one untimed"
+    )
     mx.random.seed(0)
     model = build_random_float(args, mx.float32, verbose=False)
     prepare(model, "lora", -1, dict(LORA_PARAMETERS))
     mx.eval(model.parameters())
-    data = [(random_prompt(P, args.vocab_size, i), random_prompt(C, args.vocab_size, 1000 + i)) for i in range(B)]
+    data = [
+        (random_prompt(P, args.vocab_size, i), random_prompt(C, args.vocab_size, 1000 + i))
+        for i in range(B)
+    ]
     diff = DiffusionArgs(canvas_length=C, fill_token=1, vocab_size=args.vocab_size)
     opt = optim.Adam(learning_rate=1e-5)
     with tempfile.TemporaryDirectory() as d:
         log = Path(d) / "log.jsonl"
-        targs = TrainingArgs(batch_size=B, iters=n + 1, steps_per_report=1, steps_per_eval=10**9,
-                             steps_per_save=10**9, max_seq_length=P + C)
+        targs = TrainingArgs(
+            batch_size=B,
+            iters=n + 1,
+            steps_per_report=1,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=P + C,
+        )
         devnull = open(os.devnull, "w")
         stdout = sys.stdout
         sys.stdout = devnull  # mlx-lm's progress display and the per-iteration lines
@@ -312,18 +387,32 @@ def speed_part(opts, rep):
     tokens = B * (P + C)
     tok_s = tokens * it_s
     first = 1 / records[0]["it_per_s"]
-    say(f"  LoRA step at the {shape} shape: {it_s:.3f} it/s, {tok_s:.1f} tokens/s ({tokens} tokens a step: prompt "
+    say(
+        f"  LoRA step at the {shape} shape: {it_s:.3f} it/s, {tok_s:.1f} tokens/s ({tokens} tokens a step: prompt "
         f"+ canvas, as the trainer counts them; steps {', '.join(f'{s:.1f}' for s in secs)} s; first step with "
-        f"compilation {first:.1f} s); peak {max(r['peak_memory_gb'] for r in records):.2f} GB")
-    figures = dict(shape=shape, batch=B, prompt=P, canvas=C, iterations=n, step_s=secs, first_step_s=first,
-                   it_per_s=it_s, tokens_per_s=tok_s, tokens_per_step=tokens)
+        f"compilation {first:.1f} s); peak {max(r['peak_memory_gb'] for r in records):.2f} GB"
+    )
+    figures = dict(
+        shape=shape,
+        batch=B,
+        prompt=P,
+        canvas=C,
+        iterations=n,
+        step_s=secs,
+        first_step_s=first,
+        it_per_s=it_s,
+        tokens_per_s=tok_s,
+        tokens_per_step=tokens,
+    )
     rep.save("lora:speed", figures)
     return figures
 
 
 def section_lora(opts, rep):
-    rep.header(f"lora: LoRA training step, peak memory at {opts.shape} width (extrapolated to 30 layers) "
-               f"and speed at the {'tiny' if opts.shape == 'tiny' else 'mid'} shape")
+    rep.header(
+        f"lora: LoRA training step, peak memory at {opts.shape} width (extrapolated to 30 layers) "
+        f"and speed at the {'tiny' if opts.shape == 'tiny' else 'mid'} shape"
+    )
     out = {}
     if opts.part in ("all", "memory"):
         out["memory"] = memory_part(opts, rep)

@@ -9,7 +9,11 @@ from .shapes import FULL_CANVAS, FULL_TEXT
 
 
 def text_config(text, canvas_length=FULL_CANVAS):
-    return {"model_type": "diffusion_gemma", "text_config": dict(text), "canvas_length": canvas_length}
+    return {
+        "model_type": "diffusion_gemma",
+        "text_config": dict(text),
+        "canvas_length": canvas_length,
+    }
 
 
 def make_args(text=FULL_TEXT, layers=None, canvas_length=FULL_CANVAS, **overrides):
@@ -42,8 +46,11 @@ def is_high_precision(path):
     q = _quant()
     if q is not None:
         return q.is_high_precision(path)
-    return (path.endswith(("embed_tokens", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-            or ".self_attn." in path or "router" in path)
+    return (
+        path.endswith(("embed_tokens", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+        or ".self_attn." in path
+        or "router" in path
+    )
 
 
 def module_params(path, in_dims, default, recipe):
@@ -51,7 +58,11 @@ def module_params(path, in_dims, default, recipe):
     q = _quant()
     if q is not None:
         return q.module_params(path, in_dims, default, recipe)
-    params = dict(group_size=64, bits=8, mode="affine") if recipe == "mixed" and is_high_precision(path) else dict(default)
+    params = (
+        dict(group_size=64, bits=8, mode="affine")
+        if recipe == "mixed" and is_high_precision(path)
+        else dict(default)
+    )
     return params if in_dims % params["group_size"] == 0 else None
 
 
@@ -134,7 +145,11 @@ def recipe_bytes(args, recipe):
 
 
 RECIPES = [
-    ("mixed 4-bit (default: 8-bit embeddings/attention/dense MLP/router, 4-bit experts)", "mixed", 4),
+    (
+        "mixed 4-bit (default: 8-bit embeddings/attention/dense MLP/router, 4-bit experts)",
+        "mixed",
+        4,
+    ),
     ("uniform 4-bit", "uniform", 4),
     ("8-bit", "uniform", 8),
     ("bf16", None, None),
@@ -162,8 +177,13 @@ def quantize_structure(model, default, recipe="mixed"):
             return False
         return module_params(path, module.weight.shape[-1], default, recipe) or False
 
-    nn.quantize(model, group_size=default["group_size"], bits=default["bits"], mode=default["mode"],
-                class_predicate=predicate)
+    nn.quantize(
+        model,
+        group_size=default["group_size"],
+        bits=default["bits"],
+        mode=default["mode"],
+        class_predicate=predicate,
+    )
 
 
 def build_random_quantized(args, default, recipe="mixed", dtype=None, seed=0, verbose=True):
@@ -195,11 +215,16 @@ def build_random_quantized(args, default, recipe="mixed", dtype=None, seed=0, ve
             m.biases = (-8.0 * scales).astype(dtype)
         mx.eval(m.parameters())
         if verbose and (n % 40 == 0 or n == len(quantized) - 1):
-            say(f"  quantized {n + 1}/{len(quantized)} modules ({path}), "
-                f"active {mx.get_active_memory() / GiB:.2f} GiB, {time.perf_counter() - t0:.0f} s")
+            say(
+                f"  quantized {n + 1}/{len(quantized)} modules ({path}), "
+                f"active {mx.get_active_memory() / GiB:.2f} GiB, {time.perf_counter() - t0:.0f} s"
+            )
     # everything else (norms, router scales, layer scalars): cast to the activation dtype
-    rest = [(k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
-            and not k.endswith((".scales", ".biases"))]
+    rest = [
+        (k, v)
+        for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))
+    ]
     model.load_weights([(k, v.astype(dtype)) for k, v in rest], strict=False)
     mx.eval(model.parameters())
     model.eval()

@@ -38,6 +38,7 @@ def timed_calls(classes, acc, key=None):
             name = key(self) if key else type(self).__name__
             acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
             return out
+
         return call
 
     for cls in classes:
@@ -75,8 +76,10 @@ def canvas_kv_layers(dcache, n_layers):
 
 def by_kind(values, args):
     """(the values of the sliding layers, those of the full-attention layers), from per-layer values."""
-    return ([v for i, v in enumerate(values) if args.is_sliding(i)],
-            [v for i, v in enumerate(values) if not args.is_sliding(i)])
+    return (
+        [v for i, v in enumerate(values) if args.is_sliding(i)],
+        [v for i, v in enumerate(values) if not args.is_sliding(i)],
+    )
 
 
 def sampler_inputs():
@@ -125,7 +128,9 @@ def sampler_parts(model, logits, temp, bound, key):
 
     dt = model.embed_dtype
     if fused_softcap(model):  # `logits` from loop_decode: raw
-        out = denoise_sample(logits, temp, bound, key, None, None, dt, softcap=model.args.final_logit_softcapping)
+        out = denoise_sample(
+            logits, temp, bound, key, None, None, dt, softcap=model.args.final_logit_softcapping
+        )
         return out, out[4], None
     if _takes_probs_dtype():
         out = denoise_sample(logits, temp, bound, key, None, None, dt)
@@ -133,7 +138,11 @@ def sampler_parts(model, logits, temp, bound, key):
             return out, out[4], None
     else:
         out = denoise_sample(logits, temp, bound, key)
-    return out, self_conditioning_probs(logits, temp, dt), (lambda: self_conditioning_probs(logits, temp, dt))
+    return (
+        out,
+        self_conditioning_probs(logits, temp, dt),
+        (lambda: self_conditioning_probs(logits, temp, dt)),
+    )
 
 
 def sampler_step(model, logits, temp, bound, key):
@@ -158,13 +167,22 @@ def time_sampler(model, logits, n=3):
     t_matmul = timeit(lambda: mx.eval(model.soft_embeddings_from_probs(probs)), n)
     del probs
     t_step = timeit(lambda: mx.eval(sampler_step(model, logits, temp, bound, key)), n)
-    out = dict(denoise_sample=t_sample, sc_softmax=t_probs, sc_matmul=t_matmul,
-               sc_total=t_probs + t_matmul, total=t_step)
+    out = dict(
+        denoise_sample=t_sample,
+        sc_softmax=t_probs,
+        sc_matmul=t_matmul,
+        sc_total=t_probs + t_matmul,
+        total=t_step,
+    )
     if model.embed_dtype != mx.bfloat16 and _takes_probs_dtype():
         # what a bf16 (e.g. quantized) checkpoint's sampler does: probabilities in bf16
         cap = dict(softcap=model.args.final_logit_softcapping) if fused_softcap(model) else {}
         out["denoise_sample_bf16_probs"] = timeit(
-            lambda: mx.eval(denoise_sample(logits, temp, bound, key, None, None, mx.bfloat16, **cap)), n)
+            lambda: mx.eval(
+                denoise_sample(logits, temp, bound, key, None, None, mx.bfloat16, **cap)
+            ),
+            n,
+        )
     return out
 
 
@@ -176,8 +194,11 @@ def per_layer_times(model, canvas, dcache, soft=None):
     ids = {id(l): i for i, l in enumerate(model.layers)}
     sc = model.model.decoder.self_conditioning
     acc = {}
-    with timed_calls([type(model.layers[0]), type(sc)], acc,
-                     key=lambda m: "sc" if m is sc else ids.get(id(m), -1)):
+    with timed_calls(
+        [type(model.layers[0]), type(sc)],
+        acc,
+        key=lambda m: "sc" if m is sc else ids.get(id(m), -1),
+    ):
         mx.eval(loop_decode(model, canvas, dcache, soft))
     return [acc.get(i, 0.0) for i in range(len(model.layers))], acc.get("sc", 0.0)
 
@@ -199,7 +220,16 @@ def fixed_steps(model, ids, max_tokens, steps, seed, **kwargs):
     from ..generation import stream_generate
 
     r = None
-    for r in stream_generate(model, None, ids, max_tokens=max_tokens, max_denoising_steps=steps,
-                             confidence_threshold=NO_STOP, eos_token_ids=[], seed=seed, **kwargs):
+    for r in stream_generate(
+        model,
+        None,
+        ids,
+        max_tokens=max_tokens,
+        max_denoising_steps=steps,
+        confidence_threshold=NO_STOP,
+        eos_token_ids=[],
+        seed=seed,
+        **kwargs,
+    ):
         pass
     return r

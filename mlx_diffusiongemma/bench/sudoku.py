@@ -41,8 +41,8 @@ def training_puzzles(path):
 
 
 def solve(model, tokenizer, task, puzzle, seed, pinned):
-    from ..examples.task import answer
     from ..examples.sudoku_puzzles import to_text
+    from ..examples.task import answer
     from ..generation import Pins, stream_generate
 
     pins = None
@@ -67,20 +67,28 @@ def evaluate(model, tokenizer, task, puzzles, seed, pinned):
     for i, (puzzle, solution) in enumerate(puzzles):
         grid, steps, tokens, secs = solve(model, tokenizer, task, puzzle, seed + i, pinned)
         blanks = [j for j, d in enumerate(puzzle) if d == 0]
-        rows.append(dict(
-            solved=grid == solution,
-            cells=sum(a == b for a, b in zip(grid, solution)) / (n * n),
-            blank_cells=sum(grid[j] == solution[j] for j in blanks) / max(len(blanks), 1),
-            givens_kept=all(grid[j] == d for j, d in enumerate(puzzle) if d),
-            steps=steps, tokens=tokens, secs=secs))
+        rows.append(
+            dict(
+                solved=grid == solution,
+                cells=sum(a == b for a, b in zip(grid, solution)) / (n * n),
+                blank_cells=sum(grid[j] == solution[j] for j in blanks) / max(len(blanks), 1),
+                givens_kept=all(grid[j] == d for j, d in enumerate(puzzle) if d),
+                steps=steps,
+                tokens=tokens,
+                secs=secs,
+            )
+        )
     steps = [s for r in rows for s in r["steps"]]
     return dict(
-        puzzles=len(rows), exact=sum(r["solved"] for r in rows) / len(rows),
+        puzzles=len(rows),
+        exact=sum(r["solved"] for r in rows) / len(rows),
         cell_accuracy=statistics.mean(r["cells"] for r in rows),
         blank_cell_accuracy=statistics.mean(r["blank_cells"] for r in rows),
         givens_kept=sum(r["givens_kept"] for r in rows) / len(rows),
-        median_steps=statistics.median(steps), mean_steps=statistics.mean(steps),
-        tokens_per_s=sum(r["tokens"] for r in rows) / sum(r["secs"] for r in rows))
+        median_steps=statistics.median(steps),
+        mean_steps=statistics.mean(steps),
+        tokens_per_s=sum(r["tokens"] for r in rows) / sum(r["secs"] for r in rows),
+    )
 
 
 def section_sudoku(opts, rep):
@@ -97,13 +105,18 @@ def section_sudoku(opts, rep):
     n = task["size"]
     exclude = training_puzzles(opts.exclude)
     half = n * n // 2
-    levels = sorted({n * n // 3, (n * n // 3 + half) // 2, half, (half + 2 * n * n // 3) // 2,
-                     2 * n * n // 3})
-    say(f"{n}x{n} Sudoku, {path}; {opts.puzzles} held-out puzzles at {half} givens, "
+    levels = sorted(
+        {n * n // 3, (n * n // 3 + half) // 2, half, (half + 2 * n * n // 3) // 2, 2 * n * n // 3}
+    )
+    say(
+        f"{n}x{n} Sudoku, {path}; {opts.puzzles} held-out puzzles at {half} givens, "
         f"{max(opts.puzzles // 4, 16)} at each other level; seed {opts.seed}"
-        + (f"; {len(exclude)} training puzzles excluded" if exclude else ""))
-    say(f"{'mode':7} {'givens':>6} {'puzzles':>7} {'exact':>7} {'cells':>7} {'blanks':>7} "
-        f"{'givens kept':>11} {'median steps':>12} {'mean steps':>10} {'tok/s':>7}")
+        + (f"; {len(exclude)} training puzzles excluded" if exclude else "")
+    )
+    say(
+        f"{'mode':7} {'givens':>6} {'puzzles':>7} {'exact':>7} {'cells':>7} {'blanks':>7} "
+        f"{'givens kept':>11} {'median steps':>12} {'mean steps':>10} {'tok/s':>7}"
+    )
     results = {}
     for pinned in (False, True):
         mode = "pinned" if pinned else "free"
@@ -112,9 +125,11 @@ def section_sudoku(opts, rep):
             puzzles = held_out(n, givens, count, opts.seed, exclude)
             r = evaluate(model, tokenizer, task, puzzles, opts.seed, pinned)
             results[f"{mode}/{givens}"] = r
-            say(f"{mode:7} {givens:>6} {r['puzzles']:>7} {r['exact']:>7.1%} "
+            say(
+                f"{mode:7} {givens:>6} {r['puzzles']:>7} {r['exact']:>7.1%} "
                 f"{r['cell_accuracy']:>7.1%} {r['blank_cell_accuracy']:>7.1%} "
                 f"{r['givens_kept']:>11.1%} {r['median_steps']:>12} {r['mean_steps']:>10.1f} "
-                f"{r['tokens_per_s']:>7.0f}")
+                f"{r['tokens_per_s']:>7.0f}"
+            )
     rep.save("sudoku", {"size": n, "results": results})
     return results

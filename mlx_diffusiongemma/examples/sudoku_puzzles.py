@@ -22,8 +22,11 @@ def solved_grid(n: int, rng: random.Random) -> List[int]:
     digits = rng.sample(range(1, n + 1), n)
 
     def order(groups, size):  # shuffle the groups and the members within each
-        return [g * size + m for g in rng.sample(range(groups), groups)
-                for m in rng.sample(range(size), size)]
+        return [
+            g * size + m
+            for g in rng.sample(range(groups), groups)
+            for m in rng.sample(range(size), size)
+        ]
 
     rows, cols = order(n // r, r), order(n // c, c)
     return [digits[(c * (i % r) + i // r + j) % n] for i in rows for j in cols]
@@ -83,8 +86,9 @@ def count_solutions(grid: List[int], n: int, limit: int = 2) -> int:
     return solve()
 
 
-def make_puzzle(n: int, givens: int, rng: random.Random, tries: int = 20
-                ) -> Optional[Tuple[List[int], List[int]]]:
+def make_puzzle(
+    n: int, givens: int, rng: random.Random, tries: int = 20
+) -> Optional[Tuple[List[int], List[int]]]:
     """(puzzle, solution) with exactly `givens` givens and one solution, or None if `tries`
     random removal orders all got stuck above that count."""
     if not 0 < givens <= n * n:
@@ -114,14 +118,18 @@ def parse(text: str, n: int) -> List[int]:
     """N*N digits, with or without spaces (0 or . for a blank)."""
     digits = [0 if ch == "." else int(ch) for ch in text if ch.isdigit() or ch == "."]
     if len(digits) != n * n or any(d > n for d in digits):
-        raise ValueError(f"a {n}x{n} puzzle is {n * n} digits 0-{n} (0 for a blank), "
-                         f"got {len(digits)}")
+        raise ValueError(
+            f"a {n}x{n} puzzle is {n * n} digits 0-{n} (0 for a blank), got {len(digits)}"
+        )
     return digits
 
 
 def is_solution(grid: List[int], puzzle: List[int], n: int) -> bool:
-    return (all(p == 0 or p == g for p, g in zip(puzzle, grid)) and 0 not in grid
-            and count_solutions(grid, n) == 1)
+    return (
+        all(p == 0 or p == g for p, g in zip(puzzle, grid))
+        and 0 not in grid
+        and count_solutions(grid, n) == 1
+    )
 
 
 def grid_lines(grid: List[int], n: int) -> List[str]:
@@ -132,6 +140,9 @@ def grid_lines(grid: List[int], n: int) -> List[str]:
         if i and i % r == 0:
             lines.append("-+-".join(["-" * (2 * c - 1)] * (n // c)))
         row = grid[i * n : (i + 1) * n]
-        lines.append(" | ".join(" ".join(str(d) if d else "." for d in row[j : j + c])
-                                for j in range(0, n, c)))
+        lines.append(
+            " | ".join(
+                " ".join(str(d) if d else "." for d in row[j : j + c]) for j in range(0, n, c)
+            )
+        )
     return lines

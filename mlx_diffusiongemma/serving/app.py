@@ -39,16 +39,25 @@ class ServerState:
     name: str
     scheduler: Scheduler
     limits: Limits = field(default_factory=Limits)
-    counts: dict = field(default_factory=lambda: dict.fromkeys(
-        ("requests", "served", "cancelled", "rejected", "failed"), 0))
+    counts: dict = field(
+        default_factory=lambda: dict.fromkeys(
+            ("requests", "served", "cancelled", "rejected", "failed"), 0
+        )
+    )
 
     def health(self) -> dict:
         c = self.counts
         in_flight = c["requests"] - c["served"] - c["cancelled"] - c["rejected"] - c["failed"]
         sch = self.scheduler
-        return {"status": "ok" if sch.thread.is_alive() else "down", **c, "in_flight": in_flight,
-                "queued": sch.queued, "active_rows": sch.active_rows,
-                "prompt_cache_entries": len(sch.store), **sch.stats}
+        return {
+            "status": "ok" if sch.thread.is_alive() else "down",
+            **c,
+            "in_flight": in_flight,
+            "queued": sch.queued,
+            "active_rows": sch.active_rows,
+            "prompt_cache_entries": len(sch.store),
+            **sch.stats,
+        }
 
 
 class ClientGone(Exception):
@@ -66,8 +75,9 @@ async def _read_body(request: Request, limits: Limits) -> bytes:
     """The body, bounded in size and time; chunked bodies too (uvicorn de-chunks them)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
-        raise RequestError(f"request body of {declared} bytes exceeds the limit of "
-                           f"{limits.max_body}", status=413)
+        raise RequestError(
+            f"request body of {declared} bytes exceeds the limit of {limits.max_body}", status=413
+        )
     chunks, size = [], 0
 
     async def read():
@@ -75,15 +85,17 @@ async def _read_body(request: Request, limits: Limits) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limits.max_body:
-                raise RequestError(f"request body exceeds the limit of {limits.max_body} bytes",
-                                   status=413)
+                raise RequestError(
+                    f"request body exceeds the limit of {limits.max_body} bytes", status=413
+                )
             chunks.append(chunk)
 
     try:
         await asyncio.wait_for(read(), limits.body_timeout)
     except asyncio.TimeoutError:
-        raise RequestError(f"request body not received within {limits.body_timeout:g} s",
-                           status=408) from None
+        raise RequestError(
+            f"request body not received within {limits.body_timeout:g} s", status=408
+        ) from None
     except ClientDisconnect:
         raise ClientGone() from None
     return b"".join(chunks)
@@ -94,8 +106,19 @@ def create_app(state: ServerState) -> Starlette:
         return JSONResponse(state.health())
 
     async def models(request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": state.name, "object": "model", "created": 0, "owned_by": "mlx-diffusiongemma"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": state.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "mlx-diffusiongemma",
+                    }
+                ],
+            }
+        )
 
     async def chat(request):
         return await _complete(request, state, chat=True)
@@ -104,21 +127,37 @@ def create_app(state: ServerState) -> Starlette:
         return await _complete(request, state, chat=False)
 
     async def http_error(request, exc: HTTPException):
-        return _error(RequestError(exc.detail if exc.status_code != 404 else
-                                   f"no route {request.url.path}", status=exc.status_code,
-                                   kind="not_found" if exc.status_code == 404 else
-                                   "invalid_request_error"))
+        return _error(
+            RequestError(
+                exc.detail if exc.status_code != 404 else f"no route {request.url.path}",
+                status=exc.status_code,
+                kind="not_found" if exc.status_code == 404 else "invalid_request_error",
+            )
+        )
 
     async def server_error(request, exc: Exception):
         log.exception("internal error")
-        return JSONResponse({"error": {"message": "internal server error", "type": "server_error",
-                                       "param": None, "code": 500}}, status_code=500)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "internal server error",
+                    "type": "server_error",
+                    "param": None,
+                    "code": 500,
+                }
+            },
+            status_code=500,
+        )
 
-    routes = [Route("/health", health), Route("/v1/models", models),
-              Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error,
-                                                        Exception: server_error})
+    routes = [
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}
+    )
 
 
 async def _complete(request: Request, state: ServerState, chat: bool):
@@ -126,16 +165,18 @@ async def _complete(request: Request, state: ServerState, chat: bool):
     counts["requests"] += 1
     try:
         body = decode_body(await _read_body(request, state.limits))
-        parsed = await run_in_threadpool(parse, body, chat, state.model, state.tokenizer,
-                                         state.limits.max_tokens)
+        parsed = await run_in_threadpool(
+            parse, body, chat, state.model, state.tokenizer, state.limits.max_tokens
+        )
         job = ServedJob(parsed, state.tokenizer, asyncio.get_running_loop())
         if parsed.suffix is not None:
             job.run_alone = infill_runner(state.model, state.tokenizer)
         try:
             state.scheduler.submit(job)
         except QueueFull:
-            raise RequestError("the server's queue is full; retry shortly", status=429,
-                               kind="rate_limit_error") from None
+            raise RequestError(
+                "the server's queue is full; retry shortly", status=429, kind="rate_limit_error"
+            ) from None
         except ValueError as e:
             raise RequestError(str(e), "n") from None
     except RequestError as e:
@@ -151,12 +192,14 @@ async def _complete(request: Request, state: ServerState, chat: bool):
     if not state.scheduler.thread.is_alive():
         job.cancelled.set()
         counts["failed"] += 1
-        return _error(RequestError("the generation worker has stopped", status=503,
-                                   kind="server_error"))
+        return _error(
+            RequestError("the generation worker has stopped", status=503, kind="server_error")
+        )
     reply = Reply(state, job, chat)
     if parsed.stream:
-        return StreamingResponse(reply.stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            reply.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     return await reply.collect(request)
 
 
@@ -180,15 +223,28 @@ class Reply:
     def _usage(self):
         p = len(self.job.prompt)
         c = sum(self.completion_tokens)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": self.cached}}
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
 
     def _draft(self, row, d):
         tok = self.state.tokenizer
-        return {**self._head(True), "choices": [], "draft": {
-            "index": row, "canvas": d.canvas, "step": d.step, "tokens": d.tokens,
-            "accepted": sum(d.accepted), "mean_entropy": d.mean_entropy,
-            "text": tok.decode(d.tokens) if tok is not None else ""}}
+        return {
+            **self._head(True),
+            "choices": [],
+            "draft": {
+                "index": row,
+                "canvas": d.canvas,
+                "step": d.step,
+                "tokens": d.tokens,
+                "accepted": sum(d.accepted),
+                "mean_entropy": d.mean_entropy,
+                "text": tok.decode(d.tokens) if tok is not None else "",
+            },
+        }
 
     def _delta(self, row, delta):
         if not self.chat:
@@ -213,10 +269,16 @@ class Reply:
     def _message(self, row):
         sent = self.job.outputs[row].sent
         if not self.chat:
-            return {"index": row, "text": sent.content, "finish_reason": self.finish[row],
-                    "logprobs": None}
-        msg = {"role": "assistant",
-               "content": sent.content if (sent.content or not sent.tool_calls) else None}
+            return {
+                "index": row,
+                "text": sent.content,
+                "finish_reason": self.finish[row],
+                "logprobs": None,
+            }
+        msg = {
+            "role": "assistant",
+            "content": sent.content if (sent.content or not sent.tool_calls) else None,
+        }
         if sent.reasoning:
             msg["reasoning_content"] = sent.reasoning
         if sent.tool_calls:
@@ -240,9 +302,19 @@ class Reply:
         try:
             if self.chat:
                 for row in range(job.n):
-                    yield sse({**self._head(True), "choices": [
-                        {"index": row, "delta": {"role": "assistant", "content": ""},
-                         "finish_reason": None, "logprobs": None}]})
+                    yield sse(
+                        {
+                            **self._head(True),
+                            "choices": [
+                                {
+                                    "index": row,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None,
+                                    "logprobs": None,
+                                }
+                            ],
+                        }
+                    )
             done = 0
             while done < job.n:
                 event = await job.events.get()
@@ -257,9 +329,16 @@ class Reply:
                     yield sse({**self._head(True), "choices": [self._final(event[1], event[2])]})
                 elif kind == "error":
                     outcome = "rejected" if event[2] else "failed"
-                    yield sse({"error": {"message": event[1], "type": "invalid_request_error"
-                                         if event[2] else "server_error", "param": None,
-                                         "code": 400 if event[2] else 500}})
+                    yield sse(
+                        {
+                            "error": {
+                                "message": event[1],
+                                "type": "invalid_request_error" if event[2] else "server_error",
+                                "param": None,
+                                "code": 400 if event[2] else 500,
+                            }
+                        }
+                    )
                     yield "data: [DONE]\n\n"
                     return
             if job.parsed.include_usage:
@@ -288,9 +367,18 @@ class Reply:
             elif event[0] == "error":
                 client_fault = event[2]
                 counts["rejected" if client_fault else "failed"] += 1
-                return _error(RequestError(event[1], status=400 if client_fault else 500,
-                                           kind="invalid_request_error" if client_fault
-                                           else "server_error"))
+                return _error(
+                    RequestError(
+                        event[1],
+                        status=400 if client_fault else 500,
+                        kind="invalid_request_error" if client_fault else "server_error",
+                    )
+                )
         counts["served"] += 1
-        return JSONResponse({**self._head(), "choices": [self._message(r) for r in range(job.n)],
-                             "usage": self._usage()})
+        return JSONResponse(
+            {
+                **self._head(),
+                "choices": [self._message(r) for r in range(job.n)],
+                "usage": self._usage(),
+            }
+        )

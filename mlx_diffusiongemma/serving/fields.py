@@ -11,14 +11,25 @@ from ..sampler import SamplerSettings
 class RequestError(Exception):
     """A client fault: answered with `status` and a JSON error naming `param`."""
 
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: Optional[str] = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.status}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
 
 
 @dataclass

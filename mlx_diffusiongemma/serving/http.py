@@ -34,8 +34,6 @@ class _LingeringTransport:
         return self._protocol._lingering is not None or self._transport.is_closing()
 
 
-
-
 class Protocol(H11Protocol):
     header_timeout = HEADER_TIMEOUT
 
@@ -100,13 +98,26 @@ class Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str):
-        body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": 400}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
-                   (b"content-length", str(len(body)).encode())]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
-                      h11.Data(data=body), h11.EndOfMessage()):
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"malformed HTTP request: {msg}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": 400,
+                }
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"connection", b"close"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
             try:
                 self.transport.write(self.conn.send(event))
             except h11.LocalProtocolError:  # a response had already begun: just close

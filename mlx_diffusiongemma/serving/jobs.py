@@ -19,13 +19,27 @@ class ServedJob(Job):
     ("done", row, finish_reason, completion_tokens), ("error", message, client_fault)."""
 
     def __init__(self, parsed: Parsed, tokenizer, loop: asyncio.AbstractEventLoop):
-        super().__init__(parsed.prompt, parsed.settings, parsed.n, parsed.seed, parsed.drafts,
-                         images=parsed.images)
+        super().__init__(
+            parsed.prompt,
+            parsed.settings,
+            parsed.n,
+            parsed.seed,
+            parsed.drafts,
+            images=parsed.images,
+        )
         self.parsed, self.loop = parsed, loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.outputs = [ChoiceOutput(tokenizer, parsed.stop, parsed.chat, parsed.thinking_open,
-                                     parsed.tools, parsed.parallel_tool_calls)
-                        for _ in range(parsed.n)]
+        self.outputs = [
+            ChoiceOutput(
+                tokenizer,
+                parsed.stop,
+                parsed.chat,
+                parsed.thinking_open,
+                parsed.tools,
+                parsed.parallel_tool_calls,
+            )
+            for _ in range(parsed.n)
+        ]
 
     def _put(self, *event):
         try:
@@ -73,8 +87,14 @@ def infill_runner(model, tokenizer):
 
         job.on_start(0)
         try:
-            res = infill(model, tokenizer, [p.text_prompt, Gap(p.gap_length), p.suffix],
-                         draft_callback=on_draft, seed=p.seed, settings=s)
+            res = infill(
+                model,
+                tokenizer,
+                [p.text_prompt, Gap(p.gap_length), p.suffix],
+                draft_callback=on_draft,
+                seed=p.seed,
+                settings=s,
+            )
         except Cancelled:
             return
         except ValueError as e:  # the gap does not fit the canvas, ...

@@ -34,8 +34,15 @@ def _held(text: str, markers) -> int:
 
 
 class ChoiceOutput:
-    def __init__(self, tokenizer, stop=(), chat=False, thinking_open=False, tools=None,
-                 parallel_tool_calls=True):
+    def __init__(
+        self,
+        tokenizer,
+        stop=(),
+        chat=False,
+        thinking_open=False,
+        tools=None,
+        parallel_tool_calls=True,
+    ):
         self.tokenizer, self.stop, self.tools = tokenizer, list(stop), tools
         self.parallel = parallel_tool_calls
         think = chat and getattr(tokenizer, "has_thinking", False)
@@ -74,14 +81,29 @@ class ChoiceOutput:
         state, pos = self.start_state, 0
         while pos < len(text):
             if state == "content":
-                starts = [(text.find(m, pos), m, s) for m, s in
-                          ((self.think and self.think[0], "reasoning"),
-                           (self.tool and self.tool[0], "tool")) if m]
+                starts = [
+                    (text.find(m, pos), m, s)
+                    for m, s in (
+                        (self.think and self.think[0], "reasoning"),
+                        (self.tool and self.tool[0], "tool"),
+                    )
+                    if m
+                ]
                 starts = [x for x in starts if x[0] >= 0]
                 if not starts:
-                    end = len(text) if final else len(text) - _held(
-                        text[pos:], [m for m in (self.think and self.think[0],
-                                                 self.tool and self.tool[0]) if m])
+                    end = (
+                        len(text)
+                        if final
+                        else len(text)
+                        - _held(
+                            text[pos:],
+                            [
+                                m
+                                for m in (self.think and self.think[0], self.tool and self.tool[0])
+                                if m
+                            ],
+                        )
+                    )
                     content.append(text[pos:end])
                     pos = end
                     break
@@ -118,9 +140,16 @@ class ChoiceOutput:
             return None
         out = []
         for tc in parsed if isinstance(parsed, list) else [parsed]:
-            out.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                        "function": {"name": tc["name"], "arguments": json.dumps(
-                            tc["arguments"], ensure_ascii=False)}})
+            out.append(
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {
+                        "name": tc["name"],
+                        "arguments": json.dumps(tc["arguments"], ensure_ascii=False),
+                    },
+                }
+            )
         return out
 
     # ---- feeding -------------------------------------------------------------------------
@@ -144,9 +173,9 @@ class ChoiceOutput:
         if final:
             n = len(self.tokens)
             self.returned_tokens = self._tokens_for(len(text)) if self.finished else n
-        delta = Delta(content[self.n_content:], reasoning[self.n_reasoning:])
+        delta = Delta(content[self.n_content :], reasoning[self.n_reasoning :])
         self.n_content, self.n_reasoning = len(content), len(reasoning)
-        for raw in calls[self.n_calls:]:
+        for raw in calls[self.n_calls :]:
             parsed = self._call(raw)
             if parsed is None:  # kept as text rather than lost
                 delta.content += self.tool[0] + raw + self.tool[1]

@@ -26,8 +26,11 @@ class PromptStore:
         """(a copy of the cache of the longest kept prefix of `tokens`, its length) or (None, 0)."""
         best = None
         for key in self._entries:
-            if len(key) <= len(tokens) and (best is None or len(key) > len(best)) \
-                    and tuple(tokens[: len(key)]) == key:
+            if (
+                len(key) <= len(tokens)
+                and (best is None or len(key) > len(best))
+                and tuple(tokens[: len(key)]) == key
+            ):
                 best = key
         if best is None:
             return None, 0
@@ -41,6 +44,6 @@ class PromptStore:
         self._entries[key] = cache.copy()
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries or (
-                self.max_bytes is not None and len(self._entries) > 1
-                and self.nbytes > self.max_bytes):
+            self.max_bytes is not None and len(self._entries) > 1 and self.nbytes > self.max_bytes
+        ):
             self._entries.popitem(last=False)

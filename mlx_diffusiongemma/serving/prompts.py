@@ -6,13 +6,30 @@ import json
 from .fields import Parsed, RequestError, bool_field, int_field, is_int_list
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content",
-                "refusal"}
+MESSAGE_KEYS = {
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "reasoning_content",
+    "refusal",
+}
 IMAGE_PARTS = {"image_url", "input_image", "image"}
 # Names apply_chat_template sets itself: a client's chat_template_kwargs may not replace them.
-RESERVED_KWARGS = {"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
-                   "add_generation_prompt", "continue_final_message", "return_dict",
-                   "return_assistant_tokens_mask", "tokenizer_kwargs"}
+RESERVED_KWARGS = {
+    "conversation",
+    "messages",
+    "tools",
+    "documents",
+    "chat_template",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+}
 EFFORTS = {"none", "minimal", "low", "medium", "high"}
 
 
@@ -34,9 +51,12 @@ def _content(content, where, marker, images, why=None):
             texts.append(part["text"])
         elif kind in IMAGE_PARTS:
             if marker is None:
-                raise RequestError(f"'{at}' is an image, and "
-                                   f"{why or 'this checkpoint has no vision tower to read it'} "
-                                   "(send text parts only)", at)
+                raise RequestError(
+                    f"'{at}' is an image, and "
+                    f"{why or 'this checkpoint has no vision tower to read it'} "
+                    "(send text parts only)",
+                    at,
+                )
             src = part.get(kind) if kind != "image" else part.get("image", part.get("url"))
             src = src.get("url") if isinstance(src, dict) else src
             if not isinstance(src, str):
@@ -68,13 +88,20 @@ def _tool_calls(calls, where):
             try:
                 args = json.loads(args or "{}")
             except (json.JSONDecodeError, RecursionError):
-                raise RequestError(f"'{at}.function.arguments' is not valid JSON",
-                                   f"{at}.function.arguments") from None
+                raise RequestError(
+                    f"'{at}.function.arguments' is not valid JSON", f"{at}.function.arguments"
+                ) from None
         if not isinstance(args, dict):
-            raise RequestError(f"'{at}.function.arguments' must be a JSON object",
-                               f"{at}.function.arguments")
-        out.append({"id": c.get("id"), "type": "function",
-                    "function": {"name": fn["name"], "arguments": args}})
+            raise RequestError(
+                f"'{at}.function.arguments' must be a JSON object", f"{at}.function.arguments"
+            )
+        out.append(
+            {
+                "id": c.get("id"),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": args},
+            }
+        )
     return out
 
 
@@ -92,8 +119,10 @@ def _messages(body, marker, images, why=None):
             raise RequestError(f"unknown field '{where}.{unknown[0]}'", f"{where}.{unknown[0]}")
         if "content" not in m and not m.get("tool_calls"):
             raise RequestError(f"'{where}' needs a 'content'", f"{where}.content")
-        msg = {"role": "system" if m["role"] == "developer" else m["role"],
-               "content": _content(m.get("content"), f"{where}.content", marker, images, why)}
+        msg = {
+            "role": "system" if m["role"] == "developer" else m["role"],
+            "content": _content(m.get("content"), f"{where}.content", marker, images, why),
+        }
         if msg["content"] is None and not (m["role"] == "assistant" and m.get("tool_calls")):
             raise RequestError(f"'{where}.content' must be text", f"{where}.content")
         for k in ("name", "tool_call_id", "reasoning_content"):
@@ -113,8 +142,10 @@ def _messages(body, marker, images, why=None):
 def _tools(body, tokenizer):
     tools, choice = body.get("tools"), body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        raise RequestError("'tool_choice' is not supported: calls cannot be forced (only 'auto' "
-                           "or 'none')", "tool_choice")
+        raise RequestError(
+            "'tool_choice' is not supported: calls cannot be forced (only 'auto' or 'none')",
+            "tool_choice",
+        )
     if not tools or choice == "none":
         return None
     if not getattr(tokenizer, "has_tool_calling", False):
@@ -123,13 +154,21 @@ def _tools(body, tokenizer):
         raise RequestError("'tools' must be a list", "tools")
     for j, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
-        if (t.get("type") if isinstance(t, dict) else None) != "function" or not isinstance(
-                fn, dict) or not isinstance(fn.get("name"), str):
-            raise RequestError(f"'tools[{j}]' must be {{'type': 'function', 'function': "
-                               "{'name': ..., 'parameters': {...}}}", f"tools[{j}]")
+        if (
+            (t.get("type") if isinstance(t, dict) else None) != "function"
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+        ):
+            raise RequestError(
+                f"'tools[{j}]' must be {{'type': 'function', 'function': "
+                "{'name': ..., 'parameters': {...}}}",
+                f"tools[{j}]",
+            )
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise RequestError(f"'tools[{j}].function.parameters' must be an object",
-                               f"tools[{j}].function.parameters")
+            raise RequestError(
+                f"'tools[{j}].function.parameters' must be an object",
+                f"tools[{j}].function.parameters",
+            )
     return tools
 
 
@@ -139,12 +178,15 @@ def _template_kwargs(body):
         raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     reserved = sorted(set(kwargs) & RESERVED_KWARGS)
     if reserved:
-        raise RequestError(f"'chat_template_kwargs.{reserved[0]}' is set by the server",
-                           f"chat_template_kwargs.{reserved[0]}")
+        raise RequestError(
+            f"'chat_template_kwargs.{reserved[0]}' is set by the server",
+            f"chat_template_kwargs.{reserved[0]}",
+        )
     effort = body.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:
-        raise RequestError(f"'reasoning_effort' must be one of {sorted(EFFORTS)}",
-                           "reasoning_effort")
+        raise RequestError(
+            f"'reasoning_effort' must be one of {sorted(EFFORTS)}", "reasoning_effort"
+        )
     thinking = bool_field(body, "enable_thinking", None)
     if thinking is None and effort is not None:
         thinking = effort not in ("none", "minimal")
@@ -168,19 +210,22 @@ def chat_prompt(body, p: Parsed, model, tokenizer):
     p.parallel_tool_calls = bool_field(body, "parallel_tool_calls", True)
     kwargs = _template_kwargs(body)
     try:
-        text = tokenizer.apply_chat_template(messages, tools=p.tools, tokenize=False,
-                                             add_generation_prompt=True, **kwargs)
+        text = tokenizer.apply_chat_template(
+            messages, tools=p.tools, tokenize=False, add_generation_prompt=True, **kwargs
+        )
     except Exception as e:  # the template's own raise_exception, or a type it cannot render
-        raise RequestError(f"the chat template cannot render these messages: {e}",
-                           "messages") from None
+        raise RequestError(
+            f"the chat template cannot render these messages: {e}", "messages"
+        ) from None
     if p.images:
         from ..multimodal import expand_text
 
         try:
             p.prompt = expand_text(model, tokenizer, text, p.images)
         except ValueError as e:
-            raise RequestError(f"the images cannot be placed in this prompt: {e}",
-                               "messages") from None
+            raise RequestError(
+                f"the images cannot be placed in this prompt: {e}", "messages"
+            ) from None
     else:
         p.prompt = list(tokenizer.encode(text, add_special_tokens=False))
     if getattr(tokenizer, "has_thinking", False):
@@ -200,8 +245,11 @@ def completion_prompt(body, p: Parsed, tokenizer):
     elif is_int_list(prompt):
         p.prompt = list(prompt)
     else:
-        raise RequestError("'prompt' must be a string or a list of token ids (one prompt; use "
-                           "'n' for several choices)", "prompt")
+        raise RequestError(
+            "'prompt' must be a string or a list of token ids (one prompt; use "
+            "'n' for several choices)",
+            "prompt",
+        )
     suffix = body.get("suffix")
     if suffix is not None:
         if not isinstance(suffix, str) or not isinstance(prompt, str):

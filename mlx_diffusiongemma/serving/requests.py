@@ -47,8 +47,10 @@ def _check_strings(body):
                     try:
                         s.encode("utf-8")
                     except UnicodeEncodeError:
-                        raise RequestError(f"'{where.lstrip('.')}' holds a lone surrogate "
-                                           "(invalid Unicode)", where.lstrip(".")) from None
+                        raise RequestError(
+                            f"'{where.lstrip('.')}' holds a lone surrogate (invalid Unicode)",
+                            where.lstrip("."),
+                        ) from None
             if isinstance(v, (dict, list)):
                 stack.append((v, depth + 1, where))
 
@@ -59,18 +61,61 @@ def _refuse(key, why):
 
 # Fields with no effect on the output, accepted as OpenAI documents them (identifiers, storage
 # hints for OpenAI's own service).
-INFORMATIONAL = {"model", "user", "metadata", "service_tier", "prompt_cache_key",
-                 "safety_identifier"}
-SAMPLER_EXTRAS = {"steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                  "confidence_threshold"}
-COMMON = INFORMATIONAL | SAMPLER_EXTRAS | {
-    "max_tokens", "n", "stop", "stream", "stream_options", "seed", "temperature", "top_p",
-    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "drafts",
-    "store"}
-CHAT = COMMON | {"messages", "max_completion_tokens", "tools", "tool_choice",
-                 "parallel_tool_calls", "response_format", "enable_thinking",
-                 "chat_template_kwargs", "reasoning_effort", "modalities", "functions",
-                 "function_call", "audio", "prediction", "web_search_options", "verbosity"}
+INFORMATIONAL = {
+    "model",
+    "user",
+    "metadata",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+}
+SAMPLER_EXTRAS = {
+    "steps",
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
+    "confidence_threshold",
+}
+COMMON = (
+    INFORMATIONAL
+    | SAMPLER_EXTRAS
+    | {
+        "max_tokens",
+        "n",
+        "stop",
+        "stream",
+        "stream_options",
+        "seed",
+        "temperature",
+        "top_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "drafts",
+        "store",
+    }
+)
+CHAT = COMMON | {
+    "messages",
+    "max_completion_tokens",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "enable_thinking",
+    "chat_template_kwargs",
+    "reasoning_effort",
+    "modalities",
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "verbosity",
+}
 COMPLETIONS = COMMON | {"prompt", "suffix", "gap_length", "echo", "best_of"}
 
 
@@ -79,8 +124,11 @@ def _check_unsupported(body, chat):
     neutral = {"top_p": 1, "frequency_penalty": 0, "presence_penalty": 0}
     for k, v in neutral.items():
         if body.get(k) is not None and num_field(body, k) != v:
-            _refuse(k, f"the entropy-bound sampler draws from the whole tempered distribution "
-                       f"(only {v} is accepted)")
+            _refuse(
+                k,
+                f"the entropy-bound sampler draws from the whole tempered distribution "
+                f"(only {v} is accepted)",
+            )
     if body.get("logit_bias"):
         _refuse("logit_bias", "logits are not biased by this sampler")
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
@@ -113,10 +161,14 @@ def _stop(body) -> List[str]:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP}",
-                           "stop")
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise RequestError(
+            f"'stop' must be a non-empty string or a list of at most {MAX_STOP}", "stop"
+        )
     return stop
 
 
@@ -142,11 +194,15 @@ def sampler_settings(body, generation_config, max_tokens_limit) -> SamplerSettin
         max_tokens = int_field(body, "max_tokens", 1, max_tokens_limit)
     try:
         settings = SamplerSettings.resolve(
-            generation_config, max_tokens=max_tokens,
+            generation_config,
+            max_tokens=max_tokens,
             max_denoising_steps=int_field(body, "steps", 1, 1000),
-            entropy_bound=num_field(body, "entropy_bound"), t_min=num_field(body, "t_min"),
-            t_max=num_field(body, "t_max"), stability_threshold=int_field(body, "stability_threshold", 0),
-            confidence_threshold=num_field(body, "confidence_threshold"))
+            entropy_bound=num_field(body, "entropy_bound"),
+            t_min=num_field(body, "t_min"),
+            t_max=num_field(body, "t_max"),
+            stability_threshold=int_field(body, "stability_threshold", 0),
+            confidence_threshold=num_field(body, "confidence_threshold"),
+        )
         temp = num_field(body, "temperature", 0, 2)
         if temp is not None and body.get("t_min") is None and body.get("t_max") is None:
             if temp == 0:
@@ -170,8 +226,11 @@ def parse(body: dict, chat: bool, model, tokenizer, max_tokens_limit: int) -> Pa
         raise RequestError(f"unknown field '{unknown[0]}'", unknown[0])
     _check_unsupported(body, chat)
     stream = bool_field(body, "stream")
-    p = Parsed(chat=chat, prompt=[], settings=sampler_settings(
-        body, model.generation_config, max_tokens_limit))
+    p = Parsed(
+        chat=chat,
+        prompt=[],
+        settings=sampler_settings(body, model.generation_config, max_tokens_limit),
+    )
     p.n = int_field(body, "n", 1, MAX_N) or 1
     p.seed = int_field(body, "seed", 0, 2**63 - 1)
     p.stop, p.stream = _stop(body), stream
@@ -199,6 +258,9 @@ def _check_context(p: Parsed, model):
     C = args.canvas_length
     total = len(p.prompt) + -(-p.settings.max_tokens // C) * C
     if total > args.max_position_embeddings:
-        raise RequestError(f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} "
-                           "generated tokens exceeds the model's context of "
-                           f"{args.max_position_embeddings}", "max_tokens")
+        raise RequestError(
+            f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} "
+            "generated tokens exceeds the model's context of "
+            f"{args.max_position_embeddings}",
+            "max_tokens",
+        )

@@ -32,9 +32,16 @@ class Job:
     row and canvas (returns True to end the row now: a stop string), `on_draft(row, Draft)` per
     denoising step when `drafts`, `on_done(row, finish)` per row, `on_error(message)` once."""
 
-    def __init__(self, prompt: List[int], settings: SamplerSettings, n: int = 1,
-                 seed: Optional[int] = None, drafts: bool = False,
-                 run_alone: Optional[Callable] = None, images: Optional[list] = None):
+    def __init__(
+        self,
+        prompt: List[int],
+        settings: SamplerSettings,
+        n: int = 1,
+        seed: Optional[int] = None,
+        drafts: bool = False,
+        run_alone: Optional[Callable] = None,
+        images: Optional[list] = None,
+    ):
         self.prompt, self.settings, self.n, self.seed = prompt, settings, n, seed
         self.drafts = drafts
         self.images = images or []  # image sources for a model that reads them (model.encode)
@@ -76,8 +83,15 @@ def row_key(seed: Optional[int], index: int) -> mx.array:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, store: Optional[PromptStore] = None, max_batch: int = 8,
-                 max_queue: int = 64, prefill_step_size: int = 2048):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        store: Optional[PromptStore] = None,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        prefill_step_size: int = 2048,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.store = store if store is not None else PromptStore(0)
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
@@ -86,8 +100,13 @@ class Scheduler:
         self.groups: dict = {}  # settings key -> rows
         self.turns: deque = deque()  # group keys, in turn order
         self.waiting: Optional[Job] = None  # admitted next, once its rows fit
-        self.stats = {"canvases": 0, "canvas_rows": 0, "prompt_tokens": 0,
-                      "prompt_tokens_encoded": 0, "prompt_tokens_cached": 0}
+        self.stats = {
+            "canvases": 0,
+            "canvas_rows": 0,
+            "prompt_tokens": 0,
+            "prompt_tokens_encoded": 0,
+            "prompt_tokens_cached": 0,
+        }
         self.running = True
         self.thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
         self.thread.start()
@@ -179,8 +198,9 @@ class Scheduler:
                 from ..multimodal import vision_prompt
 
                 vision = vision_prompt(self.model, None, job.prompt, job.images).vision
-            self.model.encode(mx.array([new], dtype=mx.int32), cache, step=self.prefill_step_size,
-                              vision=vision)
+            self.model.encode(
+                mx.array([new], dtype=mx.int32), cache, step=self.prefill_step_size, vision=vision
+            )
         store.insert(job.prompt, cache)
         self.stats["prompt_tokens"] += len(job.prompt)
         self.stats["prompt_tokens_encoded"] += len(new)
@@ -190,8 +210,9 @@ class Scheduler:
         if key not in self.groups:
             self.groups[key] = []
             self.turns.append(key)
-        self.groups[key] += [_Row(job, i, cache.copy(), row_key(job.seed, i), [])
-                             for i in range(job.n)]
+        self.groups[key] += [
+            _Row(job, i, cache.copy(), row_key(job.seed, i), []) for i in range(job.n)
+        ]
 
     def _canvas(self, rows: List[_Row]):
         """One canvas for rows sharing their settings: denoise, hand out, commit."""
@@ -207,13 +228,21 @@ class Scheduler:
             for pos, j in enumerate(alive):
                 r = rows[j]
                 if r.job.drafts and not r.job.cancelled.is_set():
-                    r.job.on_draft(r.index, Draft(r.canvas, steps, argmax[pos].tolist(),
-                                                  accepted[pos].tolist(),
-                                                  entropy[pos].mean().item()))
+                    r.job.on_draft(
+                        r.index,
+                        Draft(
+                            r.canvas,
+                            steps,
+                            argmax[pos].tolist(),
+                            accepted[pos].tolist(),
+                            entropy[pos].mean().item(),
+                        ),
+                    )
             return {j for j in alive if rows[j].job.cancelled.is_set()}
 
-        committed, _ = denoise_canvas(model, [r.cache for r in rows], mx.concatenate(starts),
-                                      settings, run_keys, on_step)
+        committed, _ = denoise_canvas(
+            model, [r.cache for r in rows], mx.concatenate(starts), settings, run_keys, on_step
+        )
         self.stats["canvases"] += 1
         self.stats["canvas_rows"] += len(rows)
         for r, toks in zip(rows, committed.tolist()):
@@ -223,8 +252,11 @@ class Scheduler:
             limit = r.job.settings.max_tokens - len(r.tokens)
             tokens, hit = cut_at_eos(toks, self.eos, limit)
             r.tokens += tokens
-            finish = "stop" if hit is not None else (
-                "length" if len(r.tokens) >= r.job.settings.max_tokens else None)
+            finish = (
+                "stop"
+                if hit is not None
+                else ("length" if len(r.tokens) >= r.job.settings.max_tokens else None)
+            )
             cut = r.job.on_tokens(r.index, tokens, finish)
             if cut:  # a stop string: what the client saw is cut short
                 finish = "stop"
@@ -236,6 +268,7 @@ class Scheduler:
             if self.store.max_entries > 0 and not cut and not r.job.images:  # kept for turn 2
                 reply = tokens + ([] if hit is None else [hit])
                 if reply:
-                    model.encode(mx.array([reply], dtype=mx.int32), r.cache,
-                                 step=self.prefill_step_size)
-                self.store.insert(r.job.prompt + r.tokens + reply[len(tokens):], r.cache)
+                    model.encode(
+                        mx.array([reply], dtype=mx.int32), r.cache, step=self.prefill_step_size
+                    )
+                self.store.insert(r.job.prompt + r.tokens + reply[len(tokens) :], r.cache)

@@ -20,7 +20,9 @@ SELF_CONDITIONING = "model.decoder.self_conditioning"
 def default_keys(model, dora: bool) -> list:
     """Layer-relative names of the adaptable linears, plus the self-conditioning MLP's
     (absolute names, which mlx-lm's linear_to_lora_layers matches at the model level)."""
-    kinds = (nn.Linear, nn.QuantizedLinear) + (() if dora else (SwitchLinear, QuantizedSwitchLinear))
+    kinds = (nn.Linear, nn.QuantizedLinear) + (
+        () if dora else (SwitchLinear, QuantizedSwitchLinear)
+    )
     keys = sorted({k for k, m in model.layers[0].named_modules() if isinstance(m, kinds)})
     return keys + [f"{SELF_CONDITIONING}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
 
@@ -34,8 +36,9 @@ def prepare(model, fine_tune_type: str, num_layers: int, lora_parameters: dict) 
     model.freeze()
     if fine_tune_type == "full":
         if any(hasattr(m, "scales") for _, m in model.named_modules()):
-            raise ValueError("full fine-tuning needs an unquantized model (use lora or dora for "
-                             "a quantized one)")
+            raise ValueError(
+                "full fine-tuning needs an unquantized model (use lora or dora for a quantized one)"
+            )
         if num_layers in (-1, n):
             model.unfreeze()  # every text weight, embeddings and self-conditioning included
             # The objective reads text only: the vision tower gets no gradient, and weight
@@ -50,11 +53,15 @@ def prepare(model, fine_tune_type: str, num_layers: int, lora_parameters: dict) 
     if fine_tune_type not in ("lora", "dora"):
         raise ValueError(f"unknown fine-tune type {fine_tune_type!r} (lora, dora or full)")
     params = dict(lora_parameters)
-    for key, ok in (("rank", lambda v: isinstance(v, int) and v >= 1),
-                    ("scale", lambda v: isinstance(v, (int, float)) and mx.isfinite(mx.array(v)).item()),
-                    ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1)):
+    for key, ok in (
+        ("rank", lambda v: isinstance(v, int) and v >= 1),
+        ("scale", lambda v: isinstance(v, (int, float)) and mx.isfinite(mx.array(v)).item()),
+        ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1),
+    ):
         if key not in params or not ok(params[key]):
-            raise ValueError(f"lora_parameters.{key} is missing or out of range: {params.get(key)!r}")
+            raise ValueError(
+                f"lora_parameters.{key} is missing or out of range: {params.get(key)!r}"
+            )
     if params.get("keys") is None:
         params["keys"] = default_keys(model, fine_tune_type == "dora")
     linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
@@ -73,7 +80,12 @@ def load_adapters(model, adapter_path):
     except ValueError as e:
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
         more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise ValueError(f"adapter {adapter_path} does not fit this model: "
-                         + (lines[1] if len(lines) > 1 else lines[0]) + more) from None
+        raise ValueError(
+            f"adapter {adapter_path} does not fit this model: "
+            + (lines[1] if len(lines) > 1 else lines[0])
+            + more
+        ) from None
     except (KeyError, AttributeError) as e:
-        raise ValueError(f"adapter {adapter_path}: adapter_config.json lacks a setting ({e})") from None
+        raise ValueError(
+            f"adapter {adapter_path}: adapter_config.json lacks a setting ({e})"
+        ) from None

@@ -59,19 +59,26 @@ def render(tokenizer, row: dict, kind: str) -> Example:
             tokens.append(tokenizer.eos_token_id)
         return tokens[:1], tokens[1:]
     if kind == "completions":
-        messages = [{"role": "user", "content": row["prompt"]},
-                    {"role": "assistant", "content": row["completion"]}]
+        messages = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["completion"]},
+        ]
     else:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages or \
-                not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not isinstance(messages[-1], dict)
+            or messages[-1].get("role") != "assistant"
+        ):
             raise ValueError("'messages' must end with an assistant message")
     kw = dict(tools=row.get("tools"), enable_thinking=False)
     full = list(tokenizer.apply_chat_template(messages, **kw))
     prompt = list(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, **kw))
     if full[: len(prompt)] != prompt:
-        raise ValueError("the chat template does not render the prompt as a prefix of the "
-                         "whole conversation")
+        raise ValueError(
+            "the chat template does not render the prompt as a prefix of the whole conversation"
+        )
     return prompt, full[len(prompt) :]
 
 
@@ -82,8 +89,9 @@ def tokenize(path: Path, tokenizer, canvas_length: int, max_seq_length: int) -> 
         raise DataError(f"{path} holds no examples")
     kind = _format(rows[0])
     if kind == "unknown":
-        raise DataError(f"{path}:1: expected {{'messages'}}, {{'prompt', 'completion'}} or "
-                        "{'text'} keys")
+        raise DataError(
+            f"{path}:1: expected {{'messages'}}, {{'prompt', 'completion'}} or {{'text'}} keys"
+        )
     examples = []
     for n, row in enumerate(rows, 1):
         if _format(row) != kind:
@@ -93,12 +101,15 @@ def tokenize(path: Path, tokenizer, canvas_length: int, max_seq_length: int) -> 
         except Exception as e:  # the line's or the chat template's complaint
             raise DataError(f"{path}:{n}: cannot render this example ({e})") from None
         if not prompt or not response:
-            raise DataError(f"{path}:{n}: the example has an empty "
-                            f"{'prompt' if not prompt else 'response'}")
+            raise DataError(
+                f"{path}:{n}: the example has an empty {'prompt' if not prompt else 'response'}"
+            )
         length = len(prompt) + -(-len(response) // canvas_length) * canvas_length
         if length > max_seq_length:
-            raise DataError(f"{path}:{n}: {length} tokens (prompt + whole canvases) is over "
-                            f"--max-seq-length {max_seq_length}")
+            raise DataError(
+                f"{path}:{n}: {length} tokens (prompt + whole canvases) is over "
+                f"--max-seq-length {max_seq_length}"
+            )
         examples.append((prompt, response))
     return examples
 

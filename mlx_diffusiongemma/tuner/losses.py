@@ -40,8 +40,13 @@ def canvas_count(response_len: int, canvas_length: int) -> int:
     return max(1, -(-response_len // canvas_length))
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], canvas_length: int,
-         fill_token: int, pad_to: int = 1) -> tuple:
+def pack(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    canvas_length: int,
+    fill_token: int,
+    pad_to: int = 1,
+) -> tuple:
     """(tokens (B, L), prompt_len (B,), seq_len (B,)) as numpy arrays: each response filled up
     to whole canvases with `fill_token`, each row right-padded to L (a multiple of `pad_to`)."""
     if len(prompts) != len(responses) or not prompts:
@@ -62,9 +67,18 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], c
     return tokens, prompt_len, seq_len
 
 
-def diffusion_loss(model, prompts: List[List[int]], responses: List[List[int]], *, canvas_index,
-                   replace, random_tokens, self_condition, fill_token: int,
-                   encoder_loss_weight: float = 1.0) -> mx.array:
+def diffusion_loss(
+    model,
+    prompts: List[List[int]],
+    responses: List[List[int]],
+    *,
+    canvas_index,
+    replace,
+    random_tokens,
+    self_condition,
+    fill_token: int,
+    encoder_loss_weight: float = 1.0,
+) -> mx.array:
     """The batch loss (a float32 scalar) for token-id lists and the scored canvas's noise:
     canvas_index (B,), replace (B, C) bool, random_tokens (B, C) int32, self_condition (B,)."""
     C = model.args.canvas_length
@@ -74,9 +88,13 @@ def diffusion_loss(model, prompts: List[List[int]], responses: List[List[int]], 
     if ci.shape[0] != len(prompts) or (ci < 0).any() or (ci >= n_canvases).any():
         raise ValueError("canvas_index must give, per example, one of its response's canvases")
     batch = Batch(
-        mx.array(tokens), mx.array(prompt_len), mx.array(seq_len),
-        mx.array(ci.astype(np.int32)), mx.array(replace).astype(mx.bool_),
-        mx.array(random_tokens).astype(mx.int32), mx.array(self_condition).astype(mx.bool_),
+        mx.array(tokens),
+        mx.array(prompt_len),
+        mx.array(seq_len),
+        mx.array(ci.astype(np.int32)),
+        mx.array(replace).astype(mx.bool_),
+        mx.array(random_tokens).astype(mx.int32),
+        mx.array(self_condition).astype(mx.bool_),
     )
     return batch_loss(model, batch, encoder_loss_weight)[0]
 
@@ -136,8 +154,13 @@ def next_token_cross_entropy(model, hidden: mx.array, targets: mx.array) -> mx.a
         return mx.checkpoint(ce)
 
     params = head.trainable_parameters()
-    return mx.concatenate([chunk(targets[:, i: i + AR_CHUNK])(params, hidden[:, i: i + AR_CHUNK])
-                           for i in range(0, T, AR_CHUNK)], axis=1)
+    return mx.concatenate(
+        [
+            chunk(targets[:, i : i + AR_CHUNK])(params, hidden[:, i : i + AR_CHUNK])
+            for i in range(0, T, AR_CHUNK)
+        ],
+        axis=1,
+    )
 
 
 def embed(model, ids: mx.array) -> mx.array:

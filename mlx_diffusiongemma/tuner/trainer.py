@@ -51,8 +51,13 @@ def draw_noise(rng: np.random.Generator, examples, args: DiffusionArgs):
 
 
 def make_batch(examples, noise, args: DiffusionArgs) -> Batch:
-    tokens, prompt_len, seq_len = pack([p for p, _ in examples], [r for _, r in examples],
-                                       args.canvas_length, args.fill_token, PAD_TO)
+    tokens, prompt_len, seq_len = pack(
+        [p for p, _ in examples],
+        [r for _, r in examples],
+        args.canvas_length,
+        args.fill_token,
+        PAD_TO,
+    )
     ci, replace, rand, sc = noise
     return Batch(*(mx.array(a) for a in (tokens, prompt_len, seq_len, ci, replace, rand, sc)))
 
@@ -83,15 +88,19 @@ class Batches:
         self.start_step = start_step
         self.on_step = on_step
 
-    def __call__(self, dataset, batch_size, max_seq_length=None, loop=False, seed=None,
-                 comm_group=None):
+    def __call__(
+        self, dataset, batch_size, max_seq_length=None, loop=False, seed=None, comm_group=None
+    ):
         if comm_group is not None and comm_group.size() > 1:
             raise ValueError("distributed training is not supported")
         if len(dataset) < batch_size:
-            raise ValueError(f"the split has {len(dataset)} examples, fewer than --batch-size "
-                             f"{batch_size}")
+            raise ValueError(
+                f"the split has {len(dataset)} examples, fewer than --batch-size {batch_size}"
+            )
         order = sorted(range(len(dataset)), key=lambda i: sum(map(len, dataset[i])))
-        groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        groups = [
+            order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
         if not loop:
             for i, g in enumerate(groups):
                 rng = np.random.default_rng((self.args.seed, 1, i))
@@ -142,7 +151,9 @@ class Checkpoints:
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         state = {k: v for k, v in tree_flatten(self.optimizer.state) if k != "loss_parts"}
         meta = {"iteration": str(step)}
-        names = ["adapters.safetensors"] + ([f"{step:07d}_adapters.safetensors"] if numbered else [])
+        names = ["adapters.safetensors"] + (
+            [f"{step:07d}_adapters.safetensors"] if numbered else []
+        )
         for name in names:
             atomic_save(self.path / name, weights, meta)
             atomic_save(optimizer_file(self.path / name), state, meta)
@@ -203,24 +214,46 @@ class Report(TrainingCallback):
         diffusion, ar = self.sums / max(self.count, 1)
         it_s = info["iterations_per_second"]
         tok_s = info["tokens_per_second"]
-        record = dict(iteration=step, loss=info["train_loss"], diffusion_loss=diffusion,
-                      ar_loss=ar, learning_rate=info["learning_rate"], it_per_s=it_s,
-                      tokens_per_s=tok_s, peak_memory_gb=info["peak_memory"])
-        self._emit(record, (
-            f"Iter {step}: train loss {info['train_loss']:.4f} (diffusion {diffusion:.4f}, "
-            f"AR {ar:.4f}), lr {info['learning_rate']:.3e}, {it_s:.3f} it/s, "
-            f"{tok_s:.1f} tokens/s, peak mem {info['peak_memory']:.3f} GB"))
+        record = dict(
+            iteration=step,
+            loss=info["train_loss"],
+            diffusion_loss=diffusion,
+            ar_loss=ar,
+            learning_rate=info["learning_rate"],
+            it_per_s=it_s,
+            tokens_per_s=tok_s,
+            peak_memory_gb=info["peak_memory"],
+        )
+        self._emit(
+            record,
+            (
+                f"Iter {step}: train loss {info['train_loss']:.4f} (diffusion {diffusion:.4f}, "
+                f"AR {ar:.4f}), lr {info['learning_rate']:.3e}, {it_s:.3f} it/s, "
+                f"{tok_s:.1f} tokens/s, peak mem {info['peak_memory']:.3f} GB"
+            ),
+        )
         self.sums[:] = 0
         self.count = 0
 
     def on_val_loss_report(self, info):
         step = self.start + info["iteration"]
-        self._emit(dict(iteration=step, val_loss=info["val_loss"], val_time=info["val_time"]),
-                   f"Iter {step}: val loss {info['val_loss']:.4f} ({info['val_time']:.1f} s)")
+        self._emit(
+            dict(iteration=step, val_loss=info["val_loss"], val_time=info["val_time"]),
+            f"Iter {step}: val loss {info['val_loss']:.4f} ({info['val_time']:.1f} s)",
+        )
 
 
-def train(model, optimizer, train_set, valid_set, train_args: TrainingArgs,
-          diffusion: DiffusionArgs, adapter_path: Path, start_step: int = 0, log=None):
+def train(
+    model,
+    optimizer,
+    train_set,
+    valid_set,
+    train_args: TrainingArgs,
+    diffusion: DiffusionArgs,
+    adapter_path: Path,
+    start_step: int = 0,
+    log=None,
+):
     """Runs mlx-lm's loop from `start_step` to `train_args.iters` (the run's total)."""
     parts = optimizer.state
     checkpoints = Checkpoints(model, optimizer, adapter_path, train_args.steps_per_save)
@@ -234,14 +267,29 @@ def train(model, optimizer, train_set, valid_set, train_args: TrainingArgs,
     batches.on_step = on_step
     remaining = train_args.iters - start_step
     if remaining <= 0:
-        raise ValueError(f"the run is already at iteration {start_step} of --iters "
-                         f"{train_args.iters}")
+        raise ValueError(
+            f"the run is already at iteration {start_step} of --iters {train_args.iters}"
+        )
     scratch = adapter_path / ".mlx_lm_final.safetensors"
-    args = TrainingArgs(**{**train_args.__dict__, "iters": remaining,
-                           "steps_per_save": remaining + 1, "adapter_file": str(scratch)})
+    args = TrainingArgs(
+        **{
+            **train_args.__dict__,
+            "iters": remaining,
+            "steps_per_save": remaining + 1,
+            "adapter_file": str(scratch),
+        }
+    )
     parts["loss_parts"] = mx.zeros((2,))
-    mlx_lm_train(model, optimizer, train_set, valid_set, args=args, loss=make_loss(diffusion, parts),
-                 iterate_batches=batches, training_callback=report)
+    mlx_lm_train(
+        model,
+        optimizer,
+        train_set,
+        valid_set,
+        args=args,
+        loss=make_loss(diffusion, parts),
+        iterate_batches=batches,
+        training_callback=report,
+    )
     scratch.unlink(missing_ok=True)
     last = train_args.iters
     report.collect(last)
@@ -250,5 +298,11 @@ def train(model, optimizer, train_set, valid_set, train_args: TrainingArgs,
 
 def evaluate_loss(model, dataset, batch_size: int, num_batches: int, diffusion: DiffusionArgs):
     """The mean loss over `num_batches` batches (-1: all) with fixed noise, by mlx-lm's evaluate."""
-    return evaluate(model, dataset, batch_size, num_batches, loss=make_loss(diffusion),
-                    iterate_batches=Batches(diffusion))
+    return evaluate(
+        model,
+        dataset,
+        batch_size,
+        num_batches,
+        loss=make_loss(diffusion),
+        iterate_batches=Batches(diffusion),
+    )

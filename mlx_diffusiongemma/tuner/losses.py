@@ -119,7 +119,8 @@ def example_losses(model, batch: Batch):
 
     hidden, kv = encode(model, tokens)
     pairs = mx.arange(L - 1)[None] < (seq_len[:, None] - 1)  # (B, L - 1)
-    ar_ce = next_token_cross_entropy(model, hidden[:, :-1], tokens[:, 1:]) * pairs
+    ar_logits = model.lm_logits(hidden[:, :-1])  # (B, L - 1, V) float32, softcapped
+    ar_ce = nn.losses.cross_entropy(ar_logits, tokens[:, 1:]) * pairs
     ar = ar_ce.sum(axis=1) / pairs.sum(axis=1)
 
     masks = decoder_masks(model, context, L, C)
@@ -128,39 +129,6 @@ def example_losses(model, batch: Batch):
     logits = decode(model, noised, kv, context, masks, soft)
     diffusion = nn.losses.cross_entropy(logits, clean).mean(axis=1)
     return diffusion, ar
-
-
-AR_CHUNK = 256  # positions per chunk of the encoder's next-token cross-entropy
-
-
-def next_token_cross_entropy(model, hidden: mx.array, targets: mx.array) -> mx.array:
-    """Cross-entropy (B, T) of the LM head's softcapped float32 logits at `hidden` (B, T, D).
-
-    Over AR_CHUNK positions at a time, each chunk under mx.checkpoint, so that the (B, T, V)
-    logits, their softmax and their gradients never exist whole: at the real vocabulary a
-    512-token prompt and one canvas make float32 logits of 0.8 GB a tensor, where a chunk is
-    the size of a canvas's. The head's trainable parameters (the tied embedding, in full
-    fine-tuning) are passed in, as mlx-lm's grad_checkpoint does, so that their gradient flows."""
-    T = hidden.shape[1]
-    if T <= AR_CHUNK:
-        return nn.losses.cross_entropy(model.lm_logits(hidden), targets)
-    head = model.model.decoder.embed_tokens if model.args.tie_word_embeddings else model.lm_head
-
-    def chunk(t):  # the targets are read, not differentiated: not an argument
-        def ce(params, h):
-            head.update(params)
-            return nn.losses.cross_entropy(model.lm_logits(h), t)
-
-        return mx.checkpoint(ce)
-
-    params = head.trainable_parameters()
-    return mx.concatenate(
-        [
-            chunk(targets[:, i : i + AR_CHUNK])(params, hidden[:, i : i + AR_CHUNK])
-            for i in range(0, T, AR_CHUNK)
-        ],
-        axis=1,
-    )
 
 
 def embed(model, ids: mx.array) -> mx.array:

@@ -122,6 +122,8 @@ def test_repl_ctrl_c_stops_a_reply_and_ctrl_d_quits(monkeypatch, capsys, text_de
 
     from mlx_diffusiongemma import chat, generation
 
+    # as from a terminal: a suite started in the background (`&`) runs with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     lines = iter([KeyboardInterrupt, "hi", "again", EOFError])
 
     def fake_input(prompt):
@@ -149,3 +151,4 @@ def test_repl_ctrl_c_stops_a_reply_and_ctrl_d_quits(monkeypatch, capsys, text_de
     assert rc == 0 and len(calls) == 2
     assert "[reply stopped]" in out and out.endswith(">> \n")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, previous)

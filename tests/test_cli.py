@@ -187,6 +187,9 @@ def test_two_quick_sigints_end_with_one_line():
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # as from a terminal: a suite started in the background (`&`) runs with SIGINT
+            # ignored, and an ignored signal stays ignored across exec
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         proc.stderr.readline()  # the demo notice: the command runs, and now loads the model
         for s in signals:

@@ -1,8 +1,7 @@
 """Which backend runs what.
 
-model.py and sampler.py call the operations below and nothing backend-specific (vision.py calls
-them too, and still pads head dims for mx.fast's kernels itself off the CPU). Each has one
-default, what Metal and CUDA run (`Backend`, default.py); the CPU backend (`CpuBackend`, cpu.py)
+model.py, sampler.py and vision.py call the operations below and read the attributes below them,
+and hold nothing backend-specific themselves. Each has one default, what Metal and CUDA run (`Backend`, default.py); the CPU backend (`CpuBackend`, cpu.py)
 replaces some with routes of its own:
 
   operation         Metal, CUDA (default.py)                 CPU (cpu.py)

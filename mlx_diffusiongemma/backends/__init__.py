@@ -1,8 +1,9 @@
 """Which backend runs what.
 
 model.py, sampler.py and vision.py call the operations below and read the attributes below them,
-and hold nothing backend-specific themselves. Each has one default, what Metal and CUDA run (`Backend`, default.py); the CPU backend (`CpuBackend`, cpu.py)
-replaces some with routes of its own:
+and hold nothing backend-specific themselves. Each has one default, what Metal and CUDA run
+(`Backend`, default.py); the CPU backend (`CpuBackend`, cpu.py) replaces some with routes of
+its own:
 
   operation         Metal, CUDA (default.py)                 CPU (cpu.py)
   final_softcap     tanh(x / cap) * cap, one compiled pass   the same, one slice of rows per core

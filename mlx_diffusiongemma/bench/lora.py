@@ -96,16 +96,13 @@ def measure_step(case):
     import mlx.nn as nn
     import mlx.optimizers as optim
 
+    from ..backends.cpu_memory import keep_freed_memory
     from ..tuner.adapters import prepare
     from ..tuner.trainer import make_loss
     from .models import build_random_float
 
-    try:
-        from ..backends.cpu_memory import keep_freed_memory
-
-        keep_freed_memory()
-    except ImportError:
-        pass
+    # run_case starts this in a child of the same package, so cpu_memory.py is always there
+    keep_freed_memory()
     # What a Mac runs: the default backend (mlx-lm's row layout for the experts, mx.fast
     # attention), none of the CPU's routes. The CPU's expert tiles pad rows and keep tile-sized
     # temporaries that no Mac allocates (measured: ~2x the step's per-layer memory).

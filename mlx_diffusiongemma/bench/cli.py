@@ -105,9 +105,18 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
     p.add_argument("--request-tokens", type=int, default=64, help="serve: tokens per request")
     p.add_argument(
         "--part",
-        choices=["all", "memory", "speed"],
+        choices=["all", "memory", "depth", "speed"],
         default="all",
-        help="lora: the memory extrapolation, the speed at the mid shape, or both",
+        help="lora: the memory extrapolation, the speed at the mid shape, or both; depth: the "
+        "checkpointed step measured at the real depth (layers share their frozen weights)",
+    )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        nargs="+",
+        default=[16, -1],
+        help="lora --part depth: the adapted layers, as mlx_lm.lora's --num-layers (16, its "
+        "default, and -1, all)",
     )
     p.add_argument(
         "--no-compile",

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from .common import GB, ROOT, GiB, mem_available, random_prompt, say
-from .models import default_quant, make_args, param_bytes, recipe_bytes
+from .models import default_quant, layer_counts, make_args, param_bytes, recipe_bytes
 from .shapes import FULL_CANVAS, SHAPES
 
 LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
@@ -99,7 +99,7 @@ def measure_step(case):
     from ..backends.cpu_memory import keep_freed_memory
     from ..tuner.adapters import prepare
     from ..tuner.trainer import make_loss
-    from .models import build_random_float
+    from .models import build_random_float, build_shared_float
 
     # run_case starts this in a child of the same package, so cpu_memory.py is always there
     keep_freed_memory()
@@ -118,9 +118,12 @@ def measure_step(case):
         layer_types=case["layer_types"],
     )
     mx.random.seed(0)
-    model = build_random_float(args, mx.float32, verbose=False)
+    if case.get("share"):
+        model = build_shared_float(args, mx.float32)
+    else:
+        model = build_random_float(args, mx.float32, verbose=False)
     W = param_bytes(model)
-    prepare(model, "lora", -1, dict(LORA_PARAMETERS))
+    prepare(model, "lora", case.get("num_layers", -1), dict(LORA_PARAMETERS))
     mx.eval(model.parameters())
     A = adapted_bytes(model)
     opt = optim.Adam(learning_rate=1e-5)
@@ -132,7 +135,7 @@ def measure_step(case):
     out = dict(case, weights=W, adapters=A)
     layer_class = type(model.layers[0])
     original = layer_class.__call__
-    for ckpt in (False, True):
+    for ckpt in case.get("checkpoint", (False, True)):
         if ckpt:
             from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -331,6 +334,56 @@ def memory_part(opts, rep):
     return figures
 
 
+def depth_part(opts, rep):
+    """The checkpointed step measured at the real depth and vocabulary, not extrapolated: the
+    layers of one attention type share their frozen float32 weights (build_shared_float), so the
+    30-layer step fits in this machine's memory; the weights are then counted at the mixed 4-bit
+    recipe. One run per --num-layers value."""
+    shape = opts.shape
+    full = make_args(SHAPES[shape], canvas_length=canvas_for(shape))
+    V, prompt = full.vocab_size, opts.prompt
+    W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
+    S30, F30 = layer_counts(full)
+    say(
+        f"  depth: {shape} shape, all {full.num_hidden_layers} layers ({S30} sliding + {F30} full), "
+        f"vocab {V}, batch 1, {prompt}-token prompt, one {full.canvas_length}-token canvas, LoRA "
+        f"rank {LORA_PARAMETERS['rank']}, Adam, --grad-checkpoint; float32, the layers of one "
+        "attention type sharing their frozen weights"
+    )
+    figures = dict(shape=shape, prompt=prompt, canvas=full.canvas_length, vocab=V, runs=[])
+    for n in opts.num_layers:
+        say(f"    measuring --num-layers {n} ...")
+        r = run_case(
+            dict(
+                shape=shape,
+                layer_types=full.layer_types,
+                vocab=V,
+                prompt=prompt,
+                canvas=full.canvas_length,
+                compile=not opts.no_compile,
+                share=True,
+                num_layers=n,
+                checkpoint=[True],
+            ),
+            timeout=4 * 3600,
+        )
+        c = r["checkpoint"]
+        peak = W30 + r["adapters"] + c["optimizer"] + c["transient"]
+        say(
+            f"    --num-layers {n:>3}: measured peak {c['peak'] / GB:.2f} GB = shared float32 "
+            f"weights {r['weights'] / GB:.2f} + adapters {r['adapters'] / GB:.3f} + Adam "
+            f"{c['optimizer'] / GB:.3f} + step {c['transient'] / GB:.3f} GB ({c['step_s']:.0f} s)"
+        )
+        say(
+            f"      with the mixed 4-bit weights ({W30 / GB:.2f} GB): peak {peak / GB:.2f} GB "
+            f"({peak / GiB:.2f} GiB); target <= {TARGET_GB:.0f} GB: "
+            f"{'met' if peak / GB <= TARGET_GB else 'missed'} by {abs(TARGET_GB - peak / GB):.2f} GB"
+        )
+        figures["runs"].append(dict(r, num_layers=n, weights30_mixed4=W30, peak30=peak))
+    rep.save("lora:depth", figures)
+    return figures
+
+
 def speed_part(opts, rep):
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -413,6 +466,8 @@ def section_lora(opts, rep):
     out = {}
     if opts.part in ("all", "memory"):
         out["memory"] = memory_part(opts, rep)
+    if opts.part == "depth":
+        out["depth"] = depth_part(opts, rep)
     if opts.part in ("all", "speed"):
         out["speed"] = speed_part(opts, rep)
     return out

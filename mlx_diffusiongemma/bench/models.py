@@ -253,7 +253,36 @@ def build_random_float(args, dtype, verbose=True):
     return model
 
 
+def build_shared_float(args, dtype):
+    """A Model with random float weights in `dtype` whose layers of one attention type all hold
+    the first such layer's arrays: what a step keeps per layer can then be measured at the real
+    depth in the memory of two layers (frozen weights are only read; a layer's activations,
+    gradients and adapters are its own whatever weights it reads)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from ..model import Model
+
+    model = Model(args)
+    first = {}
+    for part in [model.model.decoder.embed_tokens, model.model.decoder.self_conditioning]:
+        part.update(tree_map(lambda a: (a * 1.0).astype(dtype), part.parameters()))
+    for i, layer in enumerate(model.layers):
+        kind = args.layer_types[i]
+        if kind in first:
+            layer.update(first[kind].parameters())
+        else:
+            layer.update(tree_map(lambda a: (a * 1.0).astype(dtype), layer.parameters()))
+            first[kind] = layer
+        mx.eval(layer.parameters())
+    model.update(tree_map(lambda a: a if a.dtype == dtype else a.astype(dtype), model.parameters()))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
 def param_bytes(model):
+    """Bytes of the model's parameters, an array held in several places counted once."""
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return sum({id(v): v.nbytes for _, v in tree_flatten(model.parameters())}.values())

@@ -466,12 +466,16 @@ class Model(nn.Module):
         )
 
     def soft_embeddings_from_probs(self, probs: mx.array) -> mx.array:
+        dt = self.embed_dtype
+        return self.embedding_matmul(probs.astype(dt)) * mx.array(self.embed_scale, dtype=dt)
+
+    def embedding_matmul(self, x: mx.array) -> mx.array:
+        """x (..., V) @ the token embedding (V, D), quantized or not: the soft embedding, and
+        the tied LM head's transpose (the gradient at its input)."""
         emb = self.model.decoder.embed_tokens
-        dt = compute_dtype(emb)
-        probs = probs.astype(dt)
         if hasattr(emb, "scales"):
-            soft = mx.quantized_matmul(
-                probs,
+            return mx.quantized_matmul(
+                x,
                 emb.weight,
                 emb.scales,
                 getattr(emb, "biases", None),
@@ -480,9 +484,7 @@ class Model(nn.Module):
                 bits=emb.bits,
                 mode=getattr(emb, "mode", "affine"),
             )
-        else:
-            soft = probs @ emb.weight
-        return soft * mx.array(self.embed_scale, dtype=dt)
+        return x @ emb.weight
 
     @property
     def embed_dtype(self):

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from transformers.cache_utils import DynamicCache
 
 from mlx_diffusiongemma import load_model
-from mlx_diffusiongemma.tuner import diffusion_loss
+from mlx_diffusiongemma.tuner import diffusion_loss, losses
 
 REL = 1e-4
 
@@ -73,8 +73,32 @@ def make_case(rng, V, C, prompt_lens, response_lens):
 
 @pytest.mark.parametrize("lens", [((7,), (16,)), ((5, 12, 9), (10, 40, 16))])
 def test_loss_and_gradients_match_torch(tiny, lens):
+    check_against_torch(tiny, lens)
+
+
+@pytest.mark.parametrize("slice_", [3, 8])
+def test_sliced_head_matches_torch(tiny, monkeypatch, slice_):
+    """With the head frozen (LoRA), its cross-entropies run slice by slice with their gradients
+    taken in the forward pass (losses.head_cross_entropy): still the reference's loss and
+    gradients, ragged last slices included."""
+    monkeypatch.setattr(losses, "HEAD_SLICE", slice_)
+    calls = []
+    fused = losses.head_cross_entropy
+
+    def spy(model, hidden, targets):
+        calls.append(bool(model.model.decoder.embed_tokens.trainable_parameters()))
+        return fused(model, hidden, targets)
+
+    monkeypatch.setattr(losses, "head_cross_entropy", spy)
+    check_against_torch(tiny, ((5, 12, 9), (10, 40, 16)), freeze_head=True)
+    assert calls == [False, False]  # the AR and the diffusion cross-entropy, both sliced
+
+
+def check_against_torch(tiny, lens, freeze_head=False):
     path, ref = tiny
     model = load_model(path)
+    if freeze_head:
+        model.model.decoder.embed_tokens.freeze()
     V, C, fill, w = model.args.vocab_size, model.args.canvas_length, 1, 0.7
     rng = np.random.default_rng(len(lens[0]))
     prompts, responses, ci, replace, rand, sc = make_case(rng, V, C, *lens)
@@ -184,3 +208,49 @@ def test_bad_canvas_index_is_refused(tiny):
             self_condition=np.array([True]),
             fill_token=1,
         )
+
+
+def test_sliced_head_on_a_quantized_base_equals_the_whole_logits(tiny, monkeypatch):
+    """QLoRA: the sliced head's loss and LoRA gradients through a 4-bit tied embedding equal the
+    whole-logits cross-entropy's."""
+    from mlx_diffusiongemma.tuner.adapters import prepare
+
+    path, _ = tiny
+    model = load_model(path)
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and "vision" not in p,
+    )
+    assert hasattr(model.model.decoder.embed_tokens, "scales")
+    prepare(model, "lora", -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    rng = np.random.default_rng(11)
+    prompts, responses, ci, replace, rand, sc = make_case(
+        rng, model.args.vocab_size, model.args.canvas_length, (6, 13), (30, 9)
+    )
+
+    def loss_fn(m):
+        return diffusion_loss(
+            m,
+            prompts,
+            responses,
+            canvas_index=ci,
+            replace=replace,
+            random_tokens=rand,
+            self_condition=sc,
+            fill_token=1,
+            encoder_loss_weight=0.5,
+        )
+
+    results = []
+    for slice_ in (5, 10**9):
+        monkeypatch.setattr(losses, "HEAD_SLICE", slice_)
+        loss, grads = nn.value_and_grad(model, loss_fn)(model)
+        results.append((loss.item(), dict(tree_flatten(grads))))
+    (sliced, gs), (whole, gw) = results
+    assert abs(sliced - whole) <= 1e-5 * abs(whole)
+    assert set(gs) == set(gw) and len(gs) > 10
+    for k in gw:
+        scale = float(mx.abs(gw[k]).max())
+        assert float(mx.abs(gs[k] - gw[k]).max()) <= 1e-4 * max(scale, 1e-6), k

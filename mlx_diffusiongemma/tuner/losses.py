@@ -118,17 +118,111 @@ def example_losses(model, batch: Batch):
     noised = mx.where(replace, random_tokens, clean)
 
     hidden, kv = encode(model, tokens)
-    pairs = mx.arange(L - 1)[None] < (seq_len[:, None] - 1)  # (B, L - 1)
-    ar_logits = model.lm_logits(hidden[:, :-1])  # (B, L - 1, V) float32, softcapped
-    ar_ce = nn.losses.cross_entropy(ar_logits, tokens[:, 1:]) * pairs
-    ar = ar_ce.sum(axis=1) / pairs.sum(axis=1)
-
     masks = decoder_masks(model, context, L, C)
-    first = mx.stop_gradient(decode(model, noised, kv, context, masks, None))
-    soft = model.soft_embeddings(first) * self_condition[:, None, None].astype(model.embed_dtype)
-    logits = decode(model, noised, kv, context, masks, soft)
-    diffusion = nn.losses.cross_entropy(logits, clean).mean(axis=1)
+    first = decode(model, noised, kv, context, masks, None)
+    soft = soft_signal(model, first) * self_condition[:, None, None].astype(model.embed_dtype)
+    h = decode(model, noised, kv, context, masks, soft)
+    diffusion = head_cross_entropy(model, h, clean).mean(axis=1)
+
+    # after the decoder's head slices, not beside them (HEAD_SLICE)
+    hidden = mx.depends(hidden, diffusion)
+    pairs = mx.arange(L - 1)[None] < (seq_len[:, None] - 1)  # (B, L - 1)
+    ar_ce = head_cross_entropy(model, hidden[:, :-1], tokens[:, 1:]) * pairs
+    ar = ar_ce.sum(axis=1) / pairs.sum(axis=1)
     return diffusion, ar
+
+
+# Rows (positions of the batch) per slice of the LM head. At the real vocabulary a row's float32
+# logits are 1 MiB; one example of a 512-token prompt and a canvas scores 768 + 256 rows and
+# reads 256 more for the self-conditioning signal. Whole, their logits, softmaxes and gradients
+# were 2.6 GB of a LoRA step's peak; in slices of 64, 0.4 GB (RESULTS.md, fine-tuning).
+HEAD_SLICE = 64
+
+
+def slices(n: int):
+    return [(a, min(a + HEAD_SLICE, n)) for a in range(0, n, HEAD_SLICE)]
+
+
+def in_turn(parts):
+    """Slices of work made to run one after the other: each slice's input waits on the previous
+    slice's result (mx.depends), so that only one slice's vocabulary-sized temporaries are alive
+    (MLX would otherwise run independent slices side by side)."""
+    out, prev = [], None
+    for x, f in parts:
+        if prev is not None:
+            x = mx.depends(x, prev)
+        prev = f(x)
+        out.append(prev)
+    return out
+
+
+def head_cross_entropy(model, hidden: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy (B, T) of the LM head's softcapped float32 logits at `hidden` (B, T, D).
+
+    The head runs over HEAD_SLICE rows at a time, in turn, and each slice's gradient with
+    respect to its hidden states is taken there and then (a position's loss reads its own hidden
+    state only, so its gradient is its cotangent times the gradient of its loss alone): no
+    vocabulary-sized tensor outlives its slice, and the backward pass does not recompute the
+    logits (the fused linear cross-entropy of Liger and Apple's cut cross-entropy, here with the
+    head's own, possibly quantized, matmul). Without a gradient taken, the slices' gradients are
+    still evaluated (each slice waits on the previous one's), which costs an evaluation one more
+    head matmul. A head with trainable parameters (full fine-tuning, or an adapter on it)
+    needs its own gradient: the whole-logits path."""
+    head = model.model.decoder.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    B, T, D = hidden.shape
+    if B * T <= HEAD_SLICE or head.trainable_parameters():
+        return nn.losses.cross_entropy(model.lm_logits(hidden), targets)
+    spans = slices(B * T)  # over the batch's rows: a slice is HEAD_SLICE rows whatever B
+
+    def loss_and_grad(h, t):
+        return slice_loss_and_grad(model, h, t)
+
+    @mx.custom_function
+    def fused(h, t):
+        done = in_turn(
+            (h[:, a:b], lambda x, a=a, b=b: loss_and_grad(x, t[:, a:b])) for a, b in spans
+        )
+        return mx.concatenate([d[0] for d in done], 1), mx.concatenate([d[1] for d in done], 1)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        grad = outputs[1]  # d loss / d hidden, position by position
+        return grad * cotangents[0][..., None].astype(grad.dtype), mx.zeros_like(primals[1])
+
+    return fused(hidden.reshape(1, B * T, D), targets.reshape(1, B * T))[0].reshape(B, T)
+
+
+def slice_loss_and_grad(model, x: mx.array, targets: mx.array):
+    """Cross-entropy (B, t) of the softcapped float32 logits at x (B, t, D) and its gradient
+    with respect to x, written out rather than differentiated so that a slice keeps few
+    vocabulary-sized arrays alive (the raw logits, the softcap's tanh, the gradient)."""
+    raw = model.lm_logits(x, softcap=False).astype(mx.float32)
+    cap = model.args.final_logit_softcapping
+    tanh = mx.tanh(raw / cap) if cap else None
+    logits = tanh * cap if cap else raw
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    loss = (lse - mx.take_along_axis(logits, targets[..., None], axis=-1))[..., 0]
+    grad = mx.exp(logits - lse) - (mx.arange(logits.shape[-1]) == targets[..., None])
+    if cap:
+        grad = grad * (1 - tanh * tanh)  # d(cap * tanh(raw / cap)) / d raw
+    grad = grad.astype(x.dtype)
+    if model.args.tie_word_embeddings:
+        return loss, model.embedding_matmul(grad)
+    _, (dx,) = mx.vjp(lambda y: model.lm_logits(y, softcap=False), [x], [grad])
+    return loss, dx
+
+
+def soft_signal(model, hidden: mx.array) -> mx.array:
+    """The self-conditioning signal of pass 1's final hidden states (B, C, D): the softmax of
+    the LM head's logits, without gradient, times the embedding (which gets its gradient, as in
+    the reference), HEAD_SLICE rows at a time, in turn."""
+    B, C, D = hidden.shape
+    rows = hidden.reshape(B * C, D)
+    parts = in_turn(
+        (rows[a:b], lambda x: model.soft_embeddings(mx.stop_gradient(model.lm_logits(x))))
+        for a, b in slices(B * C)
+    )
+    return mx.concatenate(parts).reshape(B, C, D)
 
 
 def embed(model, ids: mx.array) -> mx.array:
@@ -174,9 +268,9 @@ def decoder_masks(model, context: mx.array, L: int, C: int):
 
 
 def decode(model, canvas, kv, context, masks, soft_embeds):
-    """Decoder logits (B, C, V) for the canvas at positions context.. over the encoder's K/V."""
+    """Decoder final-normed hidden states (B, C, D) for the canvas at positions context.. over the encoder's K/V."""
     dec = model.model.decoder
     h = dec.self_conditioning(embed(model, canvas), soft_embeds)
     for i, layer in enumerate(dec.layers):
         h, _ = layer(h, context, kv[i], masks[i], layer.layer_scalar)
-    return model.lm_logits(dec.norm(h))
+    return dec.norm(h)

@@ -150,7 +150,8 @@ def test_harness_section_named_to_the_package_command():
 def test_lora_tiny(tmp_path):
     # the tiny shape (32-token canvas): three memory runs (each in its own process, plain and
     # with mlx-lm's grad checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
-    # steps through the trainer for the speed figure
+    # steps through the trainer for the speed figure; the depth part runs the whole (2-layer)
+    # model once
     out = bench(
         "lora",
         "--shape",
@@ -180,10 +181,23 @@ def test_lora_tiny(tmp_path):
         r"^  without grad checkpointing: step = ",
         r"^    extrapolated peak, \d+\+\d+ layers, vocab 4096: .* = \d+\.\d\d GB .*target <= 24 GB: (met|missed)",
         r"^  with --grad-checkpoint: step = ",
+        r"^  depth: tiny shape, all 2 layers \(1 sliding \+ 1 full\), vocab 4096, ",
+        r"^    --num-layers  16: skipped \(the tiny shape has 2 layers\)",
+        r"^    --num-layers  -1: measured peak +\d+\.\d\d GB = shared float32 weights ",
+        r"^      with the mixed 4-bit weights \(\d+\.\d\d GB\): peak \d+\.\d\d GB .*target <= 24 GB: (met|missed)",
         r"^  LoRA step at the tiny shape: [\d.]+ it/s, [\d.]+ tokens/s \(48 tokens a step",
     )
     figures = json_lines(tmp_path / "l.jsonl")
-    assert set(figures) == {"lora:memory", "lora:speed", "lora:run"}
+    assert set(figures) == {"lora:memory", "lora:depth", "lora:speed", "lora:run"}
+    (d,) = figures["lora:depth"]["runs"]
+    assert d["num_layers"] == -1 and d["checkpoint"]["transient"] > 0
+    assert (
+        d["peak30"]
+        == d["weights30_mixed4"]
+        + d["adapters"]
+        + d["checkpoint"]["optimizer"]
+        + d["checkpoint"]["transient"]
+    )
     m = figures["lora:memory"]
     assert len(m["plain"]["runs"]) == len(m["checkpoint"]["runs"]) == 3
     assert m["optimizer30"] == 2 * m["adapters30"] > 0

@@ -107,8 +107,9 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
         "--part",
         choices=["all", "memory", "depth", "speed"],
         default="all",
-        help="lora: the memory extrapolation, the speed at the mid shape, or both; depth: the "
-        "checkpointed step measured at the real depth (layers share their frozen weights)",
+        help="lora: memory: the extrapolation from two- and three-layer runs; depth: the "
+        "checkpointed step measured at the real depth (layers share their frozen weights); speed: "
+        "at the mid shape; all: the three",
     )
     p.add_argument(
         "--num-layers",

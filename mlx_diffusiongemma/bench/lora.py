@@ -22,6 +22,13 @@ As `fullwidth`, it runs at reduced depth and extrapolates to the 30-layer model:
 * the step runs what a Mac runs (mlx-lm's row layout for the experts, mx.fast attention): the
   CPU's own routes (expert tiles and the rest, backends/cpu.py) are switched off.
 
+Depth (`--part depth`): the checkpointed step measured directly at all 30 layers and the real
+vocabulary, no extrapolation: the layers of one attention type share their frozen float32
+weights (build_shared_float), which only changes what the weights cost — a layer's activations,
+gradients, adapters and Adam state are its own — so the whole model's step fits in this
+machine's memory; the weights are then counted at the mixed 4-bit recipe as above. One run per
+`--num-layers` value (mlx_lm.lora's default 16, and -1: all).
+
 Activations are float32 here (bf16 on a Mac, except the logits, which are float32 on both): the
 measured transient is an upper bound for a Mac.
 
@@ -352,6 +359,11 @@ def depth_part(opts, rep):
     )
     figures = dict(shape=shape, prompt=prompt, canvas=full.canvas_length, vocab=V, runs=[])
     for n in opts.num_layers:
+        if not (n == -1 or 1 <= n <= full.num_hidden_layers):
+            say(
+                f"    --num-layers {n:>3}: skipped (the {shape} shape has {full.num_hidden_layers} layers)"
+            )
+            continue
         say(f"    measuring --num-layers {n} ...")
         r = run_case(
             dict(
@@ -460,13 +472,14 @@ def speed_part(opts, rep):
 
 def section_lora(opts, rep):
     rep.header(
-        f"lora: LoRA training step, peak memory at {opts.shape} width (extrapolated to 30 layers) "
-        f"and speed at the {'tiny' if opts.shape == 'tiny' else 'mid'} shape"
+        f"lora: LoRA training step, peak memory at {opts.shape} width (extrapolated to 30 layers, "
+        f"and measured at 30 layers sharing their weights) and speed at the "
+        f"{'tiny' if opts.shape == 'tiny' else 'mid'} shape"
     )
     out = {}
     if opts.part in ("all", "memory"):
         out["memory"] = memory_part(opts, rep)
-    if opts.part == "depth":
+    if opts.part in ("all", "depth"):
         out["depth"] = depth_part(opts, rep)
     if opts.part in ("all", "speed"):
         out["speed"] = speed_part(opts, rep)

@@ -81,7 +81,8 @@ def test_sliced_head_matches_torch(tiny, monkeypatch, slice_):
     """With the head frozen (LoRA), its cross-entropies run slice by slice with their gradients
     taken in the forward pass (losses.head_cross_entropy): still the reference's loss and
     gradients, ragged last slices included."""
-    monkeypatch.setattr(losses, "HEAD_SLICE", slice_)
+    vocab = tiny[1].config.get_text_config().vocab_size
+    monkeypatch.setattr(losses, "HEAD_SLICE_BYTES", 4 * vocab * slice_)  # slice_ rows a slice
     calls = []
     fused = losses.head_cross_entropy
 
@@ -90,8 +91,12 @@ def test_sliced_head_matches_torch(tiny, monkeypatch, slice_):
         return fused(model, hidden, targets)
 
     monkeypatch.setattr(losses, "head_cross_entropy", spy)
+    sliced = []
+    one = losses.slice_loss_and_grad
+    monkeypatch.setattr(losses, "slice_loss_and_grad", lambda *a: sliced.append(1) or one(*a))
     check_against_torch(tiny, ((5, 12, 9), (10, 40, 16)), freeze_head=True)
-    assert calls == [False, False]  # the AR and the diffusion cross-entropy, both sliced
+    assert calls == [False, False]  # the AR and the diffusion cross-entropy, head frozen
+    assert len(sliced) > 2  # ... and sliced
 
 
 def check_against_torch(tiny, lens, freeze_head=False):
@@ -245,7 +250,7 @@ def test_sliced_head_on_a_quantized_base_equals_the_whole_logits(tiny, monkeypat
 
     results = []
     for slice_ in (5, 10**9):
-        monkeypatch.setattr(losses, "HEAD_SLICE", slice_)
+        monkeypatch.setattr(losses, "HEAD_SLICE_BYTES", 4 * model.args.vocab_size * slice_)
         loss, grads = nn.value_and_grad(model, loss_fn)(model)
         results.append((loss.item(), dict(tree_flatten(grads))))
     (sliced, gs), (whole, gw) = results

@@ -124,7 +124,7 @@ def example_losses(model, batch: Batch):
     h = decode(model, noised, kv, context, masks, soft)
     diffusion = head_cross_entropy(model, h, clean).mean(axis=1)
 
-    # after the decoder's head slices, not beside them (HEAD_SLICE)
+    # after the decoder's head slices, not beside them (HEAD_SLICE_BYTES)
     hidden = mx.depends(hidden, diffusion)
     pairs = mx.arange(L - 1)[None] < (seq_len[:, None] - 1)  # (B, L - 1)
     ar_ce = head_cross_entropy(model, hidden[:, :-1], tokens[:, 1:]) * pairs
@@ -132,15 +132,18 @@ def example_losses(model, batch: Batch):
     return diffusion, ar
 
 
-# Rows (positions of the batch) per slice of the LM head. At the real vocabulary a row's float32
-# logits are 1 MiB; one example of a 512-token prompt and a canvas scores 768 + 256 rows and
-# reads 256 more for the self-conditioning signal. Whole, their logits, softmaxes and gradients
-# were 2.6 GB of a LoRA step's peak; in slices of 64, 0.4 GB (RESULTS.md, fine-tuning).
-HEAD_SLICE = 64
+# float32 logits per slice of the LM head: 64 rows (positions of the batch) at the real
+# vocabulary, where a row's logits are 1 MiB and one example of a 512-token prompt and a canvas
+# scores 768 + 256 rows and reads 256 more for the self-conditioning signal. Whole, their logits,
+# softmaxes and gradients were 2.6 GB of a LoRA step's peak; in 64-row slices, ~0.5 GB
+# (benchmarks/RESULTS.md, fine-tuning). A small vocabulary's rows fit in one slice.
+HEAD_SLICE_BYTES = 64 * 2**20
 
 
-def slices(n: int):
-    return [(a, min(a + HEAD_SLICE, n)) for a in range(0, n, HEAD_SLICE)]
+def slices(rows: int, vocab: int):
+    """[start, stop) spans of the rows, each with at most HEAD_SLICE_BYTES of float32 logits."""
+    n = max(1, HEAD_SLICE_BYTES // (4 * vocab))
+    return [(a, min(a + n, rows)) for a in range(0, rows, n)]
 
 
 def in_turn(parts):
@@ -159,9 +162,9 @@ def in_turn(parts):
 def head_cross_entropy(model, hidden: mx.array, targets: mx.array) -> mx.array:
     """Cross-entropy (B, T) of the LM head's softcapped float32 logits at `hidden` (B, T, D).
 
-    The head runs over HEAD_SLICE rows at a time, in turn, and each slice's gradient with
-    respect to its hidden states is taken there and then (a position's loss reads its own hidden
-    state only, so its gradient is its cotangent times the gradient of its loss alone): no
+    The head runs over slices of rows (HEAD_SLICE_BYTES of logits each) in turn, and each
+    slice's gradient with respect to its hidden states is taken there and then (a position's
+    loss reads its own hidden state only, so its gradient is its cotangent times the gradient of its loss alone): no
     vocabulary-sized tensor outlives its slice, and the backward pass does not recompute the
     logits (the fused linear cross-entropy of Liger and Apple's cut cross-entropy, here with the
     head's own, possibly quantized, matmul). Without a gradient taken, the slices' gradients are
@@ -170,9 +173,9 @@ def head_cross_entropy(model, hidden: mx.array, targets: mx.array) -> mx.array:
     needs its own gradient: the whole-logits path."""
     head = model.model.decoder.embed_tokens if model.args.tie_word_embeddings else model.lm_head
     B, T, D = hidden.shape
-    if B * T <= HEAD_SLICE or head.trainable_parameters():
+    spans = slices(B * T, model.args.vocab_size)  # over the batch's rows, whatever B
+    if len(spans) == 1 or head.trainable_parameters():
         return nn.losses.cross_entropy(model.lm_logits(hidden), targets)
-    spans = slices(B * T)  # over the batch's rows: a slice is HEAD_SLICE rows whatever B
 
     def loss_and_grad(h, t):
         return slice_loss_and_grad(model, h, t)
@@ -215,12 +218,12 @@ def slice_loss_and_grad(model, x: mx.array, targets: mx.array):
 def soft_signal(model, hidden: mx.array) -> mx.array:
     """The self-conditioning signal of pass 1's final hidden states (B, C, D): the softmax of
     the LM head's logits, without gradient, times the embedding (which gets its gradient, as in
-    the reference), HEAD_SLICE rows at a time, in turn."""
+    the reference), in slices of rows taken in turn (HEAD_SLICE_BYTES)."""
     B, C, D = hidden.shape
     rows = hidden.reshape(B * C, D)
     parts = in_turn(
         (rows[a:b], lambda x: model.soft_embeddings(mx.stop_gradient(model.lm_logits(x))))
-        for a, b in slices(B * C)
+        for a, b in slices(B * C, model.args.vocab_size)
     )
     return mx.concatenate(parts).reshape(B, C, D)
 

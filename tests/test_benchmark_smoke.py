@@ -205,3 +205,13 @@ def test_lora_tiny(tmp_path):
         assert m[kind]["peak30"] > m["weights30_mixed4"] + 3 * m["adapters30"]
     s = figures["lora:speed"]
     assert s["it_per_s"] > 0 and s["tokens_per_step"] == 48 and len(s["step_s"]) == 1
+
+
+def test_lora_memory_plot_reads_the_depth_logs():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from lora_memory_plot import read_runs
+    finally:
+        sys.path.pop(0)
+    runs = read_runs(ROOT / "benchmarks/logs/lora_depth/after-35e089b.txt")
+    assert runs == [(-1, 15.40, 0.992, 1.984, 5.253), (16, 15.40, 0.529, 1.059, 3.319)]

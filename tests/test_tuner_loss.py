@@ -260,3 +260,43 @@ def test_sliced_head_on_a_quantized_base_equals_the_whole_logits(tiny, monkeypat
     for k in gw:
         scale = float(mx.abs(gw[k]).max())
         assert float(mx.abs(gs[k] - gw[k]).max()) <= 1e-4 * max(scale, 1e-6), k
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_grad_checkpoint_changes_no_gradient(tiny, kind):
+    """--grad-checkpoint (mlx-lm's grad_checkpoint on the layer class) recomputes each layer in
+    the backward pass: the encoder's K/V, which the decoder's layers read, still carry their
+    gradient through the recomputed layers, so loss and gradients are those without it."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    from mlx_diffusiongemma.bench.lora import example_batch
+    from mlx_diffusiongemma.tuner.adapters import prepare
+    from mlx_diffusiongemma.tuner.trainer import make_loss
+
+    def step(checkpointed):
+        model = load_model(tiny[0])
+        mx.random.seed(3)
+        prepare(model, kind, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        for _, m in model.named_modules():  # nonzero B: every LoRA gradient is nonzero
+            if hasattr(m, "lora_b"):
+                m.lora_b = 0.01 * mx.random.normal(m.lora_b.shape)
+        model.train()
+        diff, batch = example_batch(20, model.args.canvas_length, model.args.vocab_size, batch=2)
+        layer_class = type(model.layers[0])
+        original = layer_class.__call__
+        if checkpointed:
+            grad_checkpoint(model.layers[0])
+        try:
+            (loss, _), grads = nn.value_and_grad(model, make_loss(diff))(model, *batch)
+            mx.eval(loss, grads)
+        finally:
+            layer_class.__call__ = original
+        return loss.item(), dict(tree_flatten(grads))
+
+    (plain, want), (ckpt, got) = step(False), step(True)
+    assert plain == pytest.approx(ckpt, rel=1e-6)
+    assert set(got) == set(want)
+    for name, g in want.items():
+        scale = float(mx.abs(g).max())
+        assert scale > 0, name
+        assert float(mx.abs(got[name] - g).max()) <= 1e-4 * scale, name

@@ -262,21 +262,25 @@ def test_sliced_head_on_a_quantized_base_equals_the_whole_logits(tiny, monkeypat
         assert float(mx.abs(gs[k] - gw[k]).max()) <= 1e-4 * max(scale, 1e-6), k
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
-def test_grad_checkpoint_changes_no_gradient(tiny, kind):
-    """--grad-checkpoint (mlx-lm's grad_checkpoint on the layer class) recomputes each layer in
-    the backward pass: the encoder's K/V, which the decoder's layers read, still carry their
-    gradient through the recomputed layers, so loss and gradients are those without it."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
+@pytest.mark.parametrize(
+    "kind, num_layers, ordered",
+    [("lora", -1, True), ("full", -1, True), ("lora", 2, True), ("lora", -1, False)],
+)
+def test_grad_checkpoint_changes_no_gradient(tiny, kind, num_layers, ordered):
+    """--grad-checkpoint (tuner.checkpoint's, and mlx-lm's that it orders) recomputes each
+    layer in the backward pass: the encoder's K/V, which the decoder's layers read, still carry
+    their gradient through the recomputed layers, so loss and gradients are those without it."""
+    import mlx_lm.tuner.trainer
 
     from mlx_diffusiongemma.bench.lora import example_batch
     from mlx_diffusiongemma.tuner.adapters import prepare
+    from mlx_diffusiongemma.tuner.checkpoint import grad_checkpoint as ours
     from mlx_diffusiongemma.tuner.trainer import make_loss
 
     def step(checkpointed):
         model = load_model(tiny[0])
         mx.random.seed(3)
-        prepare(model, kind, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        prepare(model, kind, num_layers, {"rank": 4, "scale": 10.0, "dropout": 0.0})
         for _, m in model.named_modules():  # nonzero B: every LoRA gradient is nonzero
             if hasattr(m, "lora_b"):
                 m.lora_b = 0.01 * mx.random.normal(m.lora_b.shape)
@@ -285,9 +289,10 @@ def test_grad_checkpoint_changes_no_gradient(tiny, kind):
         layer_class = type(model.layers[0])
         original = layer_class.__call__
         if checkpointed:
-            grad_checkpoint(model.layers[0])
+            (ours if ordered else mlx_lm.tuner.trainer.grad_checkpoint)(model.layers[0])
         try:
-            (loss, _), grads = nn.value_and_grad(model, make_loss(diff))(model, *batch)
+            value_and_grad = nn.value_and_grad(model, make_loss(diff))
+            (loss, _), grads = mx.compile(lambda *b: value_and_grad(model, *b))(*batch)
             mx.eval(loss, grads)
         finally:
             layer_class.__call__ = original

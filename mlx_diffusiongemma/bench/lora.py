@@ -3,8 +3,8 @@
 Memory: the peak of one training step (value_and_grad of the diffusion loss and an Adam update,
 compiled as mlx-lm's trainer compiles it; LoRA rank 8 on every linear, experts included, as
 `tuner.adapters.prepare(model, "lora", -1, ...)` makes it) at the full model's width, batch 1,
-a 512-token prompt and one 256-token canvas, with and without mlx-lm's gradient checkpointing.
-As `fullwidth`, it runs at reduced depth and extrapolates to the 30-layer model:
+a 512-token prompt and one 256-token canvas, with and without `--grad-checkpoint`
+(tuner/checkpoint.py: mlx-lm's checkpointing, its backward pass ordered per layer). As `fullwidth`, it runs at reduced depth and extrapolates to the 30-layer model:
 
 * the base weights are counted analytically at the mixed 4-bit recipe (what a Mac loads); they are
   measured here in float32 (MLX's CPU quantized matmuls are ~20x slower than its float32 matmuls,
@@ -95,8 +95,8 @@ def adapted_bytes(model):
 
 
 def measure_step(case):
-    """Peaks of one LoRA step on a random float32 model, plain and then with mlx-lm's gradient
-    checkpointing (patched in, then undone); returns their figures."""
+    """Peaks of one LoRA step on a random float32 model, plain and then with --grad-checkpoint's
+    checkpointing (tuner/checkpoint.py, patched in, then undone); returns their figures."""
     from functools import partial
 
     import mlx.core as mx
@@ -105,6 +105,7 @@ def measure_step(case):
 
     from ..backends.cpu_memory import keep_freed_memory
     from ..tuner.adapters import prepare
+    from ..tuner.checkpoint import grad_checkpoint
     from ..tuner.trainer import make_loss
     from .models import build_random_float, build_shared_float
 
@@ -140,13 +141,8 @@ def measure_step(case):
     mx.eval(*batch)
     model.train()
     out = dict(case, weights=W, adapters=A)
-    layer_class = type(model.layers[0])
-    original = layer_class.__call__
     for ckpt in case.get("checkpoint", (False, True)):
-        if ckpt:
-            from mlx_lm.tuner.trainer import grad_checkpoint
-
-            grad_checkpoint(model.layers[0])
+        undo = grad_checkpoint(model.layers[0]) if ckpt else lambda: None
         try:
             loss_value_and_grad = nn.value_and_grad(model, make_loss(diff))
             state = [model.state, opt.state, mx.random.state]
@@ -167,7 +163,7 @@ def measure_step(case):
             dt = time.perf_counter() - t
             peak = mx.get_peak_memory()
         finally:
-            layer_class.__call__ = original
+            undo()
         key = "checkpoint" if ckpt else "plain"
         out[key] = dict(
             optimizer=base - W - A, peak=peak, transient=peak - base, step_s=dt, loss=lvalue.item()

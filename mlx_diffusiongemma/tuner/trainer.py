@@ -21,6 +21,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs, evaluate
 from mlx_lm.tuner.trainer import train as mlx_lm_train
 
+from .checkpoint import grad_checkpoint
 from .losses import Batch, batch_loss, canvas_count, pack
 
 PAD_TO = 32  # batch lengths rounded up to this: few distinct shapes for the compiled step
@@ -277,19 +278,24 @@ def train(
             "iters": remaining,
             "steps_per_save": remaining + 1,
             "adapter_file": str(scratch),
+            "grad_checkpoint": False,  # ours, ordered (tuner/checkpoint.py), and undone after
         }
     )
     parts["loss_parts"] = mx.zeros((2,))
-    mlx_lm_train(
-        model,
-        optimizer,
-        train_set,
-        valid_set,
-        args=args,
-        loss=make_loss(diffusion, parts),
-        iterate_batches=batches,
-        training_callback=report,
-    )
+    undo = grad_checkpoint(model.layers[0]) if train_args.grad_checkpoint else lambda: None
+    try:
+        mlx_lm_train(
+            model,
+            optimizer,
+            train_set,
+            valid_set,
+            args=args,
+            loss=make_loss(diffusion, parts),
+            iterate_batches=batches,
+            training_callback=report,
+        )
+    finally:
+        undo()
     scratch.unlink(missing_ok=True)
     last = train_args.iters
     report.collect(last)

@@ -149,7 +149,7 @@ def test_harness_section_named_to_the_package_command():
 
 def test_lora_tiny(tmp_path):
     # the tiny shape (32-token canvas): three memory runs (each in its own process, plain and
-    # with mlx-lm's grad checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
+    # with --grad-checkpoint's checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
     # steps through the trainer for the speed figure; the depth part runs the whole (2-layer)
     # model once
     out = bench(

@@ -173,6 +173,23 @@ def test_resume_continues_the_same_run(task_model, data, tmp_path):
     assert worst < 1e-5, worst
 
 
+def test_grad_checkpoint_trains_the_same_adapters(task_model, data, tmp_path):
+    """--grad-checkpoint recomputes activations (tuner/checkpoint.py): the run's adapters are
+    those of the run without it, and the layer class is itself again afterwards."""
+    from mlx_diffusiongemma.model import Layer
+
+    forward = Layer.__call__
+    common = ("--iters", 3, "--learning-rate", 2e-3, "--steps-per-eval", 100, "--num-layers", 2)
+    run_lora(task_model, data, tmp_path / "plain", *common)
+    run_lora(task_model, data, tmp_path / "ckpt", *common, "--grad-checkpoint")
+    assert Layer.__call__ is forward
+    a = mx.load(str(tmp_path / "plain" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "ckpt" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+    assert worst < 1e-5, worst
+
+
 @pytest.mark.parametrize("kind", ["dora", "full"])
 def test_dora_and_full(task_model, data, tmp_path, kind):
     adapters = tmp_path / kind

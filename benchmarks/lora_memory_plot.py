@@ -2,8 +2,9 @@
 bars: 4-bit weights, adapters, Adam state and the step, against the 24 GB target.
 
     python benchmarks/lora_memory_plot.py benchmarks/logs/lora_depth/before-9e3084c.txt \\
-        benchmarks/logs/lora_depth/after-35e089b.txt --labels "whole-logits head" "sliced head" \\
-        --out benchmarks/lora_memory.png
+        benchmarks/logs/lora_depth/after-35e089b.txt \\
+        benchmarks/logs/lora_depth/after-ordered-fdf7205.txt \\
+        --labels "whole-logits head" "sliced head" "ordered checkpoint" --out benchmarks/lora_memory.png
 
 Needs matplotlib (`pip install matplotlib`), which the package itself does not.
 """

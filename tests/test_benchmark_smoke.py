@@ -150,8 +150,8 @@ def test_harness_section_named_to_the_package_command():
 def test_lora_tiny(tmp_path):
     # the tiny shape (32-token canvas): three memory runs (each in its own process, plain and
     # with --grad-checkpoint's checkpointing, uncompiled: no C++ kernel builds), the fit and the 30-layer extrapolation, then two LoRA
-    # steps through the trainer for the speed figure; the depth part runs the whole (2-layer)
-    # model once
+    # steps through the trainer for the speed figure (with --grad-checkpoint); the depth part
+    # runs the whole (2-layer) model once
     out = bench(
         "lora",
         "--shape",
@@ -166,6 +166,7 @@ def test_lora_tiny(tmp_path):
         "16",
         "--repeat",
         "1",
+        "--grad-checkpoint",
         "--wait-idle",
         "0",
         "--json",
@@ -185,6 +186,7 @@ def test_lora_tiny(tmp_path):
         r"^    --num-layers  16: skipped \(the tiny shape has 2 layers\)",
         r"^    --num-layers  -1: measured peak +\d+\.\d\d GB = shared float32 weights ",
         r"^      with the mixed 4-bit weights \(\d+\.\d\d GB\): peak \d+\.\d\d GB .*target <= 24 GB: (met|missed)",
+        r"^  speed: tiny shape .*\(mlx-lm's compiled step, --grad-checkpoint\); 1 timed iterations",
         r"^  LoRA step at the tiny shape: [\d.]+ it/s, [\d.]+ tokens/s \(48 tokens a step",
     )
     figures = json_lines(tmp_path / "l.jsonl")
@@ -205,6 +207,7 @@ def test_lora_tiny(tmp_path):
         assert m[kind]["peak30"] > m["weights30_mixed4"] + 3 * m["adapters30"]
     s = figures["lora:speed"]
     assert s["it_per_s"] > 0 and s["tokens_per_step"] == 48 and len(s["step_s"]) == 1
+    assert s["grad_checkpoint"] is True and s["peak_gb"] > 0
 
 
 def test_lora_memory_plot_reads_the_depth_logs():

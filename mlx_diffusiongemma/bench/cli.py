@@ -134,6 +134,11 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
         "--train-prompt", type=int, default=64, help="lora: prompt tokens of the speed measurement"
     )
     p.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="lora: the speed measurement with --grad-checkpoint (the memory parts measure both)",
+    )
+    p.add_argument(
         "--puzzles", type=int, default=256, help="sudoku: held-out puzzles at half givens"
     )
     p.add_argument("--exclude", help="sudoku: a train.jsonl whose puzzles are kept out")

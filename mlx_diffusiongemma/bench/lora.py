@@ -408,7 +408,8 @@ def speed_part(opts, rep):
     say(
         f"  speed: {shape} shape ({args.num_hidden_layers} layers, hidden {args.hidden_size}, vocab "
         f"{args.vocab_size}), float32, batch {B}, {P}-token prompts, one {C}-token canvas each, LoRA rank 8, "
-        f"Adam, through tuner.trainer.train (mlx-lm's compiled step); {n} timed iterations after one untimed"
+        f"Adam, through tuner.trainer.train (mlx-lm's compiled step"
+        f"{', --grad-checkpoint' if opts.grad_checkpoint else ''}); {n} timed iterations after one untimed"
     )
     mx.random.seed(0)
     model = build_random_float(args, mx.float32, verbose=False)
@@ -429,6 +430,7 @@ def speed_part(opts, rep):
             steps_per_eval=10**9,
             steps_per_save=10**9,
             max_seq_length=P + C,
+            grad_checkpoint=opts.grad_checkpoint,
         )
         devnull = open(os.devnull, "w")
         stdout = sys.stdout
@@ -445,10 +447,11 @@ def speed_part(opts, rep):
     tokens = B * (P + C)
     tok_s = tokens * it_s
     first = 1 / records[0]["it_per_s"]
+    peak = max(r["peak_memory_gb"] for r in records)
     say(
         f"  LoRA step at the {shape} shape: {it_s:.3f} it/s, {tok_s:.1f} tokens/s ({tokens} tokens a step: prompt "
         f"+ canvas, as the trainer counts them; steps {', '.join(f'{s:.1f}' for s in secs)} s; first step with "
-        f"compilation {first:.1f} s); peak {max(r['peak_memory_gb'] for r in records):.2f} GB"
+        f"compilation {first:.1f} s); peak {peak:.2f} GB"
     )
     figures = dict(
         shape=shape,
@@ -461,6 +464,8 @@ def speed_part(opts, rep):
         it_per_s=it_s,
         tokens_per_s=tok_s,
         tokens_per_step=tokens,
+        grad_checkpoint=opts.grad_checkpoint,
+        peak_gb=peak,
     )
     rep.save("lora:speed", figures)
     return figures

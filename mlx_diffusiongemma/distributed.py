@@ -32,6 +32,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -62,8 +63,9 @@ TOKENIZER_FILES = (
 _spanning = None  # the group this process's model spans, for `shared_seed`
 
 
-class DistributedError(RuntimeError):
-    """A run that cannot go on across ranks (bad split, other checkpoint, lost peer)."""
+class DistributedError(ValueError):
+    """A run that cannot go on across ranks: a split that cannot be made, another checkpoint or
+    prompt on some rank, a peer that cannot be reached (the commands' one-line errors)."""
 
 
 # ---- groups ------------------------------------------------------------------------------------
@@ -72,17 +74,27 @@ def launched() -> bool:
     return any(v in os.environ for v in RANK_VARIABLES)
 
 
+# A process that waits for its parent to close its stdin, and kills it with `error: ...` after
+# the given seconds if it has not.
+DEADLINE = """import os, select, signal, sys
+if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:
+    os.write(2, ("error: " + sys.argv[3] + "\\n").encode())
+    os.kill(int(sys.argv[1]), signal.SIGKILL)
+"""
+
+
 @contextmanager
 def deadline(seconds: float, message: str):
-    """Ends the process with `error: message` if the block takes more than `seconds` (MLX's
-    ring backend waits forever for a peer that never connects)."""
-    timer = threading.Timer(seconds, fail, (message,))
-    timer.daemon = True
-    timer.start()
+    """Ends the process with `error: message` if the block takes more than `seconds`. MLX's ring
+    backend waits forever for a peer that never connects, holding the GIL (so no thread of
+    this process could do it): a small watcher process does."""
+    argv = [sys.executable, "-I", "-c", DEADLINE, str(os.getpid()), str(seconds), message]
+    watcher = subprocess.Popen(argv, stdin=subprocess.PIPE)
     try:
         yield
     finally:
-        timer.cancel()
+        watcher.stdin.close()
+        watcher.wait()
 
 
 def fail(message: str):
@@ -131,13 +143,17 @@ def shared_seed(seed: int) -> int:
     if g is None:
         return seed
     mine = mx.array(seed if g.rank() == 0 else 0, dtype=mx.int64)
-    return int(mx.distributed.all_sum(mine, group=g, stream=mx.cpu).item())
+    seed = mx.distributed.all_sum(mine, group=g, stream=mx.cpu)
+    mx.eval(seed)  # (mx.eval lets other threads run while it waits: the watchdog's)
+    return int(seed.item())
 
 
 def differing_ranks(group, digest: bytes) -> List[int]:
     """The ranks whose `digest` (32 bytes) differs from rank 0's."""
     mine = mx.array(np.frombuffer(digest, dtype=np.int32))[None]  # (1, 8)
-    every = np.array(mx.distributed.all_gather(mine, group=group, stream=mx.cpu))
+    every = mx.distributed.all_gather(mine, group=group, stream=mx.cpu)
+    mx.eval(every)  # (mx.eval lets other threads run while it waits: the watchdog's)
+    every = np.array(every)
     return [r for r in range(1, len(every)) if (every[r] != every[0]).any()]
 
 
@@ -381,7 +397,9 @@ class Watchdog:
         self.sock.bind(("0.0.0.0", 0))
         ip = _own_address(self.rank)
         mine = mx.array([[_ip_number(ip), self.sock.getsockname()[1]]], dtype=mx.int64)
-        table = mx.distributed.all_gather(mine, group=group, stream=mx.cpu).tolist()
+        table = mx.distributed.all_gather(mine, group=group, stream=mx.cpu)
+        mx.eval(table)
+        table = table.tolist()
         if any(ip < 0 for ip, _ in table):  # an address unknown to some rank: no watchdog
             self.sock.close()
             return

@@ -1,17 +1,16 @@
 """What each rank runs for test_distributed.py (and what the test runs in one process, to compare):
 
-    python tests/distributed_worker.py checks OUT MODE SHARP PATH...   # MODE: tensor | pipeline
+    python tests/distributed_worker.py checks OUT MODE:KIND:PATH...
     python tests/distributed_worker.py die
     python tests/distributed_worker.py stall
 
-`checks` loads SHARP (a near-greedy checkpoint; "-": none) and each PATH split over the launched
-ranks, and writes OUT.<rank>.npz: the tokens of SHARP's seeded generations (stream over three
-canvases, batch, infill, an image prompt) and of an unseeded one, and each PATH's logits on both
-backends' routes. `die`: rank 1 is killed while rank 0 waits on it inside the CLI's error handling. `stall`:
+`checks` loads each PATH split over the launched ranks (MODE tensor or pipeline) and writes to
+OUT.<rank>.npz what KIND says: `gen`, the tokens of seeded near-greedy generations (stream over
+three canvases, batch, infill, an image prompt) and of an unseeded one; `logits`, the logits on
+both backends' routes. `die`: rank 1 is killed while rank 0 waits on it inside the CLI's error handling. `stall`:
 rank 1 stops (SIGSTOP) while rank 0 waits on it, with the watchdog on.
 """
 
-import json
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ import numpy as np
 
 from mlx_diffusiongemma import backends
 from mlx_diffusiongemma.batch import batch_generate
-from mlx_diffusiongemma.distributed import init_group
+from mlx_diffusiongemma.distributed import init_group, rank_zero_output
 from mlx_diffusiongemma.generation import stream_generate
 from mlx_diffusiongemma.infill import Gap, infill
 from mlx_diffusiongemma.loader import load_model
@@ -56,31 +55,37 @@ def generations(model) -> dict:
     segments = [prompt, Gap(5), [40, 41, 42], Gap(), [50]]
     out["infill"] = sum(infill(model, None, segments, seed=3, **NEAR_GREEDY).fill_tokens, [])
     image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
-    vision = stream_generate(model, None, prompt, max_tokens=C, seed=4, images=[image], **NEAR_GREEDY)
+    vision = stream_generate(
+        model, None, prompt, max_tokens=C, seed=4, images=[image], **NEAR_GREEDY
+    )
     out["image"] = sum((r.tokens for r in vision), [])
-    out["unseeded"] = sum((r.tokens for r in stream_generate(model, None, prompt, max_tokens=C)), [])
+    out["unseeded"] = sum(
+        (r.tokens for r in stream_generate(model, None, prompt, max_tokens=C)), []
+    )
     return {k: np.array(v) for k, v in out.items()}
 
 
-def checks(out: str, mode: str, sharp: str, *others: str, group=None, split=None):
-    """The generations on SHARP ("-": none) and the logits of the OTHERS (float32, or as
-    quantized), in one process (group None) or on this rank; returns them, and writes them to
-    OUT.<rank>.npz when run on a rank."""
-    kw = {}
-    if group is not None and mode == "pipeline":
-        kw = dict(pipeline_group=group, pipeline_split=split)
-    elif group is not None:
-        kw = dict(tensor_group=group)
+def run_job(kind: str, path: str, **sharding) -> dict:
+    """One check: `gen` (the generations above, float32) or `logits` (float32, or as quantized)
+    of the checkpoint at `path`, loaded with `sharding` (`load_model`'s groups)."""
+    model = load_model(path, dtype=mx.float32, **sharding)
+    return generations(model) if kind == "gen" else logits(model)
+
+
+def checks(out: str, *jobs: str):
+    """Runs each JOB, `MODE:KIND:PATH` (MODE: tensor, pipeline or pipeline/3-2-1 for layers per
+    rank; KIND: gen or logits), on this rank and writes the results to OUT.<rank>.npz, keyed
+    `JOB.name`."""
+    group = init_group()
     results = {}
-    if sharp != "-":
-        model = load_model(sharp, dtype=mx.float32, **kw)
-        results.update({f"gen.{k}": v for k, v in generations(model).items()})
-    for i, path in enumerate(others):
-        model = load_model(path, dtype=mx.float32, **kw)
-        results.update({f"logits{i}.{k}": v for k, v in logits(model).items()})
-    if group is not None:
-        np.savez(f"{out}.{group.rank()}.npz", **results)
-    return results
+    for job in jobs:
+        mode, kind, path = job.split(":", 2)
+        sharding = dict(tensor_group=group)
+        if mode.startswith("pipeline"):
+            split = [int(n) for n in mode.split("/")[1].split("-")] if "/" in mode else None
+            sharding = dict(pipeline_group=group, pipeline_split=split)
+        results.update({f"{job}.{k}": v for k, v in run_job(kind, path, **sharding).items()})
+    np.savez(f"{out}.{group.rank()}.npz", **results)
 
 
 def die():
@@ -88,6 +93,7 @@ def die():
     from mlx_diffusiongemma.cli import run_cli
 
     group = init_group()
+    rank_zero_output(group)  # as the CLI
 
     def body():
         for i in range(1000):
@@ -110,8 +116,6 @@ def stall():
 if __name__ == "__main__":
     what, *rest = sys.argv[1:]
     if what == "checks":
-        out, mode, *paths = rest
-        split = json.loads(os.environ["SPLIT"]) if os.environ.get("SPLIT") else None
-        checks(out, mode, *paths, group=init_group(), split=split)
+        checks(*rest)
     else:
         {"die": die, "stall": stall}[what]()

@@ -30,6 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODES = ("one", "tensor", "pipeline")
+# Diagnostics: one process on one core (what each rank has), and the tensor-parallel ranks with
+# their collectives skipped (wrong numbers, same work: their compute alone).
+DIAGNOSTICS = ("one-core", "tensor-compute")
+RANKS = {"one": 1, "one-core": 1, "tensor": 2, "tensor-compute": 2, "pipeline": 2}
 PROMPT = 512
 GB = 1e9
 # Links, in bytes per second at line rate.
@@ -41,7 +45,7 @@ class Counter:
     """Wraps mx.distributed's collectives: the payload each call moves and what this rank sends
     (a ring all_sum sends 2(N-1)/N of its payload, an all_gather N-1 times its input)."""
 
-    def __init__(self):
+    def __init__(self, skip_sums: bool = False):
         import mlx.core as mx
 
         self.payload = self.sent = self.calls = 0
@@ -53,7 +57,7 @@ class Counter:
         def all_sum(x, *a, group=None, **k):
             n = size(group)
             self.add(x.nbytes, x.nbytes * 2 * (n - 1) / n)
-            return orig["all_sum"](x, *a, group=group, **k)
+            return x if skip_sums else orig["all_sum"](x, *a, group=group, **k)
 
         def all_gather(x, *a, group=None, **k):
             self.add(x.nbytes * size(group), x.nbytes * (size(group) - 1))
@@ -86,11 +90,13 @@ def run(mode: str, path: str, out: str, steps: int):
     from mlx_diffusiongemma.loader import load_model
     from mlx_diffusiongemma.sampler import SamplerSettings
 
-    group = init_group() if mode != "one" else None
-    counter = Counter()
-    kw = {"one": {}, "tensor": {"tensor_group": group}, "pipeline": {"pipeline_group": group}}
+    group = init_group() if RANKS[mode] > 1 else None
+    if mode != "one" and hasattr(os, "sched_setaffinity"):  # one core each
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[0 if group is None else group.rank() % len(cores)]})
+    kw = {"tensor": {"tensor_group": group}, "pipeline": {"pipeline_group": group}}
     tic = time.perf_counter()
-    model = load_model(path, **kw[mode])
+    model = load_model(path, **kw.get(mode.split("-")[0], {}))
     load_s = time.perf_counter() - tic
     load_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
@@ -105,13 +111,14 @@ def run(mode: str, path: str, out: str, steps: int):
     warm = SamplerSettings.resolve({}, max_tokens=C, max_denoising_steps=1)
     canvas = init_canvas(key, 1, C, V)
     denoise_canvas(model, cache, canvas, warm, key)
-    counter.reset()
     tic = time.perf_counter()
+    counter = Counter(skip_sums=mode == "tensor-compute")  # after the load's barrier
     _, n = denoise_canvas(model, cache, canvas, settings, key)
     step_s = (time.perf_counter() - tic) / n
     rank = 0 if group is None else group.rank()
     figures = dict(
         mode=mode,
+        round=int(Path(out).name.rsplit("-", 1)[1]),
         rank=rank,
         ranks=1 if group is None else group.size(),
         steps=n,
@@ -157,22 +164,29 @@ def write_mid_checkpoint(folder: Path):
 
 def measure(path: Path, out: Path, steps: int, rounds: int):
     """Every mode `rounds` times, in turn; the figures of every run and rank."""
+    from mlx_diffusiongemma.bench.common import find_openblas
+
     launch = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if find_openblas():  # the MLX wheel's own BLAS runs float32 matmuls ~30x slower here
+        env["LD_PRELOAD"] = find_openblas()
     runs = []
     for r in range(rounds):
-        for mode in MODES:
+        for mode in MODES + (DIAGNOSTICS if r == 0 else ()):
             prefix = out / f"{mode}-{r}"
             cmd = [sys.executable, __file__, "--run", mode, str(path), str(prefix), str(steps)]
-            if mode != "one":
+            threads = {}
+            if mode != "one":  # one core each (run pins it): the ranks share the two cores
+                threads = {"OPENBLAS_NUM_THREADS": "1"}
+            if RANKS[mode] > 1:
                 cmd = [launch, "-n", "2", "--backend", "ring", "--"] + cmd
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            p = subprocess.run(cmd, env={**env, **threads}, capture_output=True, text=True)
             ranks = sorted(out.glob(f"{mode}-{r}.*.json"))
-            if len(ranks) != (1 if mode == "one" else 2):
+            if len(ranks) != RANKS[mode]:
                 raise SystemExit(f"{mode} run {r} failed:\n{p.stderr[-3000:]}")
             figures = [json.loads(f.read_text()) for f in ranks]
             runs.append(figures)
-            print(f"round {r} {mode:8s} " + " | ".join(_line(f) for f in figures), flush=True)
+            print(f"round {r} {mode:14s} " + " | ".join(_line(f) for f in figures), flush=True)
     return runs
 
 
@@ -373,14 +387,14 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     result = {"mid": runs, "paper": paper(runs)}
     (a.out / "results.json").write_text(json.dumps(result, indent=1))
-    for m in MODES[1:]:
-        ratio = [
-            max(f["step_ms"] for f in run) / one[0]["step_ms"]
-            for run, one in zip(
-                (r for r in runs if r[0]["mode"] == m), (r for r in runs if r[0]["mode"] == "one")
-            )
-        ]
-        print(f"step time {m} / one process: " + ", ".join(f"{x:.2f}" for x in ratio))
+    for r in sorted({f["round"] for run in runs for f in run}):
+        step = {
+            run[0]["mode"]: max(f["step_ms"] for f in run) for run in runs if run[0]["round"] == r
+        }
+        print(
+            f"round {r}: step time / one process's: "
+            + ", ".join(f"{m} {step[m] / step['one']:.2f}" for m in step if m != "one")
+        )
 
 
 if __name__ == "__main__":

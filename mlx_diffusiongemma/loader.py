@@ -240,6 +240,7 @@ def load_model(
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()), strict=False)
+    del weights  # a split tensor's whole array must not outlive its cutting (below)
     model.eval()
     if tensor_group is not None:
         model.shard(tensor_group)

@@ -294,7 +294,8 @@ def test_quantization_groups_are_not_cut(splittable, no_spanning):
 
 def test_pipeline_stage_reads_only_its_files(tiny, tmp_path, no_spanning, monkeypatch):
     """A checkpoint in many files: a stage lists, opens and keeps only the files and tensors of
-    its layers (the others' files may be absent), and a split model keeps ~1/N of each layer."""
+    its layers (the others' files may be absent). A split model keeps ~1/N of each layer, and
+    loading it never holds the whole model."""
     from mlx_diffusiongemma.convert import main as convert
 
     out = tmp_path / "shards"
@@ -318,7 +319,11 @@ def test_pipeline_stage_reads_only_its_files(tiny, tmp_path, no_spanning, monkey
     assert layers[:3] == [None] * 3 and all(layer is not None for layer in layers[3:])
 
     full = load_model(tiny[0])
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
     split = load_model(tiny[0], tensor_group=FakeGroup(2, 1))
+    # a layer's whole tensors are read, cut and dropped one layer at a time
+    assert mx.get_peak_memory() - before < 0.75 * sum(v.nbytes for _, v in _flat(full))
     for name in ("experts.gate_up_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight"):
         a, b = (dict(_flat(m.layers[0]))[name] for m in (full, split))
         assert b.size * 2 == a.size, name

@@ -1,8 +1,8 @@
 """Several processes as one model, measured (benchmarks/RESULTS.md, "Several Macs").
 
-Mid shape on this CPU, float32, MLX's ring backend over loopback: one process against two ranks
-tensor parallel and two ranks pipelined, run in turn (`--rounds` times), each a fresh launch of
-the same random checkpoint: the denoising step time (one canvas, every step run), the bytes the
+Mid shape on this CPU, float32, MLX's ring backend over loopback: one process (both cores) against
+two ranks tensor parallel and two ranks pipelined (one core each), run in turn (`--rounds`
+times), each a fresh start of the same random checkpoint: the denoising step time (one canvas, every step run), the bytes the
 collectives move per step (counted: `mx.distributed`'s functions wrapped while the steps' graphs
 are built; each built step is evaluated), and the peak memory of every rank. Then the full shape
 on paper: the weights a rank keeps at 4 bits for 2 and 4 ranks (the real `Model.shard` /
@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,10 +91,10 @@ def run(mode: str, path: str, out: str, steps: int):
     from mlx_diffusiongemma.loader import load_model
     from mlx_diffusiongemma.sampler import SamplerSettings
 
+    if mode != "one" and hasattr(os, "sched_setaffinity"):  # one core each, before any thread
+        cores = sorted(os.sched_getaffinity(0))  # starts (the ring's spin while they wait)
+        os.sched_setaffinity(0, {cores[int(os.environ.get("MLX_RANK", 0)) % len(cores)]})
     group = init_group() if RANKS[mode] > 1 else None
-    if mode != "one" and hasattr(os, "sched_setaffinity"):  # one core each
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[0 if group is None else group.rank() % len(cores)]})
     kw = {"tensor": {"tensor_group": group}, "pipeline": {"pipeline_group": group}}
     tic = time.perf_counter()
     model = load_model(path, **kw.get(mode.split("-")[0], {}))
@@ -113,8 +114,12 @@ def run(mode: str, path: str, out: str, steps: int):
     denoise_canvas(model, cache, canvas, warm, key)
     tic = time.perf_counter()
     counter = Counter(skip_sums=mode == "tensor-compute")  # after the load's barrier
-    _, n = denoise_canvas(model, cache, canvas, settings, key)
+    ends = [tic]
+    _, n = denoise_canvas(
+        model, cache, canvas, settings, key, lambda *a: ends.append(time.perf_counter())
+    )
     step_s = (time.perf_counter() - tic) / n
+    each = sorted(b - a for a, b in zip(ends, ends[1:]))
     rank = 0 if group is None else group.rank()
     figures = dict(
         mode=mode,
@@ -123,6 +128,8 @@ def run(mode: str, path: str, out: str, steps: int):
         ranks=1 if group is None else group.size(),
         steps=n,
         step_ms=1000 * step_s,
+        step_min_ms=1000 * each[0],
+        step_median_ms=1000 * each[len(each) // 2],
         load_s=load_s,
         payload_per_step=counter.payload / n,
         sent_per_step=counter.sent / n,
@@ -166,7 +173,6 @@ def measure(path: Path, out: Path, steps: int, rounds: int):
     """Every mode `rounds` times, in turn; the figures of every run and rank."""
     from mlx_diffusiongemma.bench.common import find_openblas
 
-    launch = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if find_openblas():  # the MLX wheel's own BLAS runs float32 matmuls ~30x slower here
         env["LD_PRELOAD"] = find_openblas()
@@ -178,21 +184,48 @@ def measure(path: Path, out: Path, steps: int, rounds: int):
             threads = {}
             if mode != "one":  # one core each (run pins it): the ranks share the two cores
                 threads = {"OPENBLAS_NUM_THREADS": "1"}
-            if RANKS[mode] > 1:
-                cmd = [launch, "-n", "2", "--backend", "ring", "--"] + cmd
-            p = subprocess.run(cmd, env={**env, **threads}, capture_output=True, text=True)
+            err = start_ranks(cmd, RANKS[mode], {**env, **threads})
             ranks = sorted(out.glob(f"{mode}-{r}.*.json"))
             if len(ranks) != RANKS[mode]:
-                raise SystemExit(f"{mode} run {r} failed:\n{p.stderr[-3000:]}")
+                raise SystemExit(f"{mode} run {r} failed:\n{err[-3000:]}")
             figures = [json.loads(f.read_text()) for f in ranks]
             runs.append(figures)
             print(f"round {r} {mode:14s} " + " | ".join(_line(f) for f in figures), flush=True)
     return runs
 
 
+def start_ranks(cmd, n: int, env) -> str:
+    """Runs `cmd` as n ranks of a ring over loopback, started as mlx.launch starts them (a
+    hostfile and MLX_RANK), and waits for them; their stderr. Not through mlx.launch itself: its
+    I/O loop spins (0.32.4: ~1.5 cores while its ranks run), which on this 2-core machine halved
+    the ranks' speed."""
+    if n == 1:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True).stderr
+    ports = []
+    for _ in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([[f"127.0.0.1:{p}"] for p in ports], f)
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**env, "MLX_HOSTFILE": f.name, "MLX_RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(n)
+    ]
+    err = "".join(p.communicate()[1] for p in procs)
+    os.unlink(f.name)
+    return err
+
+
 def _line(f):
     return (
-        f"rank {f['rank']}: step {f['step_ms']:.0f} ms, {f['sent_per_step'] / 1e6:.2f} MB sent "
+        f"rank {f['rank']}: step {f['step_min_ms']:.0f} ms best, {f['step_median_ms']:.0f} "
+        f"median, {f['sent_per_step'] / 1e6:.2f} MB sent "
         f"({f['collectives_per_step']:.0f} collectives) per step, weights "
         f"{f['weights_bytes'] / GB:.3f} GB, peak {f['peak_step_bytes'] / GB:.3f} GB (MLX), "
         f"RSS {f['max_rss_bytes'] / GB:.3f} GB"
@@ -316,15 +349,24 @@ def plot(results: Path):
         "tensor": "2 ranks\ntensor parallel",
         "pipeline": "2 ranks\npipeline",
     }
-    steps = {
-        m: [max(f["step_ms"] for f in run) for run in runs if run[0]["mode"] == m] for m in MODES
-    }
     ax = axes[0]
-    ax.bar([labels[m] for m in MODES], [sum(v) / len(v) for v in steps.values()], color="C0")
+    ax.bar([labels[m] for m in MODES], [min(step_times(runs, m)) for m in MODES], color="C0")
     for i, m in enumerate(MODES):
-        ax.plot([i] * len(steps[m]), steps[m], "k.")
-    ax.set_ylabel("ms per denoising step (mid shape, this CPU)")
+        medians = step_times(runs, m, "step_median_ms")
+        ax.plot([i] * len(medians), medians, "k.", label="median of a run" if i == 0 else None)
+    if step_times(runs, "one-core"):
+        ax.axhline(min(step_times(runs, "one-core")), color="gray", ls="--", lw=1)
+        ax.text(
+            2.4,
+            min(step_times(runs, "one-core")),
+            "one process, one core",
+            fontsize=8,
+            ha="right",
+            va="bottom",
+        )
+    ax.set_ylabel("ms per denoising step, best (mid shape, this CPU)")
     ax.set_title("step time")
+    ax.legend(fontsize=8)
     ax = axes[1]
     sent = [
         next(run for run in runs if run[0]["mode"] == m)[0]["sent_per_step"] / 1e6 for m in MODES
@@ -387,14 +429,25 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     result = {"mid": runs, "paper": paper(runs)}
     (a.out / "results.json").write_text(json.dumps(result, indent=1))
-    for r in sorted({f["round"] for run in runs for f in run}):
-        step = {
-            run[0]["mode"]: max(f["step_ms"] for f in run) for run in runs if run[0]["round"] == r
-        }
-        print(
-            f"round {r}: step time / one process's: "
-            + ", ".join(f"{m} {step[m] / step['one']:.2f}" for m in step if m != "one")
+    print(summary(runs))
+
+
+def step_times(runs, mode, which="step_min_ms"):
+    """Per run of `mode`, its slowest rank's best (or median) step."""
+    return [max(f[which] for f in run) for run in runs if run[0]["mode"] == mode]
+
+
+def summary(runs) -> str:
+    """Best and median step per mode over all its runs, and each against one process's."""
+    lines = []
+    best = {m: min(step_times(runs, m)) for m in MODES + DIAGNOSTICS if step_times(runs, m)}
+    med = {m: sorted(step_times(runs, m, "step_median_ms"))[0] for m in best}
+    for m in best:
+        lines.append(
+            f"{m:14s} best step {best[m]:6.0f} ms ({best[m] / best['one']:.2f}x one process), "
+            f"median {med[m]:6.0f} ms ({med[m] / med['one']:.2f}x)"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

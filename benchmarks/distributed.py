@@ -39,6 +39,10 @@ PROMPT = 512
 GB = 1e9
 # Links, in bytes per second at line rate.
 LINKS = {"Thunderbolt 5 (80 Gb/s)": 80e9 / 8, "10 GbE": 10e9 / 8}
+# GPU peak FP16/FP32 TFLOPS (Apple publishes none: GPU cores x 128 ALUs x 2 x clock, as third
+# parties derive them), and the share of it the step's matmuls are assumed to reach.
+MACS = {"M4 Pro (20-core GPU)": 8.1, "M4 Max (40-core GPU)": 16.2}
+EFFICIENCY = 0.5
 
 
 # ---- one run (a process, or one rank of a launch) -----------------------------------------------
@@ -331,6 +335,57 @@ def paper(mid_runs):
                 + ", ".join(f"{t * 1e3:.1f} ms over {k}" for k, t in times.items()),
                 flush=True,
             )
+    out["estimate"] = estimate(out["communication"])
+    return out
+
+
+def step_flops(text, canvas: int, prompt: int):
+    """FLOPs of one full-shape denoising step (2 per multiply-add) with `prompt` positions
+    cached: (the layers' share, which tensor parallelism splits; the rest, which every rank
+    runs: routers, LM head, self-conditioning MLP)."""
+    D, I, L = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    H, E = text["num_attention_heads"], text["num_experts"]
+    split = rest = 0
+    for layer in range(L):
+        full = (layer + 1) % 6 == 0  # Gemma 4's pattern: five sliding layers, then a full one
+        hd = text["global_head_dim"] if full else text["head_dim"]
+        kv = text["num_global_key_value_heads"] if full else text["num_key_value_heads"]
+        keys = prompt + canvas if full else min(text["sliding_window"] - 1, prompt) + canvas
+        proj = D * H * hd * 2 + D * kv * hd * (1 if full else 2)  # q, o; k (and v)
+        scores = 2 * H * hd * keys  # q.k and p.v
+        mlp = 3 * D * I + text["top_k_experts"] * 3 * D * text["moe_intermediate_size"]
+        split += 2 * canvas * (proj + scores + mlp)
+        rest += 2 * canvas * D * E
+    rest += 2 * canvas * (D * text["vocab_size"] + 3 * D * I)
+    return split, rest
+
+
+def estimate(communication):
+    """Expected full-shape step time on M-series Macs: compute at EFFICIENCY of the GPU's peak,
+    plus the counted bytes at the link's line rate (an estimate; nothing here ran on a Mac)."""
+    from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, FULL_TEXT
+
+    split, rest = step_flops(FULL_TEXT, FULL_CANVAS, PROMPT)
+    print(
+        f"full shape step, {PROMPT}-token prompt: {(split + rest) / 1e12:.2f} TFLOP "
+        f"({split / 1e12:.2f} in the layers, {rest / 1e12:.2f} replicated)",
+        flush=True,
+    )
+    out = {"flops": dict(layers=split, replicated=rest)}
+    for mac, tflops in MACS.items():
+        rate = tflops * 1e12 * EFFICIENCY
+        one = (split + rest) / rate
+        out[f"{mac} one"] = one
+        print(f"  {mac}, one Mac: {one * 1e3:.0f} ms", flush=True)
+        for link in LINKS:
+            tp = (split / 2 + rest) / rate + communication["full tensor 2"]["seconds"][link]
+            pp = one + communication["full pipeline 2"]["seconds"][link]
+            out[f"{mac} tensor 2 {link}"], out[f"{mac} pipeline 2 {link}"] = tp, pp
+            print(
+                f"  {mac}, two over {link}: tensor parallel {tp * 1e3:.0f} ms, "
+                f"pipeline {pp * 1e3:.0f} ms",
+                flush=True,
+            )
     return out
 
 
@@ -343,9 +398,10 @@ def plot(results: Path):
 
     data = json.loads(results.read_text())
     runs = data["mid"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     labels = {
-        "one": "one process",
+        "one": "one\nprocess",
+        "one-core": "one process\non one core",
         "tensor": "2 ranks\ntensor parallel",
         "pipeline": "2 ranks\npipeline",
     }
@@ -357,35 +413,49 @@ def plot(results: Path):
     if step_times(runs, "one-core"):
         ax.axhline(min(step_times(runs, "one-core")), color="gray", ls="--", lw=1)
         ax.text(
-            2.4,
+            -0.4,
             min(step_times(runs, "one-core")),
-            "one process, one core",
+            "one process on one core",
             fontsize=8,
-            ha="right",
             va="bottom",
         )
-    ax.set_ylabel("ms per denoising step, best (mid shape, this CPU)")
-    ax.set_title("step time")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("ms per denoising step, best of its runs")
+    ax.set_title("step time (mid shape, this 2-core CPU)")
+    ax.legend(fontsize=8, loc="lower right")
     ax = axes[1]
-    sent = [
-        next(run for run in runs if run[0]["mode"] == m)[0]["sent_per_step"] / 1e6 for m in MODES
-    ]
+    first = {m: next(run for run in runs if run[0]["mode"] == m) for m in MODES}
+    sent = [max(f["sent_per_step"] for f in first[m]) / 1e6 for m in MODES]
     ax.bar([labels[m] for m in MODES], sent, color="C1")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylabel("MB sent per rank per step (counted)")
-    ax.set_title("communication")
+    for i, v in enumerate(sent):
+        ax.text(i, v, f"{v:.2f} MB", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("MB a rank sends per step (counted)")
+    ax.set_title("communication (mid shape, float32)")
     ax = axes[2]
+    shown = [m for m in ("one", "one-core", "tensor", "pipeline") if step_times(runs, m)]
+    runs_of = {m: next(run for run in runs if run[0]["mode"] == m) for m in shown}
+    weights = [max(f["weights_bytes"] for f in runs_of[m]) / GB for m in shown]
+    peaks = [max(f["peak_step_bytes"] for f in runs_of[m]) / GB for m in shown]
+    names = [labels[m] for m in shown]
+    ax.bar(names, weights, color="C2", label="weights")
+    ax.bar(
+        names,
+        [p - w for p, w in zip(peaks, weights)],
+        bottom=weights,
+        color="C4",
+        label="step's peak above them",
+    )
+    ax.set_ylabel("GB per rank (MLX peak, measured)")
+    ax.set_title("memory per rank (mid shape, float32)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax = axes[3]
     mem = data["paper"]["memory"]
     names = ["one 1", "tensor 2", "pipeline 2", "tensor 4", "pipeline 4"]
+    ticks = [n.replace(" ", "\n") for n in names]
     ax.bar(
-        [n.replace(" ", "\n") for n in names],
-        [mem[n]["weights"] / GB for n in names],
-        color="C2",
-        label="weights (4-bit mixed)",
+        ticks, [mem[n]["weights"] / GB for n in names], color="C2", label="weights (4-bit mixed)"
     )
     ax.bar(
-        [n.replace(" ", "\n") for n in names],
+        ticks,
         [mem[n]["cache"] / GB for n in names],
         bottom=[mem[n]["weights"] / GB for n in names],
         color="C3",
@@ -393,9 +463,10 @@ def plot(results: Path):
     )
     ax.axhline(16, color="k", ls="--", lw=1)
     ax.text(4.4, 16.2, "16 GB Mac", ha="right", fontsize=8)
+    ax.set_ylim(0, 18.5)
     ax.set_ylabel("GB on rank 0 (full shape, on paper)")
-    ax.set_title("memory per rank")
-    ax.legend(fontsize=8)
+    ax.set_title("memory per rank (full shape)")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     out = results.with_suffix(".png")
     fig.savefig(out, dpi=110)

@@ -1,8 +1,9 @@
 """Several processes as one model, on MLX's ring backend over loopback: logits and generations
 split over 2 and 3 ranks against one process, the generate command under `mlx.launch`, and the
 faults (a rank that dies, stops answering, never comes, or holds another checkpoint). The ranks
-write what they computed (distributed_worker.py) and the tests read it: `mlx.launch` exits 0
-even when a rank died."""
+write what they computed (distributed_worker.py) or say it on their own stderr, and the tests
+read that: `mlx.launch` exits 0 even when a rank died. Ranks other than the command's are
+started as mlx.launch starts them (a ring hostfile and MLX_RANK), each with its own pipes."""
 
 import json
 import os
@@ -74,19 +75,43 @@ def sharp(checkpoint_factory):
     return checkpoint_factory("sharp0", seed=0, sharpen=20.0)[0]
 
 
-def launch(n: int, *args, timeout=600, env=None):
+def launch(n: int, *args, timeout=600):
     """`mlx.launch -n N --backend ring -- python ARGS`: its stdout and stderr."""
     cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, *map(str, args)]
-    p = subprocess.run(
-        cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     return p.stdout, p.stderr
 
 
-def run_checks(tmp_path, n: int, jobs, env=None):
-    """The worker's `checks` on N ranks: {job: results} per rank, and one process's results."""
+def spawn(argvs, env=None):
+    """Ranks started as mlx.launch starts them (a ring hostfile and MLX_RANK), each with its own
+    arguments (None: that rank never starts)."""
+    ports = []
+    for _ in argvs:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    hostfile = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    json.dump([[f"127.0.0.1:{p}"] for p in ports], hostfile)
+    hostfile.close()
+    procs = {}
+    for r, argv in enumerate(argvs):
+        if argv is not None:
+            e = {**ENV, **(env or {}), "MLX_HOSTFILE": hostfile.name, "MLX_RANK": str(r)}
+            procs[r] = subprocess.Popen(
+                [sys.executable, *map(str, argv)],
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+    return procs
+
+
+def run_checks(tmp_path, n: int, jobs):
+    """The worker's `checks` on N ranks (started directly: mlx.launch's I/O loop spins, which
+    halves the ranks' speed on a 2-core machine): each rank's results."""
     out = tmp_path / "ranks"
-    _, err = launch(n, WORKER, "checks", out, *jobs, env=env)
+    procs = spawn([[WORKER, "checks", out, *jobs]] * n)
+    err = "".join(p.communicate(timeout=600)[1].decode() for p in procs.values())
     ranks = []
     for r in range(n):
         f = Path(f"{out}.{r}.npz")
@@ -172,27 +197,6 @@ def test_generate_command_on_two_ranks_prints_what_one_process_prints(cli_refere
 
 
 # ---- faults ------------------------------------------------------------------------------------
-def spawn(argvs, env=None):
-    """Ranks started as mlx.launch starts them (a ring hostfile and MLX_RANK), each with its own
-    arguments (None: that rank never starts)."""
-    ports = []
-    for _ in argvs:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    hostfile = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump([[f"127.0.0.1:{p}"] for p in ports], hostfile)
-    hostfile.close()
-    procs = {}
-    for r, argv in enumerate(argvs):
-        if argv is not None:
-            e = {**ENV, **(env or {}), "MLX_HOSTFILE": hostfile.name, "MLX_RANK": str(r)}
-            procs[r] = subprocess.Popen(
-                [sys.executable, *argv], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-    return procs
-
-
 def test_faults_end_every_rank_with_one_line(text_demo, tmp_path):
     """Run together (they mostly wait): a rank killed mid-run, a rank that stops answering
     (SIGSTOP; watchdog at 5 s), a rank that never starts (connection deadline 5 s), and ranks

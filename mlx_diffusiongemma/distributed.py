@@ -70,7 +70,11 @@ class DistributedError(ValueError):
 
 # ---- groups ------------------------------------------------------------------------------------
 def launched() -> bool:
-    """Whether a launcher started this process as one rank of several."""
+    """Whether a launcher started this process as one rank of several (`mlx.launch -n 1` gives
+    its one rank an empty ring hostfile)."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.path.isfile(hostfile) and not Path(hostfile).read_text().strip():
+        return False
     return any(v in os.environ for v in RANK_VARIABLES)
 
 

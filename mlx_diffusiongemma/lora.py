@@ -140,8 +140,7 @@ def diffusion_settings(a, model):
 
     fill = a.fill_token
     if fill is None:
-        eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
-        fill = eos[0] if isinstance(eos, (list, tuple)) else eos
+        fill = next(iter(model.eos_token_ids() or []), None)
     if not isinstance(fill, int) or not 0 <= fill < model.args.vocab_size:
         raise ValueError(
             f"the fill token must be a token id below {model.args.vocab_size}, "

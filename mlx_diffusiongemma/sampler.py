@@ -5,7 +5,7 @@ inverse-CDF sample and the self-conditioning probabilities; everything after tha
 canvas-sized. Its exp, tanh and softmax, and how the pass is sliced over the canvas, are the
 backend's (backends/)."""
 
-import time
+import secrets
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Optional
@@ -15,6 +15,7 @@ import mlx.core as mx
 from . import backends
 from .backends import DEFAULT, Backend
 from .checks import check_int, check_number, check_object
+from .utils import ceil_div
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = dict(
@@ -113,9 +114,9 @@ def check_settings(**values):
 
 
 def random_key(seed: Optional[int] = None) -> mx.array:
-    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else the clock."""
-    if seed is None:
-        return mx.random.key(time.time_ns() % (2**63))
+    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else at random."""
+    if seed is None:  # two keys made in the same instant still differ
+        return mx.random.key(secrets.randbits(63))
     return mx.random.key(check_int("seed", seed, lo=0, hi=SEED_MAX))
 
 
@@ -138,14 +139,10 @@ def entropy_accept(entropy: mx.array, bound) -> mx.array:
 
 def tempered_stats(logits: mx.array, temp, backend: Backend = DEFAULT):
     """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
-    e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
-    where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
-    catastrophically there). Returns (argmax, e, s, entropy)."""
-    argmax, e, s, _, entropy = _tempered(logits, temp, backend)
-    return argmax, e, s, entropy
-
-
-def _tempered(logits, temp, backend):
+    e = exp(x - max), its sum s (and the per-block sums it is made of, for the sampler), and
+    the entropy in the form H = log s - sum(e * (x - max)) / s, where both terms shrink
+    together for peaked rows (lse - sum(p * x) would cancel catastrophically there).
+    Returns (argmax, e, s, blocks, entropy)."""
     logits = logits.astype(mx.float32)
     argmax = mx.argmax(logits, axis=-1)
     # max(x) is x at the argmax (t > 0): one pass over the vocabulary gives both.
@@ -196,7 +193,7 @@ def _position_pass(logits, temp, u, cap, probs_dtype, backend):
     `cap`: the final softcap to apply first (None: the logits are final)."""
     if cap is not None:  # as the model's softcap: float32 tanh(logits / cap) * cap
         logits = backend.tanh(logits.astype(mx.float32) / cap) * cap
-    argmax, e, s, blocks, entropy = _tempered(logits, temp, backend)
+    argmax, e, s, blocks, entropy = tempered_stats(logits, temp, backend)
     sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
@@ -273,7 +270,7 @@ def denoise_sample(
             fn = partial(_position_pass, cap=None, probs_dtype=probs_dtype, backend=backend)
         fn = _position_compiled[key_] = mx.compile(fn)
     args = (logits, temp, u) + ((mx.array(softcap, dtype=mx.float32),) if softcap else ())
-    chunks = -(-B * C * V // CHUNK_ELEMENTS)
+    chunks = ceil_div(B * C * V, CHUNK_ELEMENTS)
     entropy, sample, argmax, probs = backend.vocabulary_pass(
         fn, args, (1, None, 1, None)[: len(args)], min_parts=chunks
     )

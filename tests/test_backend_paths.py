@@ -81,9 +81,9 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
     """Metal and CUDA build step t+1 before step t's stop test: with rows of a batch stopping at
     different steps (a stop rule driven by a pinned token: row j stops after limit[j] steps), the
     committed canvases and step count equal the CPU's step-by-step loop."""
-    from mlx_diffusiongemma import generation
+    from mlx_diffusiongemma import denoise
     from mlx_diffusiongemma.cache import CanvasKV
-    from mlx_diffusiongemma.generation import Pins, SamplerSettings, denoise_canvas
+    from mlx_diffusiongemma.denoise import Pins, SamplerSettings, denoise_canvas
 
     model = load_model(tiny[0], dtype=mx.float32)
     limits = [2, 5, 3]
@@ -97,7 +97,7 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
         )
         return count + 1 >= argmax[:, 0], history
 
-    monkeypatch.setattr(generation, "stop_update", stop_after_limit)
+    monkeypatch.setattr(denoise, "stop_update", stop_after_limit)
     mask = mx.zeros((B, C), dtype=mx.bool_).at[:, 0].add(mx.array(True))
     pins = Pins(
         mask, mx.zeros((B, C), dtype=mx.int32).at[:, 0].add(mx.array(limits, dtype=mx.int32))

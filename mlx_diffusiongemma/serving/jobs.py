@@ -4,7 +4,7 @@ there, where the scheduler can drop it)."""
 
 import asyncio
 
-from ..generation import Draft
+from ..denoise import Draft
 from .output import ChoiceOutput
 from .requests import Parsed
 from .scheduler import Job
@@ -74,7 +74,7 @@ def infill_runner(model, tokenizer):
     """The scheduler's run_alone for a completion with a suffix: the gap is filled on its own
     (pinned tokens, one canvas), with drafts, and cancelled at the next step once the client
     has gone."""
-    from ..infill import Gap, infill
+    from ..infilling import Gap, infill
 
     def run(job: ServedJob):
         p, s = job.parsed, job.parsed.settings

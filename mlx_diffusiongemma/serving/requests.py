@@ -6,6 +6,7 @@ import json
 from typing import List
 
 from ..sampler import SamplerSettings
+from ..utils import ceil_div
 from .fields import Parsed, RequestError, bool_field, int_field, num_field
 from .prompts import chat_prompt, completion_prompt
 
@@ -256,7 +257,7 @@ def _check_ids(ids: List[int], model):
 def _check_context(p: Parsed, model):
     args = model.args
     C = args.canvas_length
-    total = len(p.prompt) + -(-p.settings.max_tokens // C) * C
+    total = len(p.prompt) + ceil_div(p.settings.max_tokens, C) * C
     if total > args.max_position_embeddings:
         raise RequestError(
             f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} "

@@ -1,24 +1,22 @@
 """Continuous batching at canvas granularity. One thread owns the model (MLX streams belong to
 the thread that made them). Between canvases it admits queued requests (their prompts are
-encoded, reusing the prompt store), drops rows whose client left, and runs the next canvas for
-every row that shares its sampler settings; rows leave as soon as they finish.
-
-Each row keeps its own one-row prompt cache and random key, drawn as `stream_generate` draws
-them, and the decoder sees each row at its own positions (CanvasKV of several caches): with a
-seed, a row's tokens are those of its request served alone. Rows whose settings differ (steps,
-temperatures, ...) cannot share a denoising step; their groups take turns, a canvas each."""
+encoded, reusing the prompt store) and hands each choice to the canvas generator as a row of
+its own (one-row prompt cache, its own key): with a seed, a row's tokens are those of its
+request served alone. The generator runs the next canvas for every row that shares its sampler
+settings (groups whose settings differ take turns), drops rows whose client left at the next
+denoising step, and lets rows leave as soon as they finish."""
 
 import queue
-import secrets
 import threading
-from collections import deque
-from dataclasses import dataclass, fields
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 
-from ..generation import Draft, cut_at_eos, denoise_canvas, eos_ids_for, init_canvas
-from ..sampler import SamplerSettings
+from ..denoise import Draft
+from ..generation import eos_ids_for
+from ..generator import CanvasGenerator, CanvasResponse
+from ..sampler import SamplerSettings, random_key
 from .prompt_store import PromptStore
 
 
@@ -64,22 +62,13 @@ class Job:
 class _Row:
     job: Job
     index: int  # choice index within its job
-    cache: object  # this row's one-row PromptCache
-    key: mx.array
+    cache: object  # this row's one-row PromptCache (the generator encodes into it)
     tokens: List[int]
-    canvas: int = 0
-    done: bool = False
-
-
-def _group_key(settings: SamplerSettings) -> tuple:
-    return tuple(getattr(settings, f.name) for f in fields(settings) if f.name != "max_tokens")
 
 
 def row_key(seed: Optional[int], index: int) -> mx.array:
     """Choice `index` of a request with `seed` draws as a request with seed + index would."""
-    if seed is None:
-        return mx.random.key(secrets.randbits(63))
-    return mx.random.key((seed + index) % 2**63)
+    return random_key(None if seed is None else (seed + index) % 2**63)
 
 
 class Scheduler:
@@ -95,10 +84,9 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.store = store if store is not None else PromptStore(0)
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
-        self.eos = eos_ids_for(model, tokenizer)
         self.queue: "queue.Queue[Job]" = queue.Queue(maxsize=max_queue)
-        self.groups: dict = {}  # settings key -> rows
-        self.turns: deque = deque()  # group keys, in turn order
+        self.generator = CanvasGenerator(model, eos_ids_for(model, tokenizer), prefill_step_size)
+        self.rows: Dict[int, _Row] = {}  # by the generator's uid
         self.waiting: Optional[Job] = None  # admitted next, once its rows fit
         self.stats = {
             "canvases": 0,
@@ -127,7 +115,7 @@ class Scheduler:
 
     @property
     def active_rows(self) -> int:
-        return sum(len(rows) for rows in self.groups.values())
+        return len(self.rows)
 
     @property
     def queued(self) -> int:
@@ -138,25 +126,30 @@ class Scheduler:
         # The thread runs on the default stream: a stream made here would be torn down with the
         # process while its worker still runs (the interpreter aborts at exit).
         while self.running:
-            self._admit(block=not self.groups)
-            if not self.turns:
+            self._admit(block=not self.rows)
+            gone = [u for u, r in self.rows.items() if r.job.cancelled.is_set()]
+            self._drop(gone)
+            if not self.rows:
                 continue
-            key = self.turns[0]
-            self.turns.rotate(-1)
-            rows = [r for r in self.groups[key] if not r.job.cancelled.is_set()]
-            if rows:
-                try:
-                    self._canvas(rows)
-                except Exception as e:  # this group's requests fail; the server goes on
-                    for job in {id(r.job): r.job for r in rows}.values():
-                        job.on_error(f"internal error: {type(e).__name__}: {e}")
-                    rows = []
-            rows = [r for r in rows if not r.done and not r.job.cancelled.is_set()]
-            if rows:
-                self.groups[key] = rows
-            else:
-                del self.groups[key]
-                self.turns.remove(key)
+            uids = self.generator.upcoming()
+            try:
+                responses = self.generator.next()
+            except Exception as e:  # this group's requests fail; the server goes on
+                for job in {id(self.rows[u].job): self.rows[u].job for u in uids}.values():
+                    job.on_error(f"internal error: {type(e).__name__}: {e}")
+                self._drop(uids)
+                continue
+            self.stats["canvases"] += 1
+            self.stats["canvas_rows"] += len(uids)
+            for r in responses:
+                self._hand_out(r)
+            self._drop([u for u in uids if u in self.rows and u not in self.generator.uids])
+
+    def _drop(self, uids):
+        if uids:
+            self.generator.remove(uids)
+            for u in uids:
+                self.rows.pop(u, None)
 
     def _admit(self, block: bool):
         while self.running:
@@ -206,69 +199,33 @@ class Scheduler:
         self.stats["prompt_tokens_encoded"] += len(new)
         self.stats["prompt_tokens_cached"] += cached
         job.on_start(cached)
-        key = _group_key(job.settings)
-        if key not in self.groups:
-            self.groups[key] = []
-            self.turns.append(key)
-        self.groups[key] += [
-            _Row(job, i, cache.copy(), row_key(job.seed, i), []) for i in range(job.n)
-        ]
-
-    def _canvas(self, rows: List[_Row]):
-        """One canvas for rows sharing their settings: denoise, hand out, commit."""
-        model, settings = self.model, rows[0].job.settings
-        C, V = model.args.canvas_length, model.args.vocab_size
-        starts, run_keys = [], []
-        for r in rows:  # as block_generate splits a single request's key
-            r.key, k_init, k_run = mx.random.split(r.key, 3)
-            starts.append(init_canvas(k_init, 1, C, V))
-            run_keys.append(k_run)
-
-        def on_step(steps, argmax, accepted, entropy, alive):
-            for pos, j in enumerate(alive):
-                r = rows[j]
-                if r.job.drafts and not r.job.cancelled.is_set():
-                    r.job.on_draft(
-                        r.index,
-                        Draft(
-                            r.canvas,
-                            steps,
-                            argmax[pos].tolist(),
-                            accepted[pos].tolist(),
-                            entropy[pos].mean().item(),
-                        ),
-                    )
-            return {j for j in alive if rows[j].job.cancelled.is_set()}
-
-        committed, _ = denoise_canvas(
-            model, [r.cache for r in rows], mx.concatenate(starts), settings, run_keys, on_step
-        )
-        self.stats["canvases"] += 1
-        self.stats["canvas_rows"] += len(rows)
-        for r, toks in zip(rows, committed.tolist()):
-            if r.job.cancelled.is_set():
-                continue
-            r.canvas += 1
-            limit = r.job.settings.max_tokens - len(r.tokens)
-            tokens, hit = cut_at_eos(toks, self.eos, limit)
-            r.tokens += tokens
-            finish = (
-                "stop"
-                if hit is not None
-                else ("length" if len(r.tokens) >= r.job.settings.max_tokens else None)
+        for i in range(job.n):
+            row = _Row(job, i, cache.copy(), [])
+            cancelled = job.cancelled.is_set
+            on_draft = (lambda d, _i=i: job.on_draft(_i, d)) if job.drafts else None
+            (uid,) = self.generator.insert(
+                row.cache,
+                job.settings,
+                row_key(job.seed, i),
+                on_draft=[on_draft],
+                cancelled=[cancelled],
             )
-            cut = r.job.on_tokens(r.index, tokens, finish)
-            if cut:  # a stop string: what the client saw is cut short
-                finish = "stop"
-            if finish is None:
-                model.encode(mx.array([toks], dtype=mx.int32), r.cache, step=self.prefill_step_size)
-                continue
-            r.done = True
-            r.job.on_done(r.index, finish)
-            if self.store.max_entries > 0 and not cut and not r.job.images:  # kept for turn 2
-                reply = tokens + ([] if hit is None else [hit])
-                if reply:
-                    model.encode(
-                        mx.array([reply], dtype=mx.int32), r.cache, step=self.prefill_step_size
-                    )
-                self.store.insert(r.job.prompt + r.tokens + reply[len(tokens) :], r.cache)
+            self.rows[uid] = row
+
+    def _hand_out(self, r: CanvasResponse):
+        """One row's canvas to its job; a finished row's conversation kept for its next turn."""
+        row = self.rows[r.uid]
+        row.tokens += r.tokens
+        cut = row.job.on_tokens(row.index, r.tokens, r.finish_reason)
+        finish = "stop" if cut else r.finish_reason  # a stop string cuts what the client saw
+        if finish is None:
+            return
+        self._drop([r.uid])
+        row.job.on_done(row.index, finish)
+        if self.store.max_entries > 0 and not cut and not row.job.images:  # kept for turn 2
+            reply = r.tokens + ([] if r.stop_token is None else [r.stop_token])
+            if reply:
+                self.model.encode(
+                    mx.array([reply], dtype=mx.int32), row.cache, step=self.prefill_step_size
+                )
+            self.store.insert(row.job.prompt + row.tokens + reply[len(r.tokens) :], row.cache)

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..backends import one_stream
+from ..utils import ceil_div
 
 
 class Batch(NamedTuple):
@@ -37,7 +38,7 @@ class Batch(NamedTuple):
 
 
 def canvas_count(response_len: int, canvas_length: int) -> int:
-    return max(1, -(-response_len // canvas_length))
+    return max(1, ceil_div(response_len, canvas_length))
 
 
 def pack(
@@ -58,7 +59,7 @@ def pack(
         n = canvas_count(len(r), canvas_length) * canvas_length
         rows.append(list(p) + list(r) + [fill_token] * (n - len(r)))
     longest = max(len(r) for r in rows)
-    L = -(-longest // pad_to) * pad_to
+    L = ceil_div(longest, pad_to) * pad_to
     tokens = np.zeros((len(rows), L), dtype=np.int32)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r

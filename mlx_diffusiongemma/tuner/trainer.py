@@ -129,12 +129,6 @@ def atomic_save(path: Path, arrays: dict, metadata: Optional[dict] = None):
     os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def optimizer_file(adapter_file: Path) -> Path:
     """Where the optimizer state of an adapter file is kept."""
     return adapter_file.with_name(adapter_file.name.replace("adapters", "optimizer"))

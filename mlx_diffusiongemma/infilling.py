@@ -8,7 +8,9 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .checks import check_int
-from .generation import Pins, cut_at_eos, eos_ids_for, stream_generate
+from .denoise import Pins
+from .generation import eos_ids_for, stream_generate
+from .generator import cut_at_eos
 from .model import Model
 
 GAP_RE = re.compile(r"<\|gap(?::(\d+))?\|>")

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .jobs import ServedJob, infill_runner
+from .jobs import ServedJob
 from .requests import RequestError, decode_body, parse
 from .scheduler import QueueFull, Scheduler
 
@@ -169,8 +169,6 @@ async def _complete(request: Request, state: ServerState, chat: bool):
             parse, body, chat, state.model, state.tokenizer, state.limits.max_tokens
         )
         job = ServedJob(parsed, state.tokenizer, asyncio.get_running_loop())
-        if parsed.suffix is not None:
-            job.run_alone = infill_runner(state.model, state.tokenizer)
         try:
             state.scheduler.submit(job)
         except QueueFull:

@@ -240,7 +240,7 @@ def parse(body: dict, chat: bool, model, tokenizer, max_tokens_limit: int) -> Pa
     if chat:
         chat_prompt(body, p, model, tokenizer)
     else:
-        completion_prompt(body, p, tokenizer)
+        completion_prompt(body, p, tokenizer, model)
     _check_ids(p.prompt, model)
     _check_context(p, model)
     return p

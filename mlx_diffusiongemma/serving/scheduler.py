@@ -9,13 +9,13 @@ denoising step, and lets rows leave as soon as they finish."""
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from ..denoise import Draft
+from ..denoise import Draft, Pins
 from ..generation import eos_ids_for
-from ..generator import CanvasGenerator, CanvasResponse
+from ..generator import CanvasGenerator, CanvasResponse, cut_at_eos
 from ..sampler import SamplerSettings, random_key
 from .prompt_store import PromptStore
 
@@ -37,13 +37,14 @@ class Job:
         n: int = 1,
         seed: Optional[int] = None,
         drafts: bool = False,
-        run_alone: Optional[Callable] = None,
         images: Optional[list] = None,
+        pins: Optional[Pins] = None,
+        gap: Optional[tuple] = None,
     ):
         self.prompt, self.settings, self.n, self.seed = prompt, settings, n, seed
         self.drafts = drafts
         self.images = images or []  # image sources for a model that reads them (model.encode)
-        self.run_alone = run_alone  # a job the batch cannot take (infilling): run(job) in turn
+        self.pins, self.gap = pins, gap  # infilling: the pinned canvas, the gap's (start, length)
         self.cancelled = threading.Event()
 
     def on_start(self, cached_tokens: int): ...
@@ -162,9 +163,6 @@ class Scheduler:
             self.waiting = None
             if job.cancelled.is_set():
                 continue
-            if job.run_alone is not None:
-                self._guard(job, lambda: job.run_alone(job))
-                continue
             if self.active_rows + job.n > self.max_batch:
                 self.waiting = job  # joins at a later canvas boundary
                 return
@@ -179,8 +177,9 @@ class Scheduler:
 
     def _start(self, job: Job):
         """Encodes the prompt (after its longest kept prefix) and adds the job's rows."""
-        # Equal tokens with other images are another prompt: such prompts are not kept.
-        store = self.store if not job.images else PromptStore(0)
+        # Equal tokens with other images are another prompt, and an infilling prompt is read
+        # with its canvas's suffix: such prompts are not kept.
+        store = self.store if not (job.images or job.pins) else PromptStore(0)
         cache, cached = store.fetch(job.prompt)
         if cache is None:
             cache = self.model.make_cache()
@@ -207,6 +206,7 @@ class Scheduler:
                 row.cache,
                 job.settings,
                 row_key(job.seed, i),
+                pins=job.pins,
                 on_draft=[on_draft],
                 cancelled=[cancelled],
             )
@@ -215,15 +215,22 @@ class Scheduler:
     def _hand_out(self, r: CanvasResponse):
         """One row's canvas to its job; a finished row's conversation kept for its next turn."""
         row = self.rows[r.uid]
-        row.tokens += r.tokens
-        cut = row.job.on_tokens(row.index, r.tokens, r.finish_reason)
-        finish = "stop" if cut else r.finish_reason  # a stop string cuts what the client saw
+        tokens, finish = r.tokens, r.finish_reason
+        if row.job.gap is not None:  # infilling: the gap's tokens, cut at its first EOS
+            start, n = row.job.gap
+            tokens, finish = (
+                cut_at_eos(r.committed[start : start + n], self.generator.eos)[0],
+                "stop",
+            )
+        row.tokens += tokens
+        cut = row.job.on_tokens(row.index, tokens, finish)
+        finish = "stop" if cut else finish  # a stop string cuts what the client saw
         if finish is None:
             return
         self._drop([r.uid])
         row.job.on_done(row.index, finish)
-        if self.store.max_entries > 0 and not cut and not row.job.images:  # kept for turn 2
-            reply = r.tokens + ([] if r.stop_token is None else [r.stop_token])
+        if self.store.max_entries > 0 and not (cut or row.job.images or row.job.pins):
+            reply = r.tokens + ([] if r.stop_token is None else [r.stop_token])  # for turn 2
             if reply:
                 self.model.encode(
                     mx.array([reply], dtype=mx.int32), row.cache, step=self.prefill_step_size

@@ -244,6 +244,11 @@ def embed(model, ids: mx.array) -> mx.array:
     return mx.where((ids == pad)[..., None], mx.stop_gradient(h), h)
 
 
+# The two loops below run the model's own `Layer`s, not `Model.encode` / `Model.decode_hidden`:
+# training needs gradients through every K/V, and the inference path writes them where autodiff
+# cannot follow (the prompt cache trims sliding layers chunk by chunk; CanvasKV writes each
+# step's canvas K/V into its buffer in place). Here the encoder reads whole rows at once and
+# the decoder concatenates, with per-example masks standing in for the trimming.
 def encode(model, tokens: mx.array):
     """The encoder over whole right-padded rows in one causal pass: the final-normed hidden
     states (B, L, D) and every layer's (keys, values) (B, H, L, d), with gradients."""

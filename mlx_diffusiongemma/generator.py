@@ -99,13 +99,19 @@ class CanvasGenerator:
     denoises one canvas of the next group of rows and returns one `CanvasResponse` per row.
     Finished rows leave by themselves; `remove(uids)` takes rows out early (a stop string, a
     client that left). Each denoising step is seen through a row's `on_draft(Draft)`, and a
-    row whose `cancelled()` turns true stops at the next step and returns nothing more."""
+    row whose `cancelled()` turns true stops at the next step and returns nothing more.
 
-    def __init__(self, model: Model, eos, prefill_step_size: int = 2048):
+    `step_sync(flags) -> flags`, where given, runs at every denoising step with the rows that
+    `cancelled()` stops there and returns the rows that stop: the server's other ranks take
+    rank 0's word for it, so every rank denoises the same rows."""
+
+    def __init__(self, model: Model, eos, prefill_step_size: int = 2048, step_sync=None):
         self.model, self.eos = model, set(eos)
         self.prefill_step_size = prefill_step_size
+        self.step_sync = step_sync
         self.groups: Dict[tuple, List[_Cohort]] = {}  # in turn order
         self._uids = itertools.count()
+        self._stopped = set()  # uids stopped during the canvas being denoised
 
     @property
     def uids(self) -> List[int]:
@@ -197,6 +203,7 @@ class CanvasGenerator:
             starts.append(first if first is not None else init_canvas(k_init, len(co.uids), C, V))
             keys.append(k_run)
         rows = [(co, j) for co in cohorts for j in range(len(co.uids))]
+        self._stopped = set()
         canvas = starts[0] if len(starts) == 1 else mx.concatenate(starts)
         caches = cohorts[0].cache if len(cohorts) == 1 else [co.cache for co in cohorts]
         committed, steps = denoise_canvas(
@@ -216,7 +223,7 @@ class CanvasGenerator:
     def _commit(self, co: _Cohort, committed: mx.array, steps: int) -> List[CanvasResponse]:
         out, keep = [], []
         for j, toks in enumerate(committed.tolist()):
-            if co.cancelled[j] is not None and co.cancelled[j]():
+            if co.uids[j] in self._stopped:
                 continue
             tokens, hit = cut_at_eos(toks, self.eos, co.settings.max_tokens - co.made[j])
             co.made[j] += len(tokens)
@@ -247,20 +254,25 @@ class CanvasGenerator:
             tokens.append(p.tokens if p is not None else mx.zeros((n, C), dtype=mx.int32))
         return Pins(mx.concatenate(masks), mx.concatenate(tokens))
 
-    @staticmethod
-    def _step_watcher(rows):
-        """denoise_canvas's `on_step` for `rows` ((cohort, position) per batch row): drafts to
-        the rows that want them, and the rows whose caller has cancelled them."""
-        if all(co.on_draft[j] is None and co.cancelled[j] is None for co, j in rows):
+    def _step_watcher(self, rows):
+        """denoise_canvas's `on_step` for `rows` ((cohort, position) per batch row): the rows
+        whose caller has cancelled them stop, drafts go to the rows that want them."""
+        quiet = all(co.on_draft[j] is None and co.cancelled[j] is None for co, j in rows)
+        if quiet and self.step_sync is None:
             return None
 
+        def cancelled(co, j):
+            return co.cancelled[j] is not None and co.cancelled[j]()
+
         def on_step(steps, argmax, accepted, entropy, alive):
-            drop = set()
+            stop = [cancelled(*rows[r]) for r in alive]
+            if self.step_sync is not None:
+                stop = self.step_sync(stop)
+            drop = {r for s, r in zip(stop, alive) if s}
+            self._stopped |= {rows[r][0].uids[rows[r][1]] for r in drop}
             for pos, r in enumerate(alive):
                 co, j = rows[r]
-                if co.cancelled[j] is not None and co.cancelled[j]():
-                    drop.add(r)
-                elif co.on_draft[j] is not None:
+                if r not in drop and co.on_draft[j] is not None:
                     draft = Draft(
                         co.canvas,
                         steps,

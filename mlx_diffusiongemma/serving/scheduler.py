@@ -4,9 +4,15 @@ encoded, reusing the prompt store) and hands each choice to the canvas generator
 its own (one-row prompt cache, its own key): with a seed, a row's tokens are those of its
 request served alone. The generator runs the next canvas for every row that shares its sampler
 settings (groups whose settings differ take turns), drops rows whose client left at the next
-denoising step, and lets rows leave as soon as they finish."""
+denoising step, and lets rows leave as soon as they finish.
+
+On several ranks (a sharded model) only rank 0 has clients: each turn of its loop is a plan
+(the jobs to start, the rows to drop) that every rank runs, and what its clients decide on the
+way (a cancellation, a stop string) reaches the others before anything depends on it
+(`ranks.RankLink`). The other ranks run `follow()` instead of a thread."""
 
 import queue
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -18,6 +24,7 @@ from ..generation import eos_ids_for
 from ..generator import CanvasGenerator, CanvasResponse, cut_at_eos
 from ..sampler import SamplerSettings, random_key
 from .prompt_store import PromptStore
+from .ranks import follower_job, job_spec
 
 
 class QueueFull(Exception):
@@ -65,6 +72,7 @@ class _Row:
     index: int  # choice index within its job
     cache: object  # this row's one-row PromptCache (the generator encodes into it)
     tokens: List[int]
+    ended: bool = False  # by its client: gone, or a stop string (it leaves at the next turn)
 
 
 def row_key(seed: Optional[int], index: int) -> mx.array:
@@ -81,12 +89,16 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_step_size: int = 2048,
+        link=None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.store = store if store is not None else PromptStore(0)
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
+        self.link = link  # ranks.RankLink on several ranks
         self.queue: "queue.Queue[Job]" = queue.Queue(maxsize=max_queue)
-        self.generator = CanvasGenerator(model, eos_ids_for(model, tokenizer), prefill_step_size)
+        sync = None if link is None else link.agree
+        eos = eos_ids_for(model, tokenizer)
+        self.generator = CanvasGenerator(model, eos, prefill_step_size, step_sync=sync)
         self.rows: Dict[int, _Row] = {}  # by the generator's uid
         self.waiting: Optional[Job] = None  # admitted next, once its rows fit
         self.stats = {
@@ -97,8 +109,10 @@ class Scheduler:
             "prompt_tokens_cached": 0,
         }
         self.running = True
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
-        self.thread.start()
+        self.thread = None
+        if link is None or link.leader:
+            self.thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
+            self.thread.start()
 
     # ---- other threads ---------------------------------------------------------------------
     def submit(self, job: Job):
@@ -112,7 +126,8 @@ class Scheduler:
 
     def stop(self):
         self.running = False
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
 
     @property
     def active_rows(self) -> int:
@@ -122,29 +137,52 @@ class Scheduler:
     def queued(self) -> int:
         return self.queue.qsize() + (self.waiting is not None)
 
-    # ---- the scheduler thread ---------------------------------------------------------------
+    # ---- the scheduler thread (rank 0), and the other ranks ---------------------------------
     def _loop(self):
         # The thread runs on the default stream: a stream made here would be torn down with the
         # process while its worker still runs (the interpreter aborts at exit).
         while self.running:
-            self._admit(block=not self.rows)
-            gone = [u for u, r in self.rows.items() if r.job.cancelled.is_set()]
-            self._drop(gone)
-            if not self.rows:
-                continue
-            uids = self.generator.upcoming()
-            try:
-                responses = self.generator.next()
-            except Exception as e:  # this group's requests fail; the server goes on
-                for job in {id(self.rows[u].job): self.rows[u].job for u in uids}.values():
-                    job.on_error(f"internal error: {type(e).__name__}: {e}")
-                self._drop(uids)
-                continue
-            self.stats["canvases"] += 1
-            self.stats["canvas_rows"] += len(uids)
-            for r in responses:
-                self._hand_out(r)
-            self._drop([u for u in uids if u in self.rows and u not in self.generator.uids])
+            start = self._admit(block=not self.rows)
+            drop = [u for u, r in self.rows.items() if r.ended or r.job.cancelled.is_set()]
+            if self.link is not None:
+                for job in start:  # the other ranks draw what rank 0 draws
+                    job.seed = secrets.randbits(62) if job.seed is None else job.seed
+                self.link.share({"start": [job_spec(j) for j in start], "drop": drop})
+            self._turn(start, drop)
+        if self.link is not None:
+            self.link.share(None)  # the other ranks' `follow` returns
+
+    def follow(self):
+        """The loop of a rank other than 0: rank 0's turns, until it stops."""
+        while True:
+            plan = self.link.share()
+            if plan is None:
+                return
+            self._turn([follower_job(s) for s in plan["start"]], plan["drop"])
+
+    def _turn(self, start: List[Job], drop: List[int]):
+        """Starts jobs, drops rows, runs a canvas and hands it out: the same on every rank."""
+        for job in start:
+            self._guard(job, lambda: self._start(job))
+        self._drop(drop)
+        if not self.rows:
+            return
+        uids = self.generator.upcoming()
+        try:
+            responses = self.generator.next()
+        except Exception as e:  # this group's requests fail; the server goes on
+            for job in {id(self.rows[u].job): self.rows[u].job for u in uids}.values():
+                job.on_error(f"internal error: {type(e).__name__}: {e}")
+            self._drop(uids)
+            return
+        self.stats["canvases"] += 1
+        self.stats["canvas_rows"] += len(uids)
+        ended = self._report(responses)
+        if self.link is not None:
+            ended = set(self.link.share({"ended": sorted(ended)})["ended"])
+        for r in responses:
+            self._settle(r, r.uid in ended)
+        self._drop([u for u in uids if u in self.rows and u not in self.generator.uids])
 
     def _drop(self, uids):
         if uids:
@@ -152,22 +190,26 @@ class Scheduler:
             for u in uids:
                 self.rows.pop(u, None)
 
-    def _admit(self, block: bool):
+    def _admit(self, block: bool) -> List[Job]:
+        """The queued jobs whose rows fit the batch now, in order."""
+        start, rows = [], self.active_rows
         while self.running:
             job = self.waiting
             if job is None:
                 try:
                     job = self.queue.get(timeout=0.2) if block else self.queue.get_nowait()
                 except queue.Empty:
-                    return
+                    break
             self.waiting = None
             if job.cancelled.is_set():
                 continue
-            if self.active_rows + job.n > self.max_batch:
+            if rows + job.n > self.max_batch:
                 self.waiting = job  # joins at a later canvas boundary
-                return
-            self._guard(job, lambda: self._start(job))
+                break
+            start.append(job)
+            rows += job.n
             block = False
+        return start
 
     def _guard(self, job, fn):
         try:
@@ -212,24 +254,43 @@ class Scheduler:
             )
             self.rows[uid] = row
 
-    def _hand_out(self, r: CanvasResponse):
-        """One row's canvas to its job; a finished row's conversation kept for its next turn."""
+    def _tokens(self, row: _Row, r: CanvasResponse):
+        """What the row's client gets of this canvas: its tokens and finish reason."""
+        if row.job.gap is None:
+            return r.tokens, r.finish_reason
+        start, n = row.job.gap  # infilling: the gap's tokens, cut at its first EOS
+        return cut_at_eos(r.committed[start : start + n], self.generator.eos)[0], "stop"
+
+    def _report(self, responses: List[CanvasResponse]) -> set:
+        """Each row's canvas to its job (rank 0's clients); the uids of rows their client
+        ended: gone, or cut by a stop string."""
+        ended = set()
+        for r in responses:
+            row = self.rows[r.uid]
+            if row.job.cancelled.is_set():
+                ended.add(r.uid)
+                continue
+            tokens, finish = self._tokens(row, r)
+            if row.job.on_tokens(row.index, tokens, finish):  # a stop string cut the text
+                ended.add(r.uid)
+                finish = "stop"
+            if finish is not None:
+                row.job.on_done(row.index, finish)
+        return ended
+
+    def _settle(self, r: CanvasResponse, ended: bool):
+        """A row's canvas kept (the same on every rank): a finished reply joins the prompt
+        store for the conversation's next turn; a row its client ended leaves."""
         row = self.rows[r.uid]
-        tokens, finish = r.tokens, r.finish_reason
-        if row.job.gap is not None:  # infilling: the gap's tokens, cut at its first EOS
-            start, n = row.job.gap
-            tokens, finish = (
-                cut_at_eos(r.committed[start : start + n], self.generator.eos)[0],
-                "stop",
-            )
+        tokens, finish = self._tokens(row, r)
         row.tokens += tokens
-        cut = row.job.on_tokens(row.index, tokens, finish)
-        finish = "stop" if cut else finish  # a stop string cuts what the client saw
+        if ended:
+            self._drop([r.uid])
+            return
         if finish is None:
             return
         self._drop([r.uid])
-        row.job.on_done(row.index, finish)
-        if self.store.max_entries > 0 and not (cut or row.job.images or row.job.pins):
+        if self.store.max_entries > 0 and not (row.job.images or row.job.pins):
             reply = r.tokens + ([] if r.stop_token is None else [r.stop_token])  # for turn 2
             if reply:
                 self.model.encode(

@@ -11,8 +11,10 @@ temperatures, ...) cannot share a denoising step; their groups take turns, a can
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import mlx.core as mx
@@ -124,6 +126,14 @@ class Scheduler:
     def stop(self):
         self.running = False
         self.thread.join(timeout=30)
+        # join() returns before the OS thread has run its C++ thread-local destructors: MLX's
+        # per-thread compile cache takes the GIL to free what it holds, and once the interpreter
+        # is finalizing that aborts the process ("terminate called without an active
+        # exception"). On Linux, wait until the thread is gone.
+        task = Path(f"/proc/self/task/{self.thread.native_id}")
+        deadline = time.monotonic() + 10
+        while task.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     @property
     def active_rows(self) -> int:

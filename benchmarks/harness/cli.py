@@ -31,7 +31,10 @@ def parse(argv, sections, doc=""):
         help="where the mid-size checkpoint is written (default /tmp/dg-bench)",
     )
     p.add_argument(
-        "--layers", type=int, default=None, help="decoder layers (fullwidth: 2; build, gpu: 30)"
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (fullwidth: 2; build, graph, gpu-step: 30)",
     )
     p.add_argument(
         "--prompt",

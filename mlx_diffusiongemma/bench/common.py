@@ -53,7 +53,7 @@ def blas_in_process():
     return "MLX wheel default"
 
 
-def git(*args):
+def _git(*args):
     try:
         return subprocess.run(
             ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
@@ -90,7 +90,7 @@ def env_info():
     except (ValueError, OSError, AttributeError):
         mem = ""
     # the benchmark's own code does not count as a change to the model
-    dirty = git(
+    dirty = _git(
         "status",
         "--porcelain",
         "--untracked-files=no",
@@ -107,7 +107,7 @@ def env_info():
         "gpu": gpu_name(),
         "blas": blas_in_process(),
         "malloc": "freed memory kept (cpu_memory.py)" if kept() else "default",
-        "commit": (git("rev-parse", "--short", "HEAD") or "?")
+        "commit": (_git("rev-parse", "--short", "HEAD") or "?")
         + (" (model code modified)" if dirty else ""),
     }
 

@@ -118,9 +118,7 @@ def time_sampler(model, logits, n=3):
     t_matmul = timeit(lambda: mx.eval(model.soft_embeddings_from_probs(probs)), n)
     del probs
     t_step = timeit(lambda: mx.eval(sampler_step(model, logits, temp, bound, key)), n)
-    out = dict(
-        denoise_sample=t_sample, sc_softmax=0.0, sc_matmul=t_matmul, sc_total=t_matmul, total=t_step
-    )
+    out = dict(denoise_sample=t_sample, sc_matmul=t_matmul, sc_total=t_matmul, total=t_step)
     if model.embed_dtype != mx.bfloat16:
         # what a bf16 (e.g. quantized) checkpoint's sampler does: probabilities in bf16
         out["denoise_sample_bf16_probs"] = timeit(

@@ -26,7 +26,7 @@ class RankLink:
         self.leader = group.rank() == 0
 
     def _sum(self, x: mx.array) -> np.ndarray:
-        return np.array(mx.distributed.all_sum(x, group=self.group, stream=mx.cpu))
+        return np.array(mx.distributed.all_sum(x, group=self.group))
 
     def share(self, message: Optional[dict] = None) -> Optional[dict]:
         """Rank 0's `message` (JSON-able) on every rank; None ends the conversation."""

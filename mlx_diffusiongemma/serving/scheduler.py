@@ -14,7 +14,9 @@ way (a cancellation, a stop string) reaches the others before anything depends o
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
@@ -126,8 +128,17 @@ class Scheduler:
 
     def stop(self):
         self.running = False
-        if self.thread is not None:
-            self.thread.join(timeout=30)
+        if self.thread is None:
+            return
+        self.thread.join(timeout=30)
+        # join() returns before the OS thread has run its C++ thread-local destructors: MLX's
+        # per-thread compile cache takes the GIL to free what it holds, and once the interpreter
+        # is finalizing that aborts the process ("terminate called without an active
+        # exception"). On Linux, wait until the thread is gone.
+        task = Path(f"/proc/self/task/{self.thread.native_id}")
+        deadline = time.monotonic() + 10
+        while task.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     @property
     def active_rows(self) -> int:

@@ -7,6 +7,7 @@ process's (docs/DISTRIBUTED_TRAINING.md).
 """
 
 import math
+import os
 import time
 import types
 from pathlib import Path
@@ -21,7 +22,7 @@ from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from .cli import one_line_errors
-from .watchdog import FIRST_STEP_FACTOR, SLOWEST_FACTOR
+from .watchdog import FIRST_STEP_FACTOR, SLOWEST_FACTOR, launched
 
 DEFAULTS = dict(
     CONFIG_DEFAULTS,
@@ -286,7 +287,10 @@ def train_and_test(a, group, watchdog):
 
 
 def main(argv=None):
-    with one_line_errors():
+    stopped = "interrupted"
+    if launched():  # mlx.launch stops the other ranks when one fails
+        stopped = f"rank {os.environ.get('MLX_RANK', '?')}: interrupted (or stopped by mlx.launch)"
+    with one_line_errors(stopped):
         run(settings(argv))
 
 

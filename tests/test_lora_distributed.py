@@ -243,9 +243,15 @@ def test_stopped_rank_ends_every_rank_with_one_line(task_model, data, tmp_path):
     print(f"rank 1 stopped: both ended after {took:.1f} s, status {codes}")
     assert all(c not in (0, None) for c in codes), codes
     assert took < 60, took
-    for r in (0, 1):
+    # the stopped rank's watchdog ends it; the other rank's ends it too, or, if the stopped
+    # rank's deadline came first, the ring reports the connection lost
+    for r, reasons in (
+        (0, ("no answer from the other ranks", "lost the connection")),
+        (1, ("no answer",)),
+    ):
         err = ranks.out(r, "stderr").splitlines()
-        assert len(err) == 1 and "no answer from the other ranks within" in err[0], err
+        assert len(err) == 1 and any(why in err[0] for why in reasons), err
+    print(f"  rank 0: {ranks.out(0, 'stderr').strip()}; rank 1: {ranks.out(1, 'stderr').strip()}")
 
 
 def test_rank_alone_gives_up_with_one_line(tmp_path):

@@ -1,14 +1,19 @@
 """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-`python -m mlx_diffusiongemma.server [--model PATH] [--port 8080]`. Binds 127.0.0.1 by default.
+`python -m mlx_diffusiongemma.server [--model PATH] [--port 8080]`. Binds 127.0.0.1 by default;
+a --host other machines can reach needs --api-key (or an explicit --no-api-key).
 uvicorn serves HTTP (framing, chunked bodies, keep-alive, connection limits, with a deadline
 for request heads: serving/http.py); the routes are serving/app.py; requests that arrive while
 others run join their batch at the next canvas (serving/scheduler.py)."""
 
 import argparse
+import ipaddress
 import logging
+import os
 import socket
 import sys
+
+API_KEY_ENV = "MLX_DIFFUSIONGEMMA_API_KEY"
 
 
 def build_state(
@@ -20,6 +25,7 @@ def build_state(
     prompt_cache_size=8,
     prompt_cache_bytes=None,
     limits=None,
+    api_key=None,
 ):
     from .serving.app import Limits, ServerState
     from .serving.prompt_store import PromptStore
@@ -27,7 +33,35 @@ def build_state(
 
     store = PromptStore(prompt_cache_size, prompt_cache_bytes)
     scheduler = Scheduler(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue)
-    return ServerState(model, tokenizer, name, scheduler, limits or Limits())
+    return ServerState(model, tokenizer, name, scheduler, limits or Limits(), api_key)
+
+
+def loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: other machines may reach it
+        return False
+
+
+def api_key_setting(args, environ=os.environ):
+    """The key requests must carry (--api-key, else $MLX_DIFFUSIONGEMMA_API_KEY), or None; a
+    host reachable from other machines without one is refused unless --no-api-key says so."""
+    if args.no_api_key:
+        if args.api_key is not None:
+            raise ValueError("--api-key and --no-api-key cannot both be given")
+        return None
+    key = args.api_key if args.api_key is not None else environ.get(API_KEY_ENV) or None
+    if key is not None and (not key.strip() or key != key.strip()):
+        raise ValueError("the API key must be non-empty, without spaces around it")
+    if key is None and not loopback(args.host):
+        raise ValueError(
+            f"--host {args.host} can be reached from other machines: pass --api-key KEY (or set "
+            f"{API_KEY_ENV}) so that requests need it, or --no-api-key to serve without one"
+        )
+    return key
 
 
 def make_server(
@@ -62,7 +96,21 @@ def main(argv=None):
         prog="mlx_diffusiongemma.server", description="OpenAI-compatible DiffusionGemma server."
     )
     add_model_argument(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; one other machines can reach needs --api-key or --no-api-key",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"requests to /v1/... must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--no-api-key",
+        action="store_true",
+        help="serve a non-loopback --host without an API key (anyone who can reach it may use it)",
+    )
     p.add_argument("--port", type=port_number, default=8080)
     p.add_argument(
         "--max-tokens-limit", type=int, default=32768, help="largest max_tokens a request may ask"
@@ -118,6 +166,7 @@ def main(argv=None):
         for flag in ("max_batch", "max_queue", "max_connections", "max_body_bytes"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+        api_key = api_key_setting(args)
         model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -133,6 +182,7 @@ def main(argv=None):
             args.prompt_cache_size,
             args.prompt_cache_bytes,
             limits,
+            api_key,
         )
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     server = make_server(
@@ -143,8 +193,11 @@ def main(argv=None):
         args.header_timeout,
         args.verbose,
     )
+    guard = " (API key required)" if api_key else ""
     print(
-        f"Serving {name} on http://{args.host}:{sock.getsockname()[1]}", file=sys.stderr, flush=True
+        f"Serving {name} on http://{args.host}:{sock.getsockname()[1]}{guard}",
+        file=sys.stderr,
+        flush=True,
     )
     try:
         server.run(sockets=[sock])

@@ -86,37 +86,68 @@ def settled(step):
     return replace(step, **{f.name: ready(getattr(step, f.name)) for f in fields(step)})
 
 
-def step_times(model, cache, settings, compiled: bool, repeat: int):
-    """Host seconds of each step after the first of a canvas as denoise_canvas issues it (on
-    Metal and CUDA: the K/V buffers' snapshot, then the next step's graph, while the device
-    runs this one), each from the evaluated previous step; and of the first step, and of the
-    canvas's setup (its padded K/V copied and evaluated)."""
-    import mlx.core as mx
+class CanvasRun:
+    """One canvas's steps as denoise_canvas builds them (`CanvasSteps`), compiled or not: its
+    setup and first step timed, then any number of later steps, each built from the evaluated
+    previous step (the K/V buffers as they were before it)."""
 
-    from mlx_diffusiongemma.generation import CanvasSteps
-    from mlx_diffusiongemma.step import compile_steps
+    def __init__(self, model, cache, settings, compiled: bool):
+        import mlx.core as mx
 
-    C, N = model.args.canvas_length, settings.max_denoising_steps
-    with compile_steps(compiled):
-        t = time.perf_counter()
-        steps = CanvasSteps(model, cache, C, settings)
-        made = time.perf_counter() - t
-        clean = steps.kv.snapshot()  # evaluated buffers
+        from mlx_diffusiongemma.generation import CanvasSteps
+        from mlx_diffusiongemma.step import compile_steps
+
+        C, self.N = model.args.canvas_length, settings.max_denoising_steps
+        with compile_steps(compiled):
+            t = time.perf_counter()
+            self.steps = CanvasSteps(model, cache, C, settings)
+            self.setup_s = time.perf_counter() - t
+        self.clean = self.steps.kv.snapshot()  # evaluated buffers
         canvas = mx.zeros((1, C), dtype=mx.int32)
         history = mx.full((settings.stability_threshold, 1, C), -1, dtype=mx.int32)
         t = time.perf_counter()
-        step = steps.build_step(canvas, None, history, mx.random.key(0), N)
-        first = time.perf_counter() - t
-        step = settled(step)
-        times = []
-        for r in range(repeat):
-            steps.kv.restore(clean)
-            t = time.perf_counter()
-            steps.kv.snapshot()
-            nxt = steps.build_next_step(step, N - 1 - r % (N - 1))
-            times.append(time.perf_counter() - t)
-            del nxt  # outside the timing: the loop frees evaluated graphs
-    return times, first, made
+        step = self.steps.build_step(canvas, None, history, mx.random.key(0), self.N)
+        self.first_s = time.perf_counter() - t
+        self.step = settled(step)
+        self.count = 0
+
+    def next_step_s(self) -> float:
+        """Host seconds of one more step as the loop issues it on Metal and CUDA: the K/V
+        buffers' snapshot, then the next step's graph (the device runs this one meanwhile)."""
+        self.steps.kv.restore(self.clean)
+        self.count += 1
+        remaining = self.N - 1 - self.count % (self.N - 1)
+        t = time.perf_counter()
+        self.steps.kv.snapshot()
+        nxt = self.steps.build_next_step(self.step, remaining)
+        dt = time.perf_counter() - t
+        del nxt  # outside the timing: the loop frees evaluated graphs
+        return dt
+
+    def nodes(self, model) -> int:
+        """Operations in one step's graph (what the host creates per step; the lazy random
+        weights' own graphs left out)."""
+        from mlx.utils import tree_flatten
+
+        self.steps.kv.restore(self.clean)
+        nxt = self.steps.build_next_step(self.step, self.N - 1)
+        outs = [nxt.canvas, nxt.argmax, nxt.finished]
+        outs += [nxt.soft if nxt.soft is not None else nxt.probs]
+        outs += [a for a in self.steps.kv.keys + self.steps.kv.values if a is not None]
+        weights = [w for _, w in tree_flatten(model.parameters())]
+        return len(graph_nodes(outs) - graph_nodes(weights))
+
+
+def graph_nodes(arrays) -> set:
+    """The ids of the operations `arrays` depend on (evaluated arrays are leaves)."""
+    import re
+    import tempfile
+
+    import mlx.core as mx
+
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *arrays)
+        return set(re.findall(r"\{ (\d+) \[label =", f.read()))
 
 
 def generation_traces(model, cache, settings, prompt: int):
@@ -129,16 +160,17 @@ def generation_traces(model, cache, settings, prompt: int):
     out = []
     for c in range(CANVASES):
         before = traces()
-        times, first, made = step_times(model, cache, settings, True, 2)
+        run = CanvasRun(model, cache, settings, True)
         out.append(
             dict(
                 prefix=cache.offset,
                 traces=traces() - before,
-                first_step_s=first,
-                next_steps_s=times,
-                canvas_setup_s=made,
+                first_step_s=run.first_s,
+                next_steps_s=[run.next_step_s() for _ in range(2)],
+                canvas_setup_s=run.setup_s,
             )
         )
+        del run
         commit_zeros(model, cache, model.args.canvas_length)
     return out
 
@@ -233,19 +265,30 @@ def section_graph(opts, rep):
             f"a canvas's setup (padded K/V copied, weights listed) "
             f"{statistics.median(g['canvas_setup_s'] for g in gen) * 1e3:.1f} ms"
         )
-        compiled, uncompiled = [], []
-        first_warm = None
-        for _ in range(3):  # alternated, so that a busy machine weighs on both alike
-            t, first_warm, _ = step_times(model, cache, settings, True, opts.repeat)
-            compiled += t
-            uncompiled += step_times(model, cache, settings, False, opts.repeat)[0]
+        runs = {True: CanvasRun(model, cache, settings, True)}
+        runs[False] = CanvasRun(model, cache, settings, False)
+        times = {True: [], False: []}
+        for _ in range(3 * opts.repeat):  # alternated: a busy machine weighs on both alike
+            for compiled, run in runs.items():
+                times[compiled].append(run.next_step_s())
+        nodes = {k: run.nodes(model) for k, run in runs.items()}
+        del runs
         commit_s, prompt_s = encoder_passes(model, cache, opts.prompt, opts.repeat)
-    build_s, build_un = statistics.median(compiled), statistics.median(uncompiled)
+    compiled, uncompiled = sorted(times[True]), sorted(times[False])
+    # The fastest of many (timeit's convention): the others were slowed by other processes.
+    build_s, build_un = compiled[0], uncompiled[0]
+    med, med_un = statistics.median(compiled), statistics.median(uncompiled)
     say(
         f"  one step ({layers} layers, mixed 4-bit, decoder forward + sampler + stop test + "
-        f"self-conditioning), host time per step: compiled {build_s * 1e3:.2f} ms, uncompiled "
-        f"{build_un * 1e3:.2f} ms ({build_s / build_un:.2f}x; medians of {len(compiled)}); "
-        f"a first step once traced {first_warm * 1e3:.2f} ms; vLLM's H100 step for scale: 9.1 ms"
+        f"self-conditioning), host time per step, fastest of {len(compiled)}: compiled "
+        f"{build_s * 1e3:.2f} ms, uncompiled {build_un * 1e3:.2f} ms ({build_s / build_un:.2f}x); "
+        f"medians {med * 1e3:.2f} / {med_un * 1e3:.2f} ms ({med / med_un:.2f}x); "
+        f"vLLM's H100 step for scale: 9.1 ms"
+    )
+    say(
+        f"  operations the host creates per step: compiled {nodes[True]} (replayed), uncompiled "
+        f"{nodes[False]} (built op by op); on this CPU mx.fast's rms_norm, rope and attention "
+        f"are several operations each, on Metal and CUDA one"
     )
     say(
         f"  encoder, uncompiled: commit of a canvas built in {commit_s * 1e3:.1f} ms (once per "
@@ -266,8 +309,12 @@ def section_graph(opts, rep):
             "ratio": build_s / build_un,
             "layers": layers,
             "prompt": opts.prompt,
-            "times_s": sorted(compiled),
-            "uncompiled_times_s": sorted(uncompiled),
+            "build_median_s": med,
+            "nodes_per_step": nodes[True],
+            "nodes_per_step_uncompiled": nodes[False],
+            "build_uncompiled_median_s": med_un,
+            "times_s": compiled,
+            "uncompiled_times_s": uncompiled,
             "first_step_s": gen[0]["first_step_s"],
             "traces_per_generation": sum(g["traces"] for g in gen),
             "canvases": CANVASES,

@@ -272,3 +272,35 @@ def test_buckets():
     assert all(prefix_bucket(prefix_bucket(n)) == prefix_bucket(n) for n in sizes)
     assert len({prefix_bucket(n) for n in range(4096, 8193)}) == 5  # 4 per doubling
     assert [row_bucket(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+
+
+def test_server_rows_leaving_mid_canvas(tiny, monkeypatch):
+    """Rows of different prompt lengths (per-row offsets) stopping at different steps: their
+    offsets leave with them; the CPU backend, the default one and the compiled step agree."""
+    from test_backend_paths import pinned_stop_rule
+
+    from mlx_diffusiongemma import generation
+
+    model = load_model(tiny[0], dtype=mx.float32)
+    pins, rule = pinned_stop_rule(model, [2, 5, 3])
+    monkeypatch.setattr(generation, "stop_update", rule)
+    monkeypatch.setattr(step, "stop_update", rule)
+    caches = []
+    for n in (5, 9, 14):
+        cache = model.make_cache()
+        model.encode(mx.array([list(range(3, 3 + n))]), cache)
+        caches.append(cache)
+    C, V = model.args.canvas_length, model.args.vocab_size
+    canvas = mx.random.randint(0, V, (3, C), key=mx.random.key(1))
+    keys = [mx.random.key(i) for i in range(3)]
+    settings = SamplerSettings(max_denoising_steps=8)
+    out = []
+    for backend, compiled in (
+        (backends.CPU, False),
+        (backends.DEFAULT, False),
+        (backends.DEFAULT, True),
+    ):
+        with backends.using(backend), step.compile_steps(compiled):
+            final, steps = denoise_canvas(model, caches, canvas, settings, keys, pins=pins)
+        out.append((np.array(final).tolist(), steps))
+    assert out[0] == out[1] == out[2] and out[0][1] == 5

@@ -21,6 +21,7 @@ from mlx_diffusiongemma.bench.models import default_quant, make_args, quantize_s
 from mlx_diffusiongemma.bench.shapes import FULL_TEXT
 
 CANVASES = 8  # a generation of this many canvases is traced through
+BLOCKS = 5  # blocks of steps timed per path, alternated
 
 
 def full_model(prompt: int):
@@ -268,9 +269,12 @@ def section_graph(opts, rep):
         runs = {True: CanvasRun(model, cache, settings, True)}
         runs[False] = CanvasRun(model, cache, settings, False)
         times = {True: [], False: []}
-        for _ in range(3 * opts.repeat):  # alternated: a busy machine weighs on both alike
+        # In alternating blocks, so that a busy machine weighs on both alike; not step by step:
+        # one path's garbage (freed nodes, malloc's state) slows the other's next step, which
+        # a generation, running one of them, never sees.
+        for _ in range(BLOCKS):
             for compiled, run in runs.items():
-                times[compiled].append(run.next_step_s())
+                times[compiled] += [run.next_step_s() for _ in range(opts.repeat * 2)]
         nodes = {k: run.nodes(model) for k, run in runs.items()}
         del runs
         commit_s, prompt_s = encoder_passes(model, cache, opts.prompt, opts.repeat)

@@ -132,10 +132,11 @@ def _left_padded(rows: List[PromptCache], layer: int):
 
 def prefix_bucket(n: int) -> int:
     """The length a prefix of `n` positions is padded to for a compiled step: `n` rounded up to a
-    multiple of an eighth of the power of two at or above it (at least 16). A prefix that grows
-    by a canvas at a time thus changes shape a few times per doubling (O(log) over a
-    generation), and at most a quarter of what is attended to is padding."""
-    granule = max(16, 1 << max(0, (n - 1).bit_length() - 3))
+    multiple of a quarter of the power of two at or above it (at least 16), i.e. to 1.5 or 2
+    times a power of two. A prefix that grows by a canvas at a time thus changes shape twice per
+    doubling (O(log) times over a generation, each a trace), and at most a third of what is
+    attended to is padding."""
+    granule = max(16, 1 << max(0, (n - 1).bit_length() - 2))
     return -(-n // granule) * granule
 
 

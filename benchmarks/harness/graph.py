@@ -298,10 +298,11 @@ def section_graph(opts, rep):
         f"  encoder, uncompiled: commit of a canvas built in {commit_s * 1e3:.1f} ms (once per "
         f"canvas); the {opts.prompt}-token prompt pass in {prompt_s * 1e3:.1f} ms (once)"
     )
-    demo, same, same_cpu = demo_speed(24, 2)
+    puzzles = 4 * opts.repeat
+    demo, same, same_cpu = demo_speed(puzzles, 2)
     say(
-        "  the bundled demo, 24 Sudokus through stream_generate on this machine (tok/s, ms per "
-        "step): "
+        f"  the bundled demo, {puzzles} Sudokus through stream_generate on this machine (tok/s, "
+        "ms per step): "
         + "; ".join(f"{k} {v[0]:.0f} tok/s ({v[1] * 1e3:.1f} ms)" for k, v in demo.items())
         + f"; compiled output equal to uncompiled: {same}, to the CPU backend's: {same_cpu}"
     )

@@ -9,7 +9,9 @@ import mlx.core as mx
 from .backends import selected
 from .cache import CanvasKV
 from .model import Model
-from .sampler import SamplerSettings, denoise_sample, stop_update, temperature
+from .sampler import SamplerSettings, denoise_sample, split_keys, stop_update, temperature
+from .step import CompiledStep
+from .step import enabled as compiling
 
 
 @dataclass
@@ -39,16 +41,18 @@ class Pins:
 
 @dataclass
 class _Step:
-    """One denoising step's (lazy) outputs, and the key the next step splits."""
+    """One denoising step's (lazy) outputs, and the key the next step splits. The next step's
+    self-conditioning signal comes from `probs`, or is `soft` already (the compiled step)."""
 
     canvas: mx.array
     argmax: mx.array
     entropy: mx.array
     accepted: mx.array
-    probs: mx.array
+    probs: Optional[mx.array]
     finished: mx.array
     history: Optional[mx.array]
     key: Union[mx.array, List[mx.array]]
+    soft: Optional[mx.array] = None
 
     def filter(self, keep: List[int]) -> "_Step":
         """The rows `keep` of this step: what the next step reads of them."""
@@ -60,19 +64,60 @@ class _Step:
             self.argmax[idx],
             self.entropy[idx],
             self.accepted[idx],
-            self.probs[idx],
+            None if self.probs is None else self.probs[idx],
             self.finished[idx],
             history,
             key,
+            None if self.soft is None else self.soft[idx],
         )
 
 
-def split_keys(key):
-    """mx.random.split of one key, or of each key in a list of per-row keys."""
-    if not isinstance(key, list):
-        return mx.random.split(key)
-    pairs = [mx.random.split(k) for k in key]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+class CanvasSteps:
+    """How `denoise_canvas` builds the steps of one canvas against `cache`: its K/V buffers
+    (`kv`), and each step's graph, built op by op or, where the backend compiles steps (step.py:
+    Metal and CUDA, unless switched off), replayed from one traced graph whose shapes the padded
+    buffers hold still. The benchmarks time these same calls."""
+
+    def __init__(self, model: Model, cache, canvas_len: int, settings: SamplerSettings):
+        self.model, self.settings = model, settings
+        backend = selected()
+        first = cache[0] if isinstance(cache, list) else cache
+        compiled = compiling(backend) and all(k is not None for k in first.keys)
+        self.kv = CanvasKV(cache, canvas_len, padded=compiled)
+        self.compiled = CompiledStep(model, self.kv, settings, backend) if compiled else None
+        self.bound = mx.array(settings.entropy_bound, dtype=mx.float32)
+
+    def build_step(self, canvas, soft, history, key, remaining, pins=None) -> _Step:
+        """The step with `remaining` steps to go (the first: `soft` None, no signal yet)."""
+        model, settings = self.model, self.settings
+        temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
+        pin_mask, pin_tokens = (None, None) if pins is None else (pins.mask, pins.tokens)
+        if self.compiled is not None:  # it splits the key itself
+            canvas, argmax, entropy, accepted, finished, history, soft, key = self.compiled(
+                canvas, soft, history, key, temp, pin_mask, pin_tokens
+            )
+            return _Step(canvas, argmax, entropy, accepted, None, finished, history, key, soft)
+        key, sub = split_keys(key)
+        logits = model.decode(canvas, self.kv, soft_embeds=soft, softcap=False)
+        canvas, argmax, entropy, accepted, probs = denoise_sample(
+            logits,
+            temp,
+            self.bound,
+            sub,
+            pin_mask,
+            pin_tokens,
+            model.embed_dtype,
+            softcap=model.args.final_logit_softcapping,
+        )
+        finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
+        return _Step(canvas, argmax, entropy, accepted, probs, finished, history, key)
+
+    def build_next_step(self, step: _Step, remaining: int, pins=None) -> _Step:
+        """The step after `step`, self-conditioned on its probabilities."""
+        soft = step.soft
+        if soft is None:
+            soft = self.model.soft_embeddings_from_probs(step.probs)  # self-conditioning
+        return self.build_step(step.canvas, soft, step.history, step.key, remaining, pins)
 
 
 def denoise_canvas(
@@ -100,40 +145,28 @@ def denoise_canvas(
     before waiting for this one (building a 30-layer graph in Python takes milliseconds, as long
     as a whole step there) and handed to the device once this step says it does not stop:
     nothing is computed that is not used. On the CPU the forward itself syncs (expert tiles), so
-    it is built after the test."""
+    it is built after the test.
+
+    Where the backend compiles steps (step.py: Metal and CUDA, unless switched off) a step is
+    one traced graph replayed, its self-conditioning embedding computed inside it; the prefix
+    and the rows are padded to buckets so that the graph's shapes stay put."""
     B, C = canvas.shape
     S, N = settings.stability_threshold, settings.max_denoising_steps
-    bound = mx.array(settings.entropy_bound, dtype=mx.float32)
     if pins is not None:
         pins = Pins(pins.mask, pins.tokens.astype(mx.int32))
         canvas = mx.where(pins.mask, pins.tokens, canvas)
     history = mx.full((S, B, C), -1, dtype=mx.int32) if S else None
     alive = list(range(B))  # original rows still denoising
     final = [None] * B
-    cache = CanvasKV(cache, C)  # the prefix K/V, copied once for all steps of this canvas
+    builder = CanvasSteps(model, cache, C, settings)
+    cache = builder.kv  # the prefix K/V, copied once for all steps of this canvas
     prebuild = selected().prebuild_steps
 
     def build_step(canvas, soft, history, key, remaining):
-        logits = model.decode(canvas, cache, soft_embeds=soft, softcap=False)
-        key, sub = split_keys(key)
-        temp = mx.array(temperature(remaining, settings), dtype=mx.float32)
-        pin_mask, pin_tokens = (None, None) if pins is None else (pins.mask, pins.tokens)
-        canvas, argmax, entropy, accepted, probs = denoise_sample(
-            logits,
-            temp,
-            bound,
-            sub,
-            pin_mask,
-            pin_tokens,
-            model.embed_dtype,
-            softcap=model.args.final_logit_softcapping,
-        )
-        finished, history = stop_update(history, argmax, entropy, settings.confidence_threshold)
-        return _Step(canvas, argmax, entropy, accepted, probs, finished, history, key)
+        return builder.build_step(canvas, soft, history, key, remaining, pins)
 
     def build_next_step(step, remaining):
-        soft = model.soft_embeddings_from_probs(step.probs)  # self-conditioning
-        return build_step(step.canvas, soft, step.history, step.key, remaining)
+        return builder.build_next_step(step, remaining, pins)
 
     step, steps = build_step(canvas, None, history, key, N), 0
     for remaining in range(N, 0, -1):
@@ -154,6 +187,7 @@ def denoise_canvas(
             if drop:
                 stopped = [f or alive[j] in drop for j, f in enumerate(stopped)]
         if nxt is not None and not any(stopped):
+            saved = None  # not restored: the next step may write its K/V buffers in place
             mx.async_eval(nxt.canvas, nxt.argmax, nxt.finished)  # the device starts on it now
         if all(stopped) or remaining == 1:
             break

@@ -247,19 +247,51 @@ def denoise_sample(
     `softcap`: the model's final softcap when `logits` are the LM head's raw output (then it
     runs inside the same pass: no softcapped copy of the logits is written)."""
     B, C, V = logits.shape
-    if pin_mask is None:
-        pin_mask = mx.zeros((B, C), dtype=mx.bool_)
-        pin_tokens = mx.zeros((B, C), dtype=mx.int32)
-    if isinstance(key, list):  # one key per row: each row draws what it would alone
+    u, noise = draw_noise(key, B, C, V)
+    return sample_canvas(logits, temp, bound, u, noise, pin_mask, pin_tokens, probs_dtype, softcap)
+
+
+def split_keys(key):
+    """mx.random.split of one key, or of each key in a list of per-row keys."""
+    if not isinstance(key, list):
+        return mx.random.split(key)
+    pairs = [mx.random.split(k) for k in key]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def draw_noise(key, B: int, C: int, V: int):
+    """The step's randomness: one uniform per position (B, C, 1) for the inverse-CDF sample and
+    uniform tokens (B, C) for the positions re-noised. `key`: one key, or a list of one per row
+    (then each row draws what it would alone)."""
+    if isinstance(key, list):
         parts = [mx.random.split(k) for k in key]
         u = mx.concatenate([mx.random.uniform(shape=(1, C, 1), key=ks) for ks, _ in parts])
         noise = mx.concatenate(
             [mx.random.randint(0, V, (1, C), dtype=mx.int32, key=kn) for _, kn in parts]
         )
-    else:
-        k_sample, k_noise = mx.random.split(key)
-        u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
-        noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
+        return u, noise
+    k_sample, k_noise = mx.random.split(key)
+    u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
+    return u, mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
+
+
+def sample_canvas(
+    logits,
+    temp,
+    bound,
+    u,
+    noise,
+    pin_mask=None,
+    pin_tokens=None,
+    probs_dtype=mx.float32,
+    softcap: Optional[float] = None,
+):
+    """`denoise_sample` with its randomness drawn (`draw_noise`): pure, so it also runs inside
+    a compiled step (step.py)."""
+    B, C, V = logits.shape
+    if pin_mask is None:
+        pin_mask = mx.zeros((B, C), dtype=mx.bool_)
+        pin_tokens = mx.zeros((B, C), dtype=mx.int32)
     backend = backends.selected()
     key_ = (probs_dtype, backend, bool(softcap))
     fn = _position_compiled.get(key_)

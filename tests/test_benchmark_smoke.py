@@ -162,11 +162,15 @@ def test_graph(tmp_path):
     )
     assert_lines(
         out,
-        r"^== graph: Python time to build one denoising step's graph, full shape, Metal/CUDA path \| ",
-        r"^  one step's graph \(30 layers, mixed 4-bit, .*\): built in [\d.]+ ms \(median of 2; [\d.]+ ms per layer\)",
+        r"^== graph: host time to issue one denoising step at full shape, compiled and not, ",
+        r"^  a generation of 8 canvases from a 4096-token prompt, compiled: 2 traces ",
+        r"^  one step \(30 layers, mixed 4-bit, .*fastest of 20: compiled [\d.]+ ms, uncompiled ",
+        r"^  the bundled demo, 8 Sudokus through stream_generate .* compiled output equal to "
+        r"uncompiled: True",
     )
     g = json_lines(tmp_path / "g.jsonl")["graph"]
-    assert g["layers"] == 30 and len(g["times_s"]) == 2 and g["build_s"] > 0
+    assert g["layers"] == 30 and len(g["times_s"]) == 20 and g["build_s"] > 0
+    assert g["build_uncompiled_s"] > 0 and g["traces_per_generation"] == 2
 
 
 def test_serve():

@@ -163,7 +163,7 @@ def test_server_rows_tokens_equal(model, default_backend):
 
     def run():
         sch = Scheduler(model, None, max_batch=4)
-        sch.eos = []
+        sch.generator.eos = set()
         try:
             jobs = [
                 Recorder(list(range(3, 3 + n)), seed=n, max_tokens=16 * (1 + n % 3))

@@ -22,9 +22,10 @@ from test_lora import data, task_model  # noqa: F401  (fixtures)
 from mlx_diffusiongemma import lora
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = shutil.which("mlx.launch")
+# the venv's launcher, also when the venv is not on PATH (python started by its full path)
+LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
 pytestmark = pytest.mark.skipif(
-    LAUNCH is None or not mx.distributed.is_available(),
+    not os.path.exists(LAUNCH) or not mx.distributed.is_available(),
     reason="needs mlx.launch and MLX's ring backend",
 )
 TOLERANCE = 1e-4

@@ -15,6 +15,7 @@ _EXPORTS = {
     "load": "loader",
     "load_model": "loader",
     "make_prompt_cache": "generation",
+    "sharded_load": "distributed",
     "stream_generate": "generation",
 }
 __all__ = list(_EXPORTS)

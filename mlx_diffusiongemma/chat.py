@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from .cli import (
     OneLineParser,
+    add_distributed_arguments,
     add_model_argument,
     error_line,
     load_for_cli,
@@ -124,7 +125,9 @@ def repl(args) -> int:
 
     flags = dict(max_tokens=args.max_tokens, max_denoising_steps=args.steps)
     check_settings(seed=args.seed, **flags)  # before the model loads
-    model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
+    model, tokenizer = load_for_cli(
+        args.model, None, args.adapter_path, args.pipeline, args.pipeline_split
+    )
     kw = dict(settings=resolve_settings(model, **flags), seed=args.seed)
     session = ChatSession(model, tokenizer, args.system_prompt, args.enable_thinking)
     print(
@@ -178,6 +181,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--enable-thinking", action="store_true")
+    add_distributed_arguments(p)
     args = p.parse_args(argv)
     return run_cli(repl, args)
 

@@ -46,13 +46,61 @@ def demo_notice() -> str:
     )
 
 
-def load_for_cli(model_arg, dtype=None, adapter_path=None):
-    """`load` of --model, or of the demo checkpoint with a one-line notice of what it is."""
+def add_distributed_arguments(parser):
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="launched on several ranks (mlx.launch): split the layers across them instead of "
+        "each layer (tensor parallel, the default); see docs/DISTRIBUTED.md",
+    )
+    parser.add_argument(
+        "--pipeline-split",
+        type=layer_counts,
+        default=None,
+        metavar="N,N,...",
+        help="with --pipeline: layers per rank, from rank 0 (which runs the last ones); "
+        "default: even",
+    )
+
+
+def layer_counts(text: str) -> list:
+    """An argparse type: comma-separated positive layer counts."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"invalid split {text!r} (e.g. 16,14)")
+    return counts
+
+
+def load_for_cli(model_arg, dtype=None, adapter_path=None, pipeline=False, pipeline_split=None):
+    """`load` of --model, or of the demo checkpoint with a one-line notice of what it is. When
+    launched on several ranks, split across them (`sharded_load`: tensor parallel, or the
+    layers with `pipeline`), and only rank 0 writes to stdout."""
+    from .distributed import init_group, launched, rank_zero_output, sharded_load
     from .loader import load
 
-    if model_arg is None:
+    group = init_group() if launched() else None
+    if group is not None:
+        rank_zero_output(group)
+    if model_arg is None and (group is None or group.rank() == 0):
         print(demo_notice(), file=sys.stderr)
-    return load(model_arg or DEMO_MODEL, dtype=dtype, adapter_path=adapter_path)
+    path = model_arg or DEMO_MODEL
+    if group is None or group.size() == 1:
+        return load(path, dtype=dtype, adapter_path=adapter_path)
+    if adapter_path is not None:
+        raise ValueError(
+            "--adapter-path cannot be used across ranks yet: fuse the adapters into the "
+            "checkpoint first (python -m mlx_diffusiongemma.fuse)"
+        )
+    return sharded_load(
+        path,
+        pipeline_group=group if pipeline else None,
+        tensor_group=None if pipeline else group,
+        pipeline_split=pipeline_split,
+        dtype=dtype,
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,6 +135,15 @@ def user_errors():
     except ImportError:
         pass
     return errors
+
+
+# MLX's distributed backends raise RuntimeErrors named after them when a peer's connection closes.
+BACKEND_PREFIXES = ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
+LOST_PEER = "lost the connection to another rank (it exited, or its machine or link is down)"
+
+
+def lost_peer(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and str(e).startswith(BACKEND_PREFIXES)
 
 
 def error_line(e: BaseException) -> str:
@@ -158,6 +215,11 @@ def one_line_errors(interrupted: str = "interrupted"):
         sys.exit(141)
     except user_errors() as e:
         print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        print(f"error: {LOST_PEER}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
         if not _signals.pending:

@@ -4,7 +4,13 @@ import sys
 import types
 from pathlib import Path
 
-from .cli import OneLineParser, add_model_argument, load_for_cli, run_cli
+from .cli import (
+    OneLineParser,
+    add_distributed_arguments,
+    add_model_argument,
+    load_for_cli,
+    run_cli,
+)
 
 
 def build_parser():
@@ -91,6 +97,7 @@ def build_parser():
     p.add_argument(
         "--verbose", action="store_true", help="print speed and memory figures at the end"
     )
+    add_distributed_arguments(p)
     return p
 
 
@@ -113,7 +120,9 @@ def run(args):
     check_settings(seed=args.seed, **flags)  # before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     dtype = getattr(mx, args.dtype) if args.dtype else None
-    model, tokenizer = load_for_cli(args.model, dtype=dtype, adapter_path=args.adapter_path)
+    model, tokenizer = load_for_cli(
+        args.model, dtype, args.adapter_path, args.pipeline, args.pipeline_split
+    )
     task = read_task(model.path)
     if task is not None:  # a task model (the Sudoku demo): its input checked, its output a grid
         prompt = prompt_text(task, prompt)

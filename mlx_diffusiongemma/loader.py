@@ -10,16 +10,13 @@ from mlx.utils import tree_flatten
 from . import backends
 from .checks import check_token_ids, describe, read_json
 from .config import ConfigError, ModelArgs
+from .distributed import layer_of, stage_layers
 from .model import VISION_PREFIXES, Model
 from .safetensors_check import CheckpointError, check_dtype, read_header
 from .sampler import SamplerSettings
 
-WEIGHT_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "model*.safetensors",
-    "*.safetensors.index.json",
-]
+META_PATTERNS = ["config.json", "generation_config.json", "*.safetensors.index.json"]
+WEIGHT_PATTERNS = META_PATTERNS + ["model*.safetensors"]
 TOKENIZER_PATTERNS = [
     "tokenizer*",
     "chat_template*",
@@ -35,8 +32,9 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
-def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False) -> Path:
-    """A local folder as is; otherwise a Hugging Face hub id, downloading only what is needed."""
+def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False, weights=None) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id, downloading only what is needed:
+    the config, and the weight files named in `weights` (default: all of them)."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -45,7 +43,8 @@ def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False) -> P
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model path {name!r} does not exist")
-    return hub_download(name, WEIGHT_PATTERNS + (TOKENIZER_PATTERNS if tokenizer else []))
+    patterns = WEIGHT_PATTERNS if weights is None else META_PATTERNS + list(weights)
+    return hub_download(name, patterns + (TOKENIZER_PATTERNS if tokenizer else []))
 
 
 def hub_download(repo_id: str, patterns: list, revision=None) -> Path:
@@ -71,20 +70,33 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def weight_files(path: Path) -> list:
-    """The safetensors files of a checkpoint; with an index, every shard it names must exist."""
+def weight_file_names(path: Path, layers=None) -> list:
+    """The names of a checkpoint's safetensors files, from its index when it has one (they need
+    not be there yet); with `layers` (a pipeline stage's), only the files holding those layers
+    or tensors of no layer (a checkpoint without an index: its files, all of them)."""
+    index = path / "model.safetensors.index.json"
+    if not (index.exists() or index.is_symlink()):
+        return [f.name for f in sorted(path.glob("model*.safetensors"))]
+    weight_map = read_json(index, CheckpointError)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and _plain_name(v) for v in weight_map.values()
+    ):
+        raise CheckpointError(
+            f"{index.name} is not a valid index (expected a weight_map from tensor names to "
+            "file names in the same folder)"
+        )
+    return sorted(
+        {f for k, f in weight_map.items() if layers is None or layer_of(k) in (None, *layers)}
+    )
+
+
+def weight_files(path: Path, layers=None) -> list:
+    """The safetensors files of a checkpoint (of `layers` only: see `weight_file_names`); with
+    an index, every shard it names must exist."""
     index = path / "model.safetensors.index.json"
     if index.exists() or index.is_symlink():
-        weight_map = read_json(index, CheckpointError)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) and _plain_name(v) for v in weight_map.values()
-        ):
-            raise CheckpointError(
-                f"{index.name} is not a valid index (expected a weight_map from tensor names to "
-                "file names in the same folder)"
-            )
-        names = sorted(set(weight_map.values()))
+        names = weight_file_names(path, layers)
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise CheckpointError(f"missing shard(s) named in {index.name}: {', '.join(missing)}")
@@ -151,11 +163,11 @@ def _names(keys, n=6):
     return ", ".join(keys[:n]) + more
 
 
-def read_headers(path: Path) -> Dict[Path, dict]:
-    """The checked header of every weight file, {file: {tensor: (dtype, shape)}}, before any
-    tensor is read: tensors named in two shards are an error, and each text tensor must have
-    a dtype the model takes (see `check_dtype`)."""
-    headers = {f: read_header(f) for f in weight_files(path)}
+def read_headers(path: Path, layers=None) -> Dict[Path, dict]:
+    """The checked header of every weight file (of `layers`: see `weight_file_names`),
+    {file: {tensor: (dtype, shape)}}, before any tensor is read: tensors named in two shards are
+    an error, and each text tensor must have a dtype the model takes (see `check_dtype`)."""
+    headers = {f: read_header(f) for f in weight_files(path, layers)}
     where = {}
     for f, header in headers.items():
         for k in header:
@@ -171,13 +183,18 @@ def read_headers(path: Path) -> Dict[Path, dict]:
     return headers
 
 
-def load_weights_lazily(path: Path, vision: bool = True) -> Dict[str, mx.array]:
-    """Every tensor of the checkpoint (without the vision tower's unless `vision`) as a lazy MLX
-    array (nothing is read until evaluated), after checking every file's header
-    (`read_headers`)."""
+def load_weights_lazily(path: Path, vision: bool = True, layers=None) -> Dict[str, mx.array]:
+    """Every tensor of the checkpoint (without the vision tower's unless `vision`; of the text
+    layers, those in `layers` only, when given) as a lazy MLX array (nothing is read until
+    evaluated), after checking every file's header (`read_headers`)."""
     weights = {}
-    for f, header in read_headers(path).items():
-        wanted = [k for k in header if vision or not k.startswith(VISION_PREFIXES)]
+    for f, header in read_headers(path, layers).items():
+        wanted = [
+            k
+            for k in header
+            if (vision or not k.startswith(VISION_PREFIXES))
+            and (layers is None or layer_of(k) in (None, *layers))
+        ]
         if not wanted:
             continue
         try:
@@ -188,21 +205,35 @@ def load_weights_lazily(path: Path, vision: bool = True) -> Dict[str, mx.array]:
     return weights
 
 
-def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
+def load_model(
+    path_or_hub_id,
+    dtype: Optional[mx.Dtype] = None,
+    lazy: bool = False,
+    pipeline_group=None,
+    pipeline_split=None,
+    tensor_group=None,
+) -> Model:
     """Loads a DiffusionGemma checkpoint (local folder or hub id) into an MLX `Model`.
 
     `dtype` casts floating-point weights (e.g. `mx.float32` for CPU work); quantized weights keep
     their packing. The shared encoder/decoder weights exist once in memory. The backend
-    (backends/) is selected here, for MLX's default device."""
+    (backends/) is selected here, for MLX's default device. With a `pipeline_group` only this
+    rank's layers are read (`Model.pipeline`); with a `tensor_group` the model is split
+    (`Model.shard`) before its weights are read, one layer at a time."""
     path = resolve_path(path_or_hub_id)
     config = read_config(path)
     args = ModelArgs.from_config(config)
     generation_config = load_generation_config(path)
     backends.select().setup()
-    weights = load_weights_lazily(path, vision=args.vision is not None)
+    layers = None
+    if pipeline_group is not None:
+        layers = stage_layers(args.num_hidden_layers, pipeline_group, pipeline_split)
+    weights = load_weights_lazily(path, vision=args.vision is not None, layers=layers)
     if args.vision is not None and not has_vision_weights(weights):
         args.vision = None  # the config names a tower its weights leave out: load text-only
     model = Model(args)
+    if pipeline_group is not None:
+        model.pipeline(pipeline_group, pipeline_split)
     weights = model.sanitize(weights)
     if args.quantization:
         _quantize(model, args, weights.keys())
@@ -213,8 +244,13 @@ def load_model(path_or_hub_id, dtype: Optional[mx.Dtype] = None, lazy: bool = Fa
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()), strict=False)
+    del weights  # a split tensor's whole array must not outlive its cutting (below)
     model.eval()
+    if tensor_group is not None:
+        model.shard(tensor_group)
     if not lazy:
+        for _, layer in model.model.decoder.local_layers():  # a split layer's whole tensors
+            mx.eval(layer.parameters())  # are read before it is cut: one layer at a time
         mx.eval(model.parameters())
     model.path = path
     model.generation_config = generation_config
@@ -289,15 +325,21 @@ def load(
     path_or_hub_id,
     dtype: Optional[mx.Dtype] = None,
     adapter_path: Optional[Union[str, Path]] = None,
+    **sharding,
 ) -> Tuple[Model, "TokenizerWrapper"]:
     """(model, tokenizer) like `mlx_lm.load`: the tokenizer is mlx-lm's TokenizerWrapper with
     every EOS id from generation_config.json; `adapter_path` adds fine-tuned adapters (a folder
     written by `mlx_diffusiongemma.lora`). A folder without a tokenizer is refused (for token
-    ids alone, `load_model` needs none)."""
+    ids alone, `load_model` needs none). `sharding`: `load_model`'s groups (`sharded_load`)."""
     path = resolve_path(path_or_hub_id, tokenizer=True)
     read_config(path)  # a folder that is no model at all is named as such first
     check_tokenizer_files(path)
-    model = load_model(path, dtype=dtype)
+    if adapter_path is not None and any(v is not None for v in sharding.values()):
+        raise ValueError(
+            "adapters cannot be added to a model split across ranks yet: fuse them into the "
+            "checkpoint first (python -m mlx_diffusiongemma.fuse)"
+        )
+    model = load_model(path, dtype=dtype, **sharding)
     if adapter_path is not None:
         from .tuner.adapters import load_adapters
 

@@ -14,11 +14,13 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .backends import attention, experts, final_softcap, gelu_glu, switch_matmul
 from .cache import CanvasKV, PromptCache
 from .config import ModelArgs
+from .distributed import same_on_every_rank, shard_layer, spanning, sum_over_ranks
 from .layers import RMSNormNoScale
 from .vision import VisionEmbedder, VisionTower
 
@@ -201,18 +203,21 @@ class Layer(nn.Module):
         self.pre_feedforward_layernorm_2 = nn.RMSNorm(D, eps=eps)
         # The decoder's scalar; the encoder passes its own (see EncoderLayerScalar).
         self.layer_scalar = mx.ones((1,))
+        self.sharding_group = None  # tensor parallel: the ranks holding the rest of the MLPs
 
     def __call__(self, x, offset, prefix, mask, layer_scalar, kv_only=False):
         h, kv = self.self_attn(self.input_layernorm(x), offset, prefix, mask)
         if kv_only:  # the encoder's last layer: only its K/V are ever read
             return None, kv
         h = x + self.post_attention_layernorm(h)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         # The router reads the raw residual, the experts its pre_feedforward_layernorm_2 view.
         idx, w = self.router(h)
-        moe = self.post_feedforward_layernorm_2(
-            self.experts(self.pre_feedforward_layernorm_2(h), idx, w)
-        )
+        moe = self.experts(self.pre_feedforward_layernorm_2(h), idx, w)
+        if self.sharding_group is not None:  # each rank holds part of both sums
+            dense, moe = sum_over_ranks(self.sharding_group, dense, moe)
+        dense = self.post_feedforward_layernorm_1(dense)
+        moe = self.post_feedforward_layernorm_2(moe)
         h = h + self.post_feedforward_layernorm(dense + moe)
         return h * layer_scalar.astype(h.dtype), kv
 
@@ -235,13 +240,42 @@ class SelfConditioning(nn.Module):
         return self.post_norm(embeds)
 
 
-class Decoder(nn.Module):
+class Decoder(PipelineMixin, nn.Module):
+    """The text layers. Pipelined (mlx-lm's PipelineMixin), a rank keeps a run of them (the
+    others are None) and passes the hidden state on to the rank below it."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Layer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.self_conditioning = SelfConditioning(args)
+        self.pipeline_group = None
+
+    def local_layers(self):
+        """(index, layer) of the layers this rank runs."""
+        return [(i, layer) for i, layer in enumerate(self.layers) if layer is not None]
+
+    def receive(self, h):
+        """The previous stage's output in place of h, unless this rank runs the first layers
+        (rank size - 1, as mlx-lm orders the stages)."""
+        if self.pipeline_rank < self.pipeline_size - 1:
+            h = mx.distributed.recv_like(h, self.pipeline_rank + 1, group=self.pipeline_group)
+        return h
+
+    def send(self, h):
+        """Sends h to the next stage; the send to evaluate, or None on the last stage."""
+        if self.pipeline_rank == 0:
+            return None
+        return mx.distributed.send(h, self.pipeline_rank - 1, group=self.pipeline_group)
+
+    def finish(self, h):
+        """The last stage's output, on every rank (an all_gather, as mlx-lm's models)."""
+        if self.pipeline_size == 1:
+            return h
+        sent = self.send(h)
+        h_all = mx.distributed.all_gather(h if sent is None else sent, group=self.pipeline_group)
+        return h_all[: h.shape[0]]
 
 
 class EncoderLayerScalar(nn.Module):
@@ -296,6 +330,7 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.embed_scale = math.sqrt(args.hidden_size)
+        self.group = None  # the ranks the model is split over (shard / pipeline)
         self.path = None  # the checkpoint folder, set by load_model
         self.generation_config = {}  # the checkpoint's generation_config.json, set by load_model
         self.processor_config = {}  # its image processor's settings (max_soft_tokens), idem
@@ -334,9 +369,25 @@ class Model(nn.Module):
         return out
 
     def make_cache(self) -> PromptCache:
-        return PromptCache(
-            [self.args.is_sliding(i) for i in range(len(self.layers))], self.args.sliding_window
-        )
+        n = self.args.num_hidden_layers
+        return PromptCache([self.args.is_sliding(i) for i in range(n)], self.args.sliding_window)
+
+    # ---- several processes (distributed.py) ----------------------------------------------
+    def shard(self, group=None):
+        """Tensor parallel over `group` (default: the launched one): attention by heads, the
+        dense MLP and the experts by their intermediate width (`distributed.shard_layer`)."""
+        group = group or mx.distributed.init()
+        for _, layer in self.model.decoder.local_layers():
+            shard_layer(layer, group)
+        self.group = spanning(group)
+
+    def pipeline(self, group=None, split=None):
+        """Layers split across `group`: rank r keeps split[r] of them (default: even), rank 0
+        the last ones, as mlx-lm's `PipelineMixin.pipeline`."""
+        group = group or mx.distributed.init()
+        self.model.decoder.pipeline(group, split)
+        self.model.decoder.pipeline_group = group
+        self.group = spanning(group)
 
     def embed(self, ids):
         """Token embeddings times sqrt(hidden), in the embedding's dtype."""
@@ -391,8 +442,8 @@ class Model(nn.Module):
                 else [(f, ids[:, start:end], at[:, start:end]) for f, ids, at in places["feats"]]
             )
             runs = None if places is None else places["runs"][:, start:end]
-            self._encode_chunk(input_ids[:, start:end], cache, chunk_mask, chunk, runs)
-            mx.eval(cache.state())
+            sent = self._encode_chunk(input_ids[:, start:end], cache, chunk_mask, chunk, runs)
+            mx.eval(cache.state(), [] if sent is None else sent)
             start = end
         return cache
 
@@ -431,6 +482,8 @@ class Model(nn.Module):
 
     def _encode_chunk(self, ids, cache: PromptCache, pad_mask, vision=None, runs=None):
         T, L = cache.offset, ids.shape[1]
+        if self.group is not None:  # ranks that encode different tokens would compute garbage
+            same_on_every_rank(self.group, ids, vision)
         h = self.embed(ids)
         for features, hits, at in vision or ():
             # image features replace the token embeddings, without the text embed scale
@@ -441,8 +494,10 @@ class Model(nn.Module):
             block = (r[:, :, None] == r[:, None, :]) & (r[:, :, None] >= 0)  # (B, L, L)
         cache.add_validity(ids.shape, pad_mask)
         scalars = self.model.encoder.language_model.layers
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        last = self.args.num_hidden_layers - 1
+        dec = self.model.decoder
+        h = dec.receive(h)
+        for i, layer in dec.local_layers():
             P = cache.layer_len(i)
             mask = self._causal_mask(T, L, P, cache.is_sliding[i])
             if block is not None:
@@ -458,6 +513,7 @@ class Model(nn.Module):
             h, kv = layer(h, T, cache.fetch(i), mask, scalars[i].layer_scalar, kv_only=i == last)
             cache.store(i, *kv)
         cache.offset = T + L
+        return dec.send(h)  # on to the next stage (the last one's last layer returns no h)
 
     def _causal_mask(self, T, L, P, sliding):
         """Queries at T..T+L-1 over keys at T-P..T+L-1: causal, and within the window for
@@ -511,11 +567,11 @@ class Model(nn.Module):
         if isinstance(cache, PromptCache):
             cache = CanvasKV(cache, canvas.shape[1])
         dec = self.model.decoder
-        h = dec.self_conditioning(self.embed(canvas), soft_embeds)
-        for i, layer in enumerate(dec.layers):
+        h = dec.receive(dec.self_conditioning(self.embed(canvas), soft_embeds))
+        for i, layer in dec.local_layers():
             attend = partial(cache.attend, i)
             h, _ = layer(h, cache.offset, attend, cache.masks[i], layer.layer_scalar)
-        return dec.norm(h)
+        return dec.norm(dec.finish(h))
 
     def lm_logits(self, h: mx.array, softcap: bool = True) -> mx.array:
         """float32 logits after the final softcap; with softcap=False the LM head's raw output

@@ -15,6 +15,7 @@ import mlx.core as mx
 from . import backends
 from .backends import DEFAULT, Backend
 from .checks import check_int, check_number, check_object
+from .distributed import shared_seed
 from .utils import ceil_div
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
@@ -114,9 +115,10 @@ def check_settings(**values):
 
 
 def random_key(seed: Optional[int] = None) -> mx.array:
-    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else at random."""
+    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else at random
+    (rank 0's draw, where the model is split across ranks: they all draw the same noise)."""
     if seed is None:  # two keys made in the same instant still differ
-        return mx.random.key(secrets.randbits(63))
+        return mx.random.key(shared_seed(secrets.randbits(63)))
     return mx.random.key(check_int("seed", seed, lo=0, hi=SEED_MAX))
 
 

@@ -13,7 +13,7 @@ from mlx_diffusiongemma.serving.scheduler import Job, Scheduler
 try:
     from mlx_diffusiongemma.infilling import Gap, infill
 except ImportError:
-    from mlx_diffusiongemma.infill import Gap, infill
+    from mlx_diffusiongemma.infilling import Gap, infill
 from mlx_diffusiongemma.chat import ChatSession
 
 ckpt, demo, out = sys.argv[1:4]

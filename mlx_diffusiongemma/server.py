@@ -4,7 +4,9 @@
 a --host other machines can reach needs --api-key (or an explicit --no-api-key).
 uvicorn serves HTTP (framing, chunked bodies, keep-alive, connection limits, with a deadline
 for request heads: serving/http.py); the routes are serving/app.py; requests that arrive while
-others run join their batch at the next canvas (serving/scheduler.py)."""
+others run join their batch at the next canvas (serving/scheduler.py). Under `mlx.launch` the
+model is split across the ranks: rank 0 serves HTTP, the others follow its scheduler
+(serving/ranks.py)."""
 
 import argparse
 import ipaddress
@@ -26,14 +28,27 @@ def build_state(
     prompt_cache_bytes=None,
     limits=None,
     api_key=None,
+    link=None,
 ):
+    """The server's state; with `link` (several ranks) rank 0's scheduler leads the others."""
     from .serving.app import Limits, ServerState
     from .serving.prompt_store import PromptStore
     from .serving.scheduler import Scheduler
 
     store = PromptStore(prompt_cache_size, prompt_cache_bytes)
-    scheduler = Scheduler(model, tokenizer, store, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(
+        model, tokenizer, store, max_batch=max_batch, max_queue=max_queue, link=link
+    )
     return ServerState(model, tokenizer, name, scheduler, limits or Limits(), api_key)
+
+
+def follow(model, tokenizer, args, link):
+    """A rank other than 0: rank 0's scheduler turns, until rank 0 stops."""
+    from .serving.prompt_store import PromptStore
+    from .serving.scheduler import Scheduler
+
+    store = PromptStore(args.prompt_cache_size, args.prompt_cache_bytes)
+    Scheduler(model, tokenizer, store, args.max_batch, args.max_queue, link=link).follow()
 
 
 def loopback(host: str) -> bool:
@@ -64,6 +79,20 @@ def api_key_setting(args, environ=os.environ):
     return key
 
 
+def ranks_link():
+    """The link to the other ranks when launched on several (`mlx.launch`), else None."""
+    from .distributed import launched
+
+    if not launched():
+        return None
+    import mlx.core as mx
+
+    from .serving.ranks import RankLink
+
+    group = mx.distributed.init()
+    return RankLink(group) if group.size() > 1 else None
+
+
 def make_server(
     state, sock, max_connections=64, keep_alive_timeout=5, header_timeout=10.0, verbose=False
 ):
@@ -89,7 +118,13 @@ def make_server(
 
 
 def main(argv=None):
-    from .cli import add_model_argument, load_for_cli, one_line_errors, port_number
+    from .cli import (
+        add_distributed_arguments,
+        add_model_argument,
+        load_for_cli,
+        one_line_errors,
+        port_number,
+    )
     from .serving.app import Limits
 
     p = argparse.ArgumentParser(
@@ -160,6 +195,7 @@ def main(argv=None):
     )
     p.add_argument("--keep-alive-timeout", type=int, default=5)
     p.add_argument("--verbose", action="store_true", help="log requests")
+    add_distributed_arguments(p)
     args = p.parse_args(argv)
     name = args.model or "diffusiongemma-demo"
     with one_line_errors():
@@ -167,7 +203,12 @@ def main(argv=None):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
         api_key = api_key_setting(args)
-        model, tokenizer = load_for_cli(args.model, adapter_path=args.adapter_path)
+        model, tokenizer = load_for_cli(
+            args.model, None, args.adapter_path, args.pipeline, args.pipeline_split
+        )
+        link = ranks_link()
+        if link is not None and not link.leader:
+            return follow(model, tokenizer, args, link)
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
@@ -183,6 +224,7 @@ def main(argv=None):
             args.prompt_cache_bytes,
             limits,
             api_key,
+            link,
         )
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     server = make_server(

@@ -26,7 +26,12 @@ class RankLink:
         self.leader = group.rank() == 0
 
     def _sum(self, x: mx.array) -> np.ndarray:
-        return np.array(mx.distributed.all_sum(x, group=self.group))
+        try:
+            return np.array(mx.distributed.all_sum(x, group=self.group))
+        except RuntimeError as e:  # a peer's connection closed: no rank can go on
+            from ..distributed import fail
+
+            fail(f"rank {self.group.rank()}: lost the connection to another rank ({e})")
 
     def share(self, message: Optional[dict] = None) -> Optional[dict]:
         """Rank 0's `message` (JSON-able) on every rank; None ends the conversation."""

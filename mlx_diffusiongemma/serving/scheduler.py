@@ -150,6 +150,16 @@ class Scheduler:
 
     # ---- the scheduler thread (rank 0), and the other ranks ---------------------------------
     def _loop(self):
+        try:
+            self._lead()
+        except Exception as e:  # on several ranks: another rank is gone, so is this server
+            if self.link is None:
+                raise
+            from ..distributed import fail
+
+            fail(f"rank 0: the other ranks cannot go on with this one ({type(e).__name__}: {e})")
+
+    def _lead(self):
         # The thread runs on the default stream: a stream made here would be torn down with the
         # process while its worker still runs (the interpreter aborts at exit).
         while self.running:

@@ -91,7 +91,8 @@ def run(mode: str, path: str, out: str, steps: int):
 
     from mlx_diffusiongemma.bench.shapes import NO_STOP
     from mlx_diffusiongemma.distributed import init_group
-    from mlx_diffusiongemma.generation import denoise_canvas, init_canvas
+    from mlx_diffusiongemma.denoise import denoise_canvas
+    from mlx_diffusiongemma.generator import init_canvas
     from mlx_diffusiongemma.loader import load_model
     from mlx_diffusiongemma.sampler import SamplerSettings
 
@@ -175,11 +176,12 @@ def write_mid_checkpoint(folder: Path):
 
 def measure(path: Path, out: Path, steps: int, rounds: int):
     """Every mode `rounds` times, in turn; the figures of every run and rank."""
-    from mlx_diffusiongemma.bench.common import find_openblas
+    from mlx_diffusiongemma.bench.common import OPENBLAS_CANDIDATES
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if find_openblas():  # the MLX wheel's own BLAS runs float32 matmuls ~30x slower here
-        env["LD_PRELOAD"] = find_openblas()
+    openblas = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
+    if openblas:  # the MLX wheel's own BLAS runs float32 matmuls ~30x slower here
+        env["LD_PRELOAD"] = openblas
     runs = []
     for r in range(rounds):
         for mode in MODES + (DIAGNOSTICS if r == 0 else ()):

@@ -9,13 +9,16 @@ Needs matplotlib (`pip install matplotlib`), which the package itself does not.
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.harness
+
 
 def solve_rates(work: Path, every: int, puzzles: int, seed: int):
-    from mlx_diffusiongemma.bench.sudoku import evaluate, held_out, training_puzzles
+    from benchmarks.harness.sudoku import evaluate, held_out, training_puzzles
     from mlx_diffusiongemma.examples.task import read_task
     from mlx_diffusiongemma.loader import load
 

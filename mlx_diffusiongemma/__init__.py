@@ -11,7 +11,7 @@ _EXPORTS = {
     "GenerationResponse": "generation",
     "batch_generate": "batch",
     "generate": "text",
-    "infill": "infill",
+    "infill": "infilling",
     "load": "loader",
     "load_model": "loader",
     "make_prompt_cache": "generation",

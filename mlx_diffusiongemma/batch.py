@@ -7,15 +7,24 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .generation import (
-    block_generate,
     check_context,
     check_ids,
     eos_ids_for,
+    print_stats,
     prompt_ids,
-    resolve_settings,
+    split_keywords,
 )
+from .generator import CanvasGenerator
 from .model import Model
 from .sampler import SamplerSettings, random_key
+
+# `stream_generate`'s prompt keywords but `videos` and `images` (one list per prompt here).
+BATCH_PROMPT_KEYWORDS = (
+    "system_prompt",
+    "enable_thinking",
+    "apply_chat_template",
+    "image_soft_tokens",
+)
 
 
 @dataclass
@@ -31,70 +40,51 @@ class BatchResponse:
     peak_memory: float  # GB
 
 
+def batch_prompt_ids(model: Model, tokenizer, prompts, images, prompt_kw: dict):
+    """Each prompt's ids, and the features of every vision token of the batch (row-major: the
+    order the encoder reads them), or None."""
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images: one list per prompt ({len(prompts)}), got {len(images)}")
+    rows, vision = [], {}
+    for i, p in enumerate(prompts):
+        ids, feats = prompt_ids(model, tokenizer, p, images[i] if images else None, **prompt_kw)
+        check_ids(model, ids)
+        rows.append(ids)
+        for token, f in (feats or {}).items():
+            vision[token] = f if token not in vision else mx.concatenate([vision[token], f])
+    return rows, vision or None
+
+
 def batch_generate(
     model: Model,
     tokenizer,
     prompts: Sequence[Union[str, Sequence[int]]],
     max_tokens: Optional[int] = None,
-    max_denoising_steps: Optional[int] = None,
-    entropy_bound: Optional[float] = None,
-    t_min: Optional[float] = None,
-    t_max: Optional[float] = None,
-    stability_threshold: Optional[int] = None,
-    confidence_threshold: Optional[float] = None,
+    *,
+    settings: Optional[SamplerSettings] = None,
     seed: Optional[int] = None,
     initial_canvases=None,
     eos_token_ids=None,
-    system_prompt: Optional[str] = None,
-    enable_thinking: bool = False,
-    apply_chat_template: bool = True,
     prefill_step_size: int = 2048,
     verbose: bool = False,
     images: Optional[Sequence[Sequence]] = None,
-    image_soft_tokens: Optional[int] = None,
-    settings: Optional[SamplerSettings] = None,
+    **kwargs,
 ) -> BatchResponse:
     """Generates for prompts of different lengths together. Prompts are left-padded and the
     padding is masked in the prompt pass, in every canvas-commit pass and in the decoder, so
     each row matches a run of its prompt alone. Rows stop denoising on their own (their state
-    freezes) and leave the batch once they hit EOS. `images` holds one list per prompt."""
+    freezes) and leave the batch once they hit EOS. `images` holds one list per prompt; the
+    other keywords are `stream_generate`'s (sampler settings, `system_prompt`,
+    `enable_thinking`, `apply_chat_template`, `image_soft_tokens`)."""
     if not prompts:
         raise ValueError("no prompts given")
-    settings = resolve_settings(
-        model,
-        settings,
-        max_tokens=max_tokens,
-        max_denoising_steps=max_denoising_steps,
-        entropy_bound=entropy_bound,
-        t_min=t_min,
-        t_max=t_max,
-        stability_threshold=stability_threshold,
-        confidence_threshold=confidence_threshold,
-    )
-    if images is not None and len(images) != len(prompts):
-        raise ValueError(f"images: one list per prompt ({len(prompts)}), got {len(images)}")
-    rows, vision = [], {}
-    for i, p in enumerate(prompts):
-        ids, feats = prompt_ids(
-            model,
-            tokenizer,
-            p,
-            images[i] if images else None,
-            None,
-            system_prompt,
-            enable_thinking,
-            apply_chat_template,
-            image_soft_tokens,
-        )
-        rows.append(ids)
-        for token, f in (feats or {}).items():  # row-major: the order the encoder reads them
-            vision[token] = f if token not in vision else mx.concatenate([vision[token], f])
-    for r in rows:
-        check_ids(model, r)
+    kwargs["max_tokens"] = max_tokens
+    settings, prompt_kw = split_keywords(model, settings, kwargs, BATCH_PROMPT_KEYWORDS)
+    rows, vision = batch_prompt_ids(model, tokenizer, prompts, images, prompt_kw)
     longest = max(len(r) for r in rows)
     check_context(model, longest, 0, settings)
     pad = model.args.pad_token_id or 0
-    ids = mx.array([[pad] * (longest - len(r)) + r for r in rows], dtype=mx.int32)
+    ids = mx.array([[pad] * (longest - len(r)) + r for r in rows], dtype=mx.int32)  # (B, L)
     mask = mx.array([[False] * (longest - len(r)) + [True] * len(r) for r in rows])
     eos = eos_ids_for(model, tokenizer, eos_token_ids)
     key = random_key(seed)
@@ -114,22 +104,24 @@ def batch_generate(
         cache,
         step=prefill_step_size,
         mask=None if all(mask.all(axis=1).tolist()) else mask,
-        vision=vision or None,
+        vision=vision,
     )
     prompt_tps = sum(len(r) for r in rows) / max(time.perf_counter() - tic, 1e-9)
 
+    generator = CanvasGenerator(model, eos, prefill_step_size)
+    uids = generator.insert(cache, settings, key, rows=len(rows), first_canvas=first)
+    row_of = {u: i for i, u in enumerate(uids)}
     tic = time.perf_counter()
     out: List[List[int]] = [[] for _ in rows]
     finish = ["length"] * len(rows)
     forwards = 0
-    for _, steps, per_row in block_generate(
-        model, cache, len(rows), settings, key, eos, first, prefill_step_size=prefill_step_size
-    ):
-        forwards += steps
-        for r, (toks, hit) in per_row.items():
-            out[r] += toks
-            if hit is not None:
-                finish[r] = "stop"
+    while len(generator):
+        responses = generator.next()
+        forwards += responses[0].steps
+        for r in responses:
+            out[row_of[r.uid]] += r.tokens
+            if r.finish_reason == "stop":
+                finish[row_of[r.uid]] = "stop"
     n = sum(len(t) for t in out)
     texts = [tokenizer.decode(t) if tokenizer is not None else "" for t in out]
     res = BatchResponse(
@@ -146,7 +138,5 @@ def batch_generate(
     if verbose:
         for i, t in enumerate(texts):
             print(f"--- {i}: {t}")
-        print(f"Prompt: {res.prompt_tokens} tokens, {res.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {n} tokens, {res.generation_tps:.3f} tokens-per-sec")
-        print(f"Peak memory: {res.peak_memory:.3f} GB")
+        print_stats(res)
     return res

@@ -32,8 +32,8 @@ from .loader import (
     TOKENIZER_FILES,
     TOKENIZER_PATTERNS,
     WEIGHT_PATTERNS,
-    ModelNotFoundError,
     check_weights,
+    hub_download,
     load_generation_config,
     read_config,
     read_headers,
@@ -95,16 +95,8 @@ def source_path(hf_path: str, revision=None) -> Path:
     local = Path(hf_path).expanduser()
     if local.exists() or hf_path.count("/") != 1 or hf_path.startswith((".", "/", "~")):
         return resolve_path(local)
-    from huggingface_hub import snapshot_download
-
-    try:
-        patterns = WEIGHT_PATTERNS + TOKENIZER_PATTERNS + list(COPIED) + ["README.md"]
-        return Path(snapshot_download(hf_path, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # hub errors come in many classes; all mean "not available"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelNotFoundError(
-            f"model {hf_path!r} is not a local folder and could not be fetched from the Hugging Face hub ({reason})"
-        ) from None
+    patterns = WEIGHT_PATTERNS + TOKENIZER_PATTERNS + list(COPIED) + ["README.md"]
+    return hub_download(hf_path, patterns, revision)
 
 
 def files_to_copy(src: Path) -> list:
@@ -327,6 +319,59 @@ def model_card(title: str, src_name: str, src: Path, summary: str, hub: bool, wh
     )
 
 
+def check_source(src: Path, out: Path, log):
+    """The source's config (and its parsed form) once it is known to be convertible."""
+    if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
+        raise ConvertError(f"the destination {out} would replace the source {src}")
+    config = read_config(src)
+    args = ModelArgs.from_config(config)
+    if config.get("quantization") or config.get("quantization_config"):
+        raise ConvertError(
+            f"{src} is already quantized; convert from the bf16 Hugging Face checkpoint"
+        )
+    load_generation_config(src)
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        log(
+            f"[WARN] {src} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the converted "
+            "model will take token ids only, until its tokenizer files are copied next to it"
+        )
+    return config, args
+
+
+def describe(qdefault, quant_recipe, dtype, text_only, bits_per_weight) -> str:
+    """The conversion in a line, for the log and the model card."""
+    if qdefault:
+        summary = (
+            f"{qdefault['mode']} {qdefault['bits']}-bit (group {qdefault['group_size']}), "
+            f"{quant_recipe} recipe"
+            + (
+                " (embeddings, attention, dense MLP and router at 8-bit)"
+                if quant_recipe == "mixed"
+                else ""
+            )
+            + f", {bits_per_weight:.2f} bits per weight"
+        )
+    else:
+        summary = f"unquantized ({dtype or 'source dtype'})"
+    return summary + (", text only (no vision tower)" if text_only else "")
+
+
+def replace_folder(tmp: Path, out: Path):
+    """Puts the finished folder `tmp` at `out`; an old `out` is kept until the rename
+    succeeds, so `out` is never half-written and never lost."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def convert(
     hf_path,
     mlx_path="mlx_model",
@@ -354,21 +399,8 @@ def convert(
     out = Path(mlx_path).expanduser().absolute()
     check_destination(out, force)
     src = source_path(str(hf_path), revision)
-    if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
-        raise ConvertError(f"the destination {out} would replace the source {src}")
-    config = read_config(src)
-    args = ModelArgs.from_config(config)
-    if config.get("quantization") or config.get("quantization_config"):
-        raise ConvertError(
-            f"{src} is already quantized; convert from the bf16 Hugging Face checkpoint"
-        )
-    load_generation_config(src)
+    config, args = check_source(src, out, log)
     copied = files_to_copy(src)
-    if not any((src / name).is_file() for name in TOKENIZER_FILES):
-        log(
-            f"[WARN] {src} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the converted "
-            "model will take token ids only, until its tokenizer files are copied next to it"
-        )
 
     log(f"[INFO] Planning {src}")
     groups, overrides, n_params = plan(
@@ -415,39 +447,14 @@ def convert(
         )
         for f in copied:
             shutil.copy(f, tmp / f.name)
-        bpw = total * 8 / max(n_params, 1)
-        if quantize:
-            summary = (
-                f"{qdefault['mode']} {qdefault['bits']}-bit (group {qdefault['group_size']}), "
-                f"{quant_recipe} recipe"
-                + (
-                    " (embeddings, attention, dense MLP and router at 8-bit)"
-                    if quant_recipe == "mixed"
-                    else ""
-                )
-                + f", {bpw:.2f} bits per weight"
-            )
-        else:
-            summary = f"unquantized ({dtype or 'source dtype'})"
-        if text_only:
-            summary += ", text only (no vision tower)"
+        summary = describe(qdefault, quant_recipe, dtype, text_only, total * 8 / max(n_params, 1))
         hub = not Path(str(hf_path)).expanduser().exists()
         (tmp / "README.md").write_text(
             model_card(
                 upload_repo or out.name, str(hf_path), src, summary, hub, upload_repo or str(out)
             )
         )
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except OSError:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Command line: `python -m mlx_diffusiongemma.generate --model PATH --prompt "..."`."""
 
 import sys
+import types
 from pathlib import Path
 
 from .cli import (
@@ -136,7 +137,7 @@ def run(args):
         image_soft_tokens=args.image_soft_tokens,
     )
     if args.infill_file is not None or args.suffix is not None:
-        from .infill import Gap, infill
+        from .infilling import Gap, infill
 
         if args.infill_file is not None:
             text = Path(args.infill_file).read_text()
@@ -179,6 +180,19 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     return run_cli(run, args)
 
+
+class _CallableModule(types.ModuleType):
+    """`from mlx_diffusiongemma import generate` names the function `text.generate`, but once
+    this module is imported Python binds the package's `generate` to the module: calling the
+    module then calls the function, so the name works either way."""
+
+    def __call__(self, *args, **kwargs):
+        from .text import generate
+
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,16 +43,20 @@ def resolve_path(path_or_hub_id: Union[str, Path], tokenizer: bool = False, weig
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model path {name!r} does not exist")
+    patterns = WEIGHT_PATTERNS if weights is None else META_PATTERNS + list(weights)
+    return hub_download(name, patterns + (TOKENIZER_PATTERNS if tokenizer else []))
+
+
+def hub_download(repo_id: str, patterns: list, revision=None) -> Path:
+    """The files of a hub repo that match `patterns`, through huggingface_hub's cache."""
     from huggingface_hub import snapshot_download
 
-    patterns = WEIGHT_PATTERNS if weights is None else META_PATTERNS + list(weights)
-    patterns = patterns + (TOKENIZER_PATTERNS if tokenizer else [])
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # hub errors come in many classes; all mean "not available"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(
-            f"model {name!r} is not a local folder and could not be fetched from the Hugging Face hub ({reason})"
+            f"model {repo_id!r} is not a local folder and could not be fetched from the Hugging Face hub ({reason})"
         ) from None
 
 
@@ -343,11 +347,8 @@ def load(
         model.eval()
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
-    if isinstance(eos, int):
-        eos = [eos]
     try:
-        tokenizer = load_tokenizer(path, eos_token_ids=eos)
+        tokenizer = load_tokenizer(path, eos_token_ids=model.eos_token_ids())
     except Exception as e:  # tokenizers and transformers raise many classes for a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({reason})") from None

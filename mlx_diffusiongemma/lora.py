@@ -1,10 +1,14 @@
 """`python -m mlx_diffusiongemma.lora`: fine-tune DiffusionGemma with its own diffusion objective.
 
 The flags and their meanings are mlx_lm.lora's (its parser is reused), plus
-`--self-conditioning-prob` and `--encoder-loss-weight`; `-c config.yaml` as there.
+`--self-conditioning-prob` and `--encoder-loss-weight`; `-c config.yaml` as there. Under
+`mlx.launch` the ranks train data-parallel: each batch split over them, the run equal to one
+process's (docs/DISTRIBUTED_TRAINING.md).
 """
 
 import math
+import os
+import time
 import types
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from .cli import one_line_errors
+from .watchdog import FIRST_STEP_FACTOR, SLOWEST_FACTOR, launched
 
 DEFAULTS = dict(
     CONFIG_DEFAULTS,
@@ -78,7 +83,7 @@ def settings(argv=None) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
-def check(a):
+def check(a, ranks: int = 1):
     """Every setting in range before anything is loaded; ones that mean nothing here refused."""
     if not a.model:
         raise ValueError("--model is required (a local folder or Hugging Face id)")
@@ -121,6 +126,11 @@ def check(a):
         raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
     if a.train and not a.data:
         raise ValueError("--data is required: a folder with train.jsonl and valid.jsonl")
+    if a.batch_size % ranks:
+        raise ValueError(
+            f"--batch-size {a.batch_size} does not split over {ranks} ranks: "
+            f"pass a multiple of {ranks}"
+        )
 
 
 def _finite(v) -> bool:
@@ -135,13 +145,26 @@ def load_base(path):
     return load(path, dtype=for_device(mx.default_device()).train_dtype)
 
 
+def fingerprints(a, model, data, start: int) -> dict:
+    """What every rank must hold alike, as digests: the flags (paths aside: each machine may
+    keep the files elsewhere), the model, the data, the weights to train and the iteration."""
+    from .tuner.data_parallel import digest, parameters_digest
+
+    paths = {"model", "data", "adapter_path", "resume_adapter_file", "config"}
+    return {
+        "flags": digest({k: v for k, v in vars(a).items() if k not in paths}),
+        "model weights": parameters_digest(model.parameters()),
+        "data": digest(data),
+        "trained weights": parameters_digest(model.trainable_parameters()) + digest(start),
+    }
+
+
 def diffusion_settings(a, model):
     from .tuner.trainer import DiffusionArgs
 
     fill = a.fill_token
     if fill is None:
-        eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
-        fill = eos[0] if isinstance(eos, (list, tuple)) else eos
+        fill = next(iter(model.eos_token_ids() or []), None)
     if not isinstance(fill, int) or not 0 <= fill < model.args.vocab_size:
         raise ValueError(
             f"the fill token must be a token id below {model.args.vocab_size}, "
@@ -158,9 +181,27 @@ def diffusion_settings(a, model):
 
 
 def run(a):
-    from .tuner import adapters, datasets, trainer
+    from .tuner import data_parallel
 
-    check(a)
+    group, watchdog = data_parallel.connect()
+    try:
+        train_and_test(a, group, watchdog)
+    except RuntimeError as e:
+        if not data_parallel.lost_peer(e):
+            raise
+        raise ConnectionError(
+            f"rank {group.rank()}: lost the connection to another rank ({e})"
+        ) from None
+    if watchdog is not None:
+        watchdog.stop()
+
+
+def train_and_test(a, group, watchdog):
+    from .tuner import adapters, data_parallel, datasets, trainer
+
+    check(a, group.size())
+    lead = group.rank() == 0
+    started = time.monotonic()
     mx.random.seed(a.seed)
     print(f"Loading {a.model}", flush=True)
     model, tokenizer = load_base(a.model)
@@ -187,9 +228,29 @@ def run(a):
         if a.resume_adapter_file:
             start = trainer.resume(model, opt, a.resume_adapter_file)
             print(f"Resumed from {a.resume_adapter_file} at iteration {start}", flush=True)
-        adapter_path.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in vars(a).items() if k != "config"}
-        save_config(config, adapter_path / "adapter_config.json")
+    elif a.test and a.adapter_path:
+        from .tuner.adapters import load_adapters
+
+        if (adapter_path / "adapter_config.json").exists():
+            load_adapters(model, adapter_path)
+    if group.size() > 1:
+        loaded = time.monotonic() - started
+        silent = f"rank {group.rank()}: no answer from the other ranks within {{:.0f}} s"
+        wait = max(watchdog.timeout, SLOWEST_FACTOR * loaded)
+        watchdog.expect(wait, silent.format(wait) + " (still loading, stuck or unreachable)")
+        data_parallel.check_same(group, fingerprints(a, model, data, start if a.train else 0))
+        # the model and adapters are set up alike everywhere; what draws from mx.random from
+        # here on (LoRA dropout) draws each rank's own numbers, as separate examples need
+        mx.random.seed(a.seed + 7919 * group.rank())
+        # the first step compiles: it may take long (minutes on a busy machine)
+        first = max(FIRST_STEP_FACTOR * watchdog.timeout, wait)
+        watchdog.start_beats(silent + " (a rank is stuck or cannot be reached)", first)
+    heartbeat = watchdog.beat if watchdog is not None else None
+    if a.train:
+        if lead:
+            adapter_path.mkdir(parents=True, exist_ok=True)
+            config = {k: v for k, v in vars(a).items() if k != "config"}
+            save_config(config, adapter_path / "adapter_config.json")
         train_args = TrainingArgs(
             batch_size=a.batch_size,
             iters=a.iters,
@@ -212,20 +273,23 @@ def run(a):
             adapter_path,
             start,
             log=adapter_path / "train_log.jsonl",
+            heartbeat=heartbeat,
         )
         print(f"Saved {final}", flush=True)
-    elif a.test and a.adapter_path:
-        from .tuner.adapters import load_adapters
-
-        if (adapter_path / "adapter_config.json").exists():
-            load_adapters(model, adapter_path)
     if a.test:
-        loss = trainer.evaluate_loss(model, data["test"], a.batch_size, a.test_batches, diffusion)
+        loss = trainer.evaluate_loss(
+            model, data["test"], a.batch_size, a.test_batches, diffusion, heartbeat
+        )
         print(f"Test loss {loss:.4f}", flush=True)
+    if watchdog is not None:
+        watchdog.clear()
 
 
 def main(argv=None):
-    with one_line_errors():
+    stopped = "interrupted"
+    if launched():  # mlx.launch stops the other ranks when one fails
+        stopped = f"rank {os.environ.get('MLX_RANK', '?')}: interrupted (or stopped by mlx.launch)"
+    with one_line_errors(stopped):
         run(settings(argv))
 
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.pipeline import PipelineMixin
-from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .backends import attention, experts, final_softcap, gelu_glu, switch_matmul
 from .cache import CanvasKV, PromptCache
@@ -138,6 +138,15 @@ class Router(nn.Module):
         return idx, w
 
 
+def sort_by_expert(x, idx):
+    """The (token, expert) rows of x ordered by expert, as mlx-lm's switch layers order them:
+    (rows, their expert ids, the order that undoes the sort)."""
+    k = idx.shape[-1]
+    idx = idx.flatten()
+    order = mx.argsort(idx)
+    return x.flatten(0, -3)[order // k], idx[order], mx.argsort(order)
+
+
 class Experts(nn.Module):
     """All experts as two stacked (gathered) matmuls: fused gate|up, then down."""
 
@@ -169,11 +178,11 @@ class Experts(nn.Module):
         inv = None
         sidx = idx
         if do_sort:
-            x, sidx, inv = _gather_sort(x, idx)
+            x, sidx, inv = sort_by_expert(x, idx)
         h = self.activation(switch_matmul(self.gate_up_proj, x, sidx, do_sort))
         y = switch_matmul(self.down_proj, h, sidx, do_sort)
         if do_sort:
-            y = _scatter_unsort(y, inv, idx.shape)
+            y = mx.unflatten(y[inv], 0, idx.shape)  # back to (token, expert) order
         return y.squeeze(-2)  # (N, k, D)
 
 
@@ -330,6 +339,12 @@ class Model(nn.Module):
     def layers(self):
         return self.model.decoder.layers
 
+    def eos_token_ids(self) -> Optional[list]:
+        """The checkpoint's end-of-turn ids: generation_config.json's, else config.json's
+        (None: neither names any)."""
+        eos = self.generation_config.get("eos_token_id", self.args.eos_token_id)
+        return [eos] if isinstance(eos, int) else None if eos is None else list(eos)
+
     def sanitize(self, weights: dict) -> dict:
         """Maps checkpoint keys onto this model's parameter names. The encoder's text weights
         are the decoder's (tied): only its own layer_scalars are taken from the encoder tree."""
@@ -398,9 +413,6 @@ class Model(nn.Module):
         # float32 pixels: the tower normalises them before casting to its weights' dtype
         pixels = mx.array(pixel_values).astype(mx.float32)
         return enc.embed_vision(enc.vision_tower(pixels, image_position_ids))
-
-    def vision_token_ids(self):
-        return (self.args.image_token_id, self.args.video_token_id)
 
     # ---- encoder -------------------------------------------------------------------------
     def encode(

@@ -5,7 +5,7 @@ inverse-CDF sample and the self-conditioning probabilities; everything after tha
 canvas-sized. Its exp, tanh and softmax, and how the pass is sliced over the canvas, are the
 backend's (backends/)."""
 
-import time
+import secrets
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Optional
@@ -16,6 +16,7 @@ from . import backends
 from .backends import DEFAULT, Backend
 from .checks import check_int, check_number, check_object
 from .distributed import shared_seed
+from .utils import ceil_div
 
 # The reference's global defaults (DiffusionGemmaGenerationConfig._get_default_generation_params).
 DEFAULTS = dict(
@@ -114,10 +115,10 @@ def check_settings(**values):
 
 
 def random_key(seed: Optional[int] = None) -> mx.array:
-    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else the clock (rank
-    0's, where the model is split across ranks: they all draw the same noise)."""
-    if seed is None:
-        return mx.random.key(shared_seed(time.time_ns() % (2**63)))
+    """The PRNG key of a generation: from `seed` (an integer in [0, 2**64)), else at random
+    (rank 0's draw, where the model is split across ranks: they all draw the same noise)."""
+    if seed is None:  # two keys made in the same instant still differ
+        return mx.random.key(shared_seed(secrets.randbits(63)))
     return mx.random.key(check_int("seed", seed, lo=0, hi=SEED_MAX))
 
 
@@ -140,14 +141,10 @@ def entropy_accept(entropy: mx.array, bound) -> mx.array:
 
 def tempered_stats(logits: mx.array, temp, backend: Backend = DEFAULT):
     """From one max and one exp pass over the tempered logits x = logits / t: the unnormalized
-    e = exp(x - max), its sum s, and the entropy in the form H = log s - sum(e * (x - max)) / s,
-    where both terms shrink together for peaked rows (lse - sum(p * x) would cancel
-    catastrophically there). Returns (argmax, e, s, entropy)."""
-    argmax, e, s, _, entropy = _tempered(logits, temp, backend)
-    return argmax, e, s, entropy
-
-
-def _tempered(logits, temp, backend):
+    e = exp(x - max), its sum s (and the per-block sums it is made of, for the sampler), and
+    the entropy in the form H = log s - sum(e * (x - max)) / s, where both terms shrink
+    together for peaked rows (lse - sum(p * x) would cancel catastrophically there).
+    Returns (argmax, e, s, blocks, entropy)."""
     logits = logits.astype(mx.float32)
     argmax = mx.argmax(logits, axis=-1)
     # max(x) is x at the argmax (t > 0): one pass over the vocabulary gives both.
@@ -198,7 +195,7 @@ def _position_pass(logits, temp, u, cap, probs_dtype, backend):
     `cap`: the final softcap to apply first (None: the logits are final)."""
     if cap is not None:  # as the model's softcap: float32 tanh(logits / cap) * cap
         logits = backend.tanh(logits.astype(mx.float32) / cap) * cap
-    argmax, e, s, blocks, entropy = _tempered(logits, temp, backend)
+    argmax, e, s, blocks, entropy = tempered_stats(logits, temp, backend)
     sample = inverse_cdf_sample(e, blocks, u * s)
     # The reference casts the tempered logits to the embedding dtype before its float32
     # softmax; with float32 embeddings that is e / s.
@@ -252,19 +249,51 @@ def denoise_sample(
     `softcap`: the model's final softcap when `logits` are the LM head's raw output (then it
     runs inside the same pass: no softcapped copy of the logits is written)."""
     B, C, V = logits.shape
-    if pin_mask is None:
-        pin_mask = mx.zeros((B, C), dtype=mx.bool_)
-        pin_tokens = mx.zeros((B, C), dtype=mx.int32)
-    if isinstance(key, list):  # one key per row: each row draws what it would alone
+    u, noise = draw_noise(key, B, C, V)
+    return sample_canvas(logits, temp, bound, u, noise, pin_mask, pin_tokens, probs_dtype, softcap)
+
+
+def split_keys(key):
+    """mx.random.split of one key, or of each key in a list of per-row keys."""
+    if not isinstance(key, list):
+        return mx.random.split(key)
+    pairs = [mx.random.split(k) for k in key]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def draw_noise(key, B: int, C: int, V: int):
+    """The step's randomness: one uniform per position (B, C, 1) for the inverse-CDF sample and
+    uniform tokens (B, C) for the positions re-noised. `key`: one key, or a list of one per row
+    (then each row draws what it would alone)."""
+    if isinstance(key, list):
         parts = [mx.random.split(k) for k in key]
         u = mx.concatenate([mx.random.uniform(shape=(1, C, 1), key=ks) for ks, _ in parts])
         noise = mx.concatenate(
             [mx.random.randint(0, V, (1, C), dtype=mx.int32, key=kn) for _, kn in parts]
         )
-    else:
-        k_sample, k_noise = mx.random.split(key)
-        u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
-        noise = mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
+        return u, noise
+    k_sample, k_noise = mx.random.split(key)
+    u = mx.random.uniform(shape=(B, C, 1), key=k_sample)
+    return u, mx.random.randint(0, V, (B, C), dtype=mx.int32, key=k_noise)
+
+
+def sample_canvas(
+    logits,
+    temp,
+    bound,
+    u,
+    noise,
+    pin_mask=None,
+    pin_tokens=None,
+    probs_dtype=mx.float32,
+    softcap: Optional[float] = None,
+):
+    """`denoise_sample` with its randomness drawn (`draw_noise`): pure, so it also runs inside
+    a compiled step (step.py)."""
+    B, C, V = logits.shape
+    if pin_mask is None:
+        pin_mask = mx.zeros((B, C), dtype=mx.bool_)
+        pin_tokens = mx.zeros((B, C), dtype=mx.int32)
     backend = backends.selected()
     key_ = (probs_dtype, backend, bool(softcap))
     fn = _position_compiled.get(key_)
@@ -275,7 +304,7 @@ def denoise_sample(
             fn = partial(_position_pass, cap=None, probs_dtype=probs_dtype, backend=backend)
         fn = _position_compiled[key_] = mx.compile(fn)
     args = (logits, temp, u) + ((mx.array(softcap, dtype=mx.float32),) if softcap else ())
-    chunks = -(-B * C * V // CHUNK_ELEMENTS)
+    chunks = ceil_div(B * C * V, CHUNK_ELEMENTS)
     entropy, sample, argmax, probs = backend.vocabulary_pass(
         fn, args, (1, None, 1, None)[: len(args)], min_parts=chunks
     )

@@ -2,7 +2,7 @@
 gap between them. Above both `stream_generate` and `infill`, which it uses."""
 
 from .generation import print_stats, stream_generate
-from .infill import Gap, infill
+from .infilling import Gap, infill
 
 
 def generate(

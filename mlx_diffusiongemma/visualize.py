@@ -6,6 +6,8 @@ plain terminal; committed canvases stay on screen as ordinary text."""
 import shutil
 import sys
 
+from .utils import ceil_div
+
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 NOISE = "▒"
 
@@ -39,7 +41,7 @@ class CanvasView:
         self._clear()
         self.out.write(body + "\n" + status + "\n")
         self.out.flush()
-        self.rows = -(-plain_len // width) + 1 + (len(status) - len(DIM) - len(RESET)) // width
+        self.rows = ceil_div(plain_len, width) + 1 + (len(status) - len(DIM) - len(RESET)) // width
 
     def commit(self, text: str):
         self._clear()

@@ -22,7 +22,7 @@ from mlx_diffusiongemma import backends
 from mlx_diffusiongemma.batch import batch_generate
 from mlx_diffusiongemma.distributed import init_group, rank_zero_output
 from mlx_diffusiongemma.generation import stream_generate
-from mlx_diffusiongemma.infill import Gap, infill
+from mlx_diffusiongemma.infilling import Gap, infill
 from mlx_diffusiongemma.loader import load_model
 
 IDS = [[2, 5, 7, 9, 11, 13, 200, 300, 17, 19, 23, 29]]

@@ -77,16 +77,11 @@ def test_gpu_default_takes_none_of_the_cpu_paths(tiny, monkeypatch, restore_back
     assert gpu_tokens == cpu_tokens  # near-greedy: the two paths agree token for token
 
 
-def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
-    """Metal and CUDA build step t+1 before step t's stop test: with rows of a batch stopping at
-    different steps (a stop rule driven by a pinned token: row j stops after limit[j] steps), the
-    committed canvases and step count equal the CPU's step-by-step loop."""
-    from mlx_diffusiongemma import generation
-    from mlx_diffusiongemma.cache import CanvasKV
-    from mlx_diffusiongemma.generation import Pins, SamplerSettings, denoise_canvas
+def pinned_stop_rule(model, limits):
+    """(pins, stop rule) that stop row j of a batch after limits[j] steps: the limit is pinned
+    at the canvas's first position, the steps so far are counted in the history."""
+    from mlx_diffusiongemma.denoise import Pins
 
-    model = load_model(tiny[0], dtype=mx.float32)
-    limits = [2, 5, 3]
     B, C = len(limits), model.args.canvas_length
 
     def stop_after_limit(history, argmax, entropy, threshold):
@@ -97,11 +92,29 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
         )
         return count + 1 >= argmax[:, 0], history
 
-    monkeypatch.setattr(generation, "stop_update", stop_after_limit)
     mask = mx.zeros((B, C), dtype=mx.bool_).at[:, 0].add(mx.array(True))
     pins = Pins(
         mask, mx.zeros((B, C), dtype=mx.int32).at[:, 0].add(mx.array(limits, dtype=mx.int32))
     )
+    return pins, stop_after_limit
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend, compiled):
+    """Metal and CUDA build step t+1 before step t's stop test: with rows of a batch stopping at
+    different steps (a stop rule driven by a pinned token: row j stops after limit[j] steps), the
+    committed canvases and step count equal the CPU's step-by-step loop, with the step compiled
+    (the rows padded to a power of two, then to a smaller one as they leave) or not."""
+    from mlx_diffusiongemma import denoise, step
+    from mlx_diffusiongemma.cache import CanvasKV
+    from mlx_diffusiongemma.denoise import SamplerSettings, denoise_canvas
+
+    model = load_model(tiny[0], dtype=mx.float32)
+    limits = [2, 5, 3]
+    B, C = len(limits), model.args.canvas_length
+    pins, stop_after_limit = pinned_stop_rule(model, limits)
+    monkeypatch.setattr(denoise, "stop_update", stop_after_limit)
+    monkeypatch.setattr(step, "stop_update", stop_after_limit)  # traced into the compiled step
     settings = SamplerSettings(max_denoising_steps=8, stability_threshold=1)
     cache = model.encode(mx.array([list(range(3, 12))] * B), model.make_cache())
 
@@ -117,7 +130,8 @@ def test_prebuilt_steps_with_rows_leaving(tiny, monkeypatch, restore_backend):
     monkeypatch.setattr(
         CanvasKV, "restore", lambda self, snap: restored.append(1) or real_restore(self, snap)
     )
-    gpu_final, gpu_steps = run()
+    with step.compile_steps(compiled):
+        gpu_final, gpu_steps = run()
     assert (
         len(restored) == 2
     )  # rows left twice with a step prebuilt: its K/V writes were taken back

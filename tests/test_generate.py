@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref_gen
 
-import mlx_diffusiongemma.generation as gen
+import mlx_diffusiongemma.generator as gen
 from mlx_diffusiongemma import load_model
 from mlx_diffusiongemma.generation import stream_generate
 from mlx_diffusiongemma.text import generate

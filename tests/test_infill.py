@@ -6,11 +6,11 @@ import pytest
 
 from mlx_diffusiongemma import generate, load, load_model
 from mlx_diffusiongemma.generation import Pins, stream_generate
-from mlx_diffusiongemma.infill import Gap, infill, parse_gaps
+from mlx_diffusiongemma.infilling import Gap, infill, parse_gaps
 
 
 def test_pinned_tokens_never_change_during_denoising(tiny, monkeypatch):
-    import mlx_diffusiongemma.generation as gen
+    import mlx_diffusiongemma.denoise as gen
 
     model = load_model(tiny[0])
     mask = np.zeros(16, bool)
@@ -101,3 +101,23 @@ def test_suffix_through_generate(text_demo):
         and res.text.endswith(" dog.")
     )
     assert len(res.fills) == 2 and all(len(t) <= n for t, n in zip(res.fill_tokens, (5, 3)))
+
+
+def test_public_names_stay_functions_when_their_modules_are_loaded(tiny):
+    """A submodule of the same name as a public function (the `generate` command, the
+    infilling module) must not turn the package's name into a module that cannot be called."""
+    import importlib
+    import pkgutil
+
+    import mlx_diffusiongemma as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name != "demo":
+            importlib.import_module(f"mlx_diffusiongemma.{m.name}")
+    for name in pkg.__all__:
+        assert callable(getattr(pkg, name)), name
+    from mlx_diffusiongemma import generate, infill
+
+    assert infill.__module__ == "mlx_diffusiongemma.infilling"
+    model = load_model(tiny[0])
+    assert isinstance(generate(model, None, [4, 5], max_tokens=4, seed=0), str)

@@ -1,4 +1,5 @@
-"""Fine-tuning end to end on a tiny checkpoint: the command, adapters, resume, fuse, errors."""
+"""Fine-tuning end to end on a tiny checkpoint: the command, adapters, resume, fuse (the fused
+folder loads in the transformers reference as it is, with the logits of model + adapter), errors."""
 
 import json
 import random
@@ -9,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_diffusiongemma import fuse as fuse_cli
 from mlx_diffusiongemma import load, load_model, lora
 from mlx_diffusiongemma.examples.sudoku import EOS, vocabulary, write_tokenizer
 from mlx_diffusiongemma.fuse import fuse
@@ -93,6 +95,21 @@ def log(adapters):
     return [json.loads(l) for l in (adapters / "train_log.jsonl").read_text().splitlines()]
 
 
+def reference_logits(folder, ids, canvas):
+    """Logits of the transformers reference loaded from `folder` as it is: what a fused folder
+    must be for the engines that read Google's checkpoint (transformers, vLLM)."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    ref, info = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    with torch.no_grad():
+        out = ref.eval()(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(canvas))
+    return out.logits.numpy()
+
+
 def test_lora_training_lowers_validation_loss(task_model, data, tmp_path, capsys):
     adapters = tmp_path / "adapters"
     run_lora(
@@ -147,6 +164,9 @@ def test_lora_training_lowers_validation_loss(task_model, data, tmp_path, capsys
     assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
     base = load_model(task_model)(mx.array(ids), mx.array(canvas))
     assert np.abs(np.array(base) - np.array(want)).max() > 1e-3  # the adapter did something
+    # the fused folder loads in transformers as it is, with the logits of model + adapter
+    ref = reference_logits(fused_path, ids, canvas)
+    assert np.abs(ref - np.array(want)).max() < 1e-4
 
 
 def test_resume_continues_the_same_run(task_model, data, tmp_path):
@@ -223,11 +243,48 @@ def test_qlora_on_a_quantized_base(task_model, data, tmp_path):
         task_model, tmp_path / "q", quantize=True, q_bits=4, q_group_size=32, log=lambda *a: None
     )
     adapters = tmp_path / "qlora"
-    run_lora(q, data, adapters, "--iters", 2, "--num-layers", 1, "--steps-per-eval", 100)
+    run_lora(
+        q,
+        data,
+        adapters,
+        "--iters",
+        2,
+        "--num-layers",
+        1,
+        "--steps-per-eval",
+        100,
+        "--learning-rate",
+        1e-2,
+    )
     model, _ = load(q, adapter_path=adapters)
     assert any(hasattr(m, "scales") for _, m in model.named_modules())
-    fused = fuse(q, adapters, tmp_path / "qfused", dequantize=True)
-    assert "quantization" not in json.loads((fused / "config.json").read_text())
+    fused = tmp_path / "qfused"
+    fuse_cli.main(["--model", str(q), "--adapter-path", str(adapters), "--save-path", str(fused)])
+    config = json.loads((fused / "config.json").read_text())
+    assert "quantization" in config  # MLX's quantized weights: a folder only MLX reads
+    fuse_cli.main(
+        [
+            "--model",
+            str(q),
+            "--adapter-path",
+            str(adapters),
+            "--save-path",
+            str(fused),
+            "--dequantize",
+            "--force",
+        ]
+    )
+    config = json.loads((fused / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    # the 4-bit base + adapter, fused and dequantized, loads in transformers as it is and gives
+    # the logits of the quantized model with the adapter
+    rng = np.random.default_rng(1)
+    ids, canvas = rng.integers(0, 22, (2, 9)), rng.integers(0, 22, (2, CANVAS))
+    want = np.array(model(mx.array(ids), mx.array(canvas)))
+    base = np.array(load_model(q)(mx.array(ids), mx.array(canvas)))
+    assert np.abs(base - want).max() > 1e-3  # the adapter did something
+    assert np.abs(np.array(load_model(fused)(mx.array(ids), mx.array(canvas))) - want).max() < 1e-4
+    assert np.abs(reference_logits(fused, ids, canvas) - want).max() < 1e-4
 
 
 def test_data_formats(task_model, tmp_path):

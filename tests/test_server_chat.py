@@ -15,8 +15,8 @@ openai = pytest.importorskip("openai")
 
 from make_chat_checkpoint import EOS, write_chat_checkpoint  # noqa: E402
 
+from mlx_diffusiongemma import generator as generator_module  # noqa: E402
 from mlx_diffusiongemma.loader import load  # noqa: E402
-from mlx_diffusiongemma.serving import scheduler as scheduler_module  # noqa: E402
 
 TOOLS = [
     {
@@ -40,10 +40,10 @@ class Script:
     def set(self, text):
         self.ids, self.pos = self.tokenizer.encode(text, add_special_tokens=False) + [EOS[1]], {}
 
-    def __call__(self, model, caches, canvas, settings, keys, on_step=None):
+    def __call__(self, model, caches, canvas, settings, keys, on_step=None, pins=None):
         C = canvas.shape[1]
         rows = []
-        for cache in caches:
+        for cache in caches if isinstance(caches, list) else [caches]:
             start = self.pos.get(id(cache), 0)
             piece = (self.ids[start : start + C] + [EOS[1]] * C)[:C]
             self.pos[id(cache)] = start + C
@@ -66,7 +66,7 @@ def served(tmp_path_factory):
     model, tokenizer = load(write_chat_checkpoint(tmp_path_factory.mktemp("chat")))
     script = Script(tokenizer)
     patch = pytest.MonkeyPatch()
-    patch.setattr(scheduler_module, "denoise_canvas", script)
+    patch.setattr(generator_module, "denoise_canvas", script)
     # the cache id is the row's identity for the script: a row's cache object stays the same
     state = build_state(model, tokenizer, "chat-test", prompt_cache_size=0)
     sock = socket.socket()

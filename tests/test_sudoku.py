@@ -101,8 +101,8 @@ def test_demo_refuses_what_is_not_a_puzzle():
 
 
 def test_benchmark_scores_the_demo():
+    from benchmarks.harness.sudoku import evaluate, held_out
     from mlx_diffusiongemma import load
-    from mlx_diffusiongemma.bench.sudoku import evaluate, held_out
     from mlx_diffusiongemma.examples.task import read_task
 
     model, tok = load(DEMO)

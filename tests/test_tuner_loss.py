@@ -272,7 +272,7 @@ def test_grad_checkpoint_changes_no_gradient(tiny, kind, num_layers, ordered):
     their gradient through the recomputed layers, so loss and gradients are those without it."""
     import mlx_lm.tuner.trainer
 
-    from mlx_diffusiongemma.bench.lora import example_batch
+    from benchmarks.harness.lora import example_batch
     from mlx_diffusiongemma.tuner.adapters import prepare
     from mlx_diffusiongemma.tuner.checkpoint import grad_checkpoint as ours
     from mlx_diffusiongemma.tuner.trainer import make_loss

@@ -18,6 +18,7 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import Diffusi
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 import mlx_diffusiongemma.generation as gen
+import mlx_diffusiongemma.generator as generator
 from mlx_diffusiongemma import batch_generate, load_model
 from mlx_diffusiongemma.image_processor import ImageProcessor, load_image
 from mlx_diffusiongemma.multimodal import vision_prompt
@@ -253,7 +254,9 @@ def same_canvases(monkeypatch):
             return torch.tensor(next(ref_iter))
 
         monkeypatch.setattr(ref_gen.EntropyBoundSampler, "initialize_canvas", ref_init)
-        monkeypatch.setattr(gen, "init_canvas", lambda key, b, length, v: mx.array(next(our_iter)))
+        monkeypatch.setattr(
+            generator, "init_canvas", lambda key, b, length, v: mx.array(next(our_iter))
+        )
 
     return install
 

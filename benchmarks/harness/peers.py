@@ -9,20 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from mlx_diffusiongemma.bench.common import (
-    GB,
-    ROOT,
-    ensure_mid_checkpoint,
-    random_prompt,
-    release,
-    rss_bytes,
-    say,
-    timeit,
-)
+from mlx_diffusiongemma.bench.common import GB, ROOT, random_prompt, say
 from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, MID_TEXT, NO_STOP, TARGETS
-from mlx_diffusiongemma.bench.step import decoder_cache, fixed_steps
 
 from . import ENTRY
+from .common import ensure_mid_checkpoint, release, rss_bytes, timeit
+from .step import decoder_cache, fixed_steps
 
 
 # ---------------------------------------------------------------------------------------------

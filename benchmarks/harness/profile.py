@@ -4,11 +4,12 @@ softcap, sampler), plus MoE-block strategies and single vocabulary-sized passes 
 import statistics
 import time
 
-from mlx_diffusiongemma.bench.common import GiB, ensure_mid_checkpoint, random_prompt, say, timeit
+from mlx_diffusiongemma.bench.common import GiB, random_prompt, say
 from mlx_diffusiongemma.bench.shapes import FULL_TEXT
-from mlx_diffusiongemma.bench.step import (
+
+from .common import ensure_mid_checkpoint, timeit
+from .step import (
     decoder_cache,
-    fused_softcap,
     loop_decode,
     per_layer_times,
     sampler_inputs,
@@ -200,18 +201,8 @@ def section_profile(opts, rep):
     parts["layers: norms, residuals, other"] = max(
         sum(lt) - sum(v for k, v in acc.items() if not k.startswith("self-conditioning")), 0
     )
-    if fused_softcap(model):  # the loop's sampler applies the softcap in its own pass
-        parts["final norm + LM head matmul"] = t_head
-        parts["sampler (softcap + denoise_sample)"] = samp["denoise_sample"]
-    else:
-        logits_f = logits * 1.0
-        mx.eval(logits_f)
-        t_cap = timeit(lambda: mx.eval(mx.tanh(logits_f / 30.0) * 30.0), opts.repeat)
-        parts["final norm + LM head matmul"] = max(t_head - t_cap, 0.0)
-        parts["logit softcap (tanh over the vocabulary)"] = t_cap
-        parts["sampler (denoise_sample)"] = samp["denoise_sample"]
-    if samp["sc_softmax"]:
-        parts["self-conditioning softmax"] = samp["sc_softmax"]
+    parts["final norm + LM head matmul"] = t_head
+    parts["sampler (softcap + denoise_sample)"] = samp["denoise_sample"]
     parts["self-conditioning probs @ embedding"] = samp["sc_matmul"]
     step = t_dec + samp["denoise_sample"] + samp["sc_total"]
     say(

@@ -13,8 +13,10 @@ import statistics
 import threading
 import time
 
-from mlx_diffusiongemma.bench.common import ensure_mid_checkpoint, random_prompt, say
+from mlx_diffusiongemma.bench.common import random_prompt, say
 from mlx_diffusiongemma.bench.shapes import NO_STOP
+
+from .common import ensure_mid_checkpoint
 
 
 def _start(model, tokenizer, max_batch):

@@ -7,19 +7,11 @@ import json
 import os
 import subprocess
 
-from mlx_diffusiongemma.bench.common import (
-    GB,
-    ROOT,
-    GiB,
-    own_cpu_seconds,
-    release,
-    rss_bytes,
-    say,
-    timeit,
-)
+from mlx_diffusiongemma.bench.common import GB, ROOT, GiB, say
 from mlx_diffusiongemma.bench.shapes import MID_TEXT
 
 from . import ENTRY
+from .common import build_random_float, own_cpu_seconds, release, rss_bytes, timeit
 
 # google/diffusiongemma-26B-A4B-it's vision_config (the facts file in the project's notes).
 FULL_VISION = dict(
@@ -196,7 +188,7 @@ def encoder_prefill(opts, vargs, tokens):
     measured above; values do not change the speed)."""
     import mlx.core as mx
 
-    from mlx_diffusiongemma.bench.models import build_random_float, make_args
+    from mlx_diffusiongemma.bench.models import make_args
 
     args = make_args(MID_TEXT)
     V = args.vocab_size

@@ -22,6 +22,8 @@ its own:
                     temporaries)                             cache-sized (cpu_streams.py)
   prebuild_steps    yes: step t+1 is built before t's stop   no: the forward syncs with the host
                     test                                     (expert tile counts)
+  compile_steps     yes: a step replays one traced graph     no: the forward syncs with the host
+                    (step.py)
   setup (at load)   nothing                                  freed memory kept in the process
                                                              (cpu_memory.py; Linux/glibc)
   pads_head_dims    yes: the vision tower pads head dims     no: any head dim

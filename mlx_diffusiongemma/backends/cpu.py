@@ -27,6 +27,8 @@ class CpuBackend(Backend):
     # The forward syncs with the host (expert_tiles reads the per-expert counts), so a step
     # built ahead would overlap nothing: the next step is built after the stop test.
     prebuild_steps = False
+    # A traced graph cannot read the expert tile counts on the host: steps are built each time.
+    compile_steps = False
     pads_head_dims = False  # the CPU's attention takes any head dim
     # MLX's CPU gathered matmul takes float32 only: training casts once at load, not each step.
     train_dtype = mx.float32

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 
 import mlx.core as mx
 
+from ..utils import ceil_div
 from .default import over_slices
 
 MAX_STREAMS = 8
@@ -70,7 +71,7 @@ def row_parallel(fn, args, axes, out_axis=None, min_parts=1, cache_sized=False):
     streams = cpu_streams()
     first, axis = next((a, ax) for a, ax in zip(args, axes) if ax is not None)
     if streams and cache_sized:
-        slices = -(-first.size // CACHE_ELEMENTS)
+        slices = ceil_div(first.size, CACHE_ELEMENTS)
         # as many slices per stream (3 slices on 2 streams would leave one stream idle a third)
-        min_parts = max(min_parts, -(-slices // len(streams)) * len(streams))
+        min_parts = max(min_parts, ceil_div(slices, len(streams)) * len(streams))
     return over_slices(fn, args, axes, max(min_parts, len(streams)), streams, out_axis)

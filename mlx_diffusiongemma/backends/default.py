@@ -52,6 +52,8 @@ class Backend:
     # Build denoising step t+1 before step t's stop test (generation.denoise_canvas): a step's
     # graph takes about as long to build in Python as the device takes to run one.
     prebuild_steps = True
+    # Each denoising step replays one traced graph (step.py) instead of building it in Python.
+    compile_steps = True
     # mx.fast's fused attention takes some head dims only: the vision tower zero-pads its own
     # to the next one it takes (vision.vision_attention).
     pads_head_dims = True

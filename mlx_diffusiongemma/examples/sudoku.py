@@ -18,6 +18,7 @@ import random
 import sys
 from pathlib import Path
 
+from ..utils import ceil_div
 from .sudoku_puzzles import box_shape, make_puzzle, to_text
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>"]
@@ -105,7 +106,7 @@ def write_tokenizer(out: Path, n: int):
 
 
 def canvas_length(n: int) -> int:
-    return -(-(n * n + 1) // 8) * 8  # the answer's digits and the end of the turn
+    return ceil_div(n * n + 1, 8) * 8  # the answer's digits and the end of the turn
 
 
 def model_config(n: int) -> dict:

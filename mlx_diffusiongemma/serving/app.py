@@ -5,11 +5,13 @@ field, oversized or slow body, full queue), 500 for ours. Each request ends in e
 the /health outcomes: served, cancelled (the client left), rejected (4xx) or failed (5xx)."""
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Optional
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .jobs import ServedJob, infill_runner
+from .jobs import ServedJob
 from .requests import RequestError, decode_body, parse
 from .scheduler import QueueFull, Scheduler
 
@@ -39,6 +41,7 @@ class ServerState:
     name: str
     scheduler: Scheduler
     limits: Limits = field(default_factory=Limits)
+    api_key: Optional[str] = None  # when set, /v1/... needs `Authorization: Bearer <api_key>`
     counts: dict = field(
         default_factory=lambda: dict.fromkeys(
             ("requests", "served", "cancelled", "rejected", "failed"), 0
@@ -155,9 +158,45 @@ def create_app(state: ServerState) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}
     )
+    return app if state.api_key is None else require_key(app, state.api_key)
+
+
+def bearer_token(scope) -> Optional[bytes]:
+    """The token of the request's first Authorization header, if its scheme is Bearer."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else None
+    return None
+
+
+def require_key(app, api_key: str):
+    """`app` behind an API key, checked before routing and before any body is read, in constant
+    time: every path under /v1 answers a 401 JSON error without the right Bearer token (OpenAI's
+    convention; vLLM's too). /health stays open, for load balancers and liveness probes; it
+    shows counts, never requests."""
+    expected = api_key.encode()
+
+    async def guarded(scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+            token = bearer_token(scope)
+            if token is None or not hmac.compare_digest(token, expected):
+                e = RequestError(
+                    "a valid API key is required: send 'Authorization: Bearer <key>'",
+                    status=401,
+                    kind="invalid_request_error",
+                )
+                response = _error(e)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 async def _complete(request: Request, state: ServerState, chat: bool):
@@ -169,8 +208,6 @@ async def _complete(request: Request, state: ServerState, chat: bool):
             parse, body, chat, state.model, state.tokenizer, state.limits.max_tokens
         )
         job = ServedJob(parsed, state.tokenizer, asyncio.get_running_loop())
-        if parsed.suffix is not None:
-            job.run_alone = infill_runner(state.model, state.tokenizer)
         try:
             state.scheduler.submit(job)
         except QueueFull:

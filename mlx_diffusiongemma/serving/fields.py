@@ -51,6 +51,8 @@ class Parsed:
     text_prompt: Optional[str] = None  # a completion's prompt as sent, when text
     suffix: Optional[str] = None  # /v1/completions infilling
     gap_length: Optional[int] = None
+    pins: Optional[object] = None  # infilling: the suffix held in the canvas (denoise.Pins)
+    gap: Optional[tuple] = None  # infilling: the gap's (start, length) in the canvas
     images: list = field(default_factory=list)  # image sources, for a model that reads them
 
 

@@ -4,14 +4,10 @@ there, where the scheduler can drop it)."""
 
 import asyncio
 
-from ..generation import Draft
+from ..denoise import Draft
 from .output import ChoiceOutput
 from .requests import Parsed
 from .scheduler import Job
-
-
-class Cancelled(Exception):
-    pass
 
 
 class ServedJob(Job):
@@ -26,6 +22,8 @@ class ServedJob(Job):
             parsed.seed,
             parsed.drafts,
             images=parsed.images,
+            pins=parsed.pins,
+            gap=parsed.gap,
         )
         self.parsed, self.loop = parsed, loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -68,39 +66,3 @@ class ServedJob(Job):
 
     def on_error(self, message, client_fault=False):
         self._put("error", message, client_fault)
-
-
-def infill_runner(model, tokenizer):
-    """The scheduler's run_alone for a completion with a suffix: the gap is filled on its own
-    (pinned tokens, one canvas), with drafts, and cancelled at the next step once the client
-    has gone."""
-    from ..infill import Gap, infill
-
-    def run(job: ServedJob):
-        p, s = job.parsed, job.parsed.settings
-
-        def on_draft(d):
-            if job.cancelled.is_set():
-                raise Cancelled()
-            if job.drafts:
-                job.on_draft(0, d)
-
-        job.on_start(0)
-        try:
-            res = infill(
-                model,
-                tokenizer,
-                [p.text_prompt, Gap(p.gap_length), p.suffix],
-                draft_callback=on_draft,
-                seed=p.seed,
-                settings=s,
-            )
-        except Cancelled:
-            return
-        except ValueError as e:  # the gap does not fit the canvas, ...
-            job.on_error(str(e), client_fault=True)
-            return
-        job.on_tokens(0, res.fill_tokens[0], "stop")
-        job.on_done(0, "stop")
-
-    return run

@@ -232,7 +232,7 @@ def chat_prompt(body, p: Parsed, model, tokenizer):
         p.thinking_open = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
 
 
-def completion_prompt(body, p: Parsed, tokenizer):
+def completion_prompt(body, p: Parsed, tokenizer, model):
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -257,3 +257,21 @@ def completion_prompt(body, p: Parsed, tokenizer):
         if p.n != 1 or p.stop:
             raise RequestError("'suffix' (infilling) takes neither 'n' nor 'stop'", "suffix")
         p.suffix, p.gap_length = suffix, int_field(body, "gap_length", 1)
+        _infill_canvas(p, tokenizer, model)
+
+
+def _infill_canvas(p: Parsed, tokenizer, model):
+    """An infilling request as one row of the batch: its prefix is the prompt, the suffix is
+    pinned in the canvas, and one canvas fills the gap (as `infilling.infill`)."""
+    from dataclasses import replace
+
+    from ..infilling import Gap, canvas_pins, layout
+
+    C = model.args.canvas_length
+    try:
+        prefix, plan = layout([p.text_prompt, Gap(p.gap_length), p.suffix], tokenizer, C)
+    except ValueError as e:  # the gap and the suffix do not fit a canvas
+        raise RequestError(str(e), "suffix") from None
+    p.prompt = prefix
+    p.pins, (p.gap,) = canvas_pins(plan, C)
+    p.settings = replace(p.settings, max_tokens=C)

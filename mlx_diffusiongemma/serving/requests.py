@@ -6,6 +6,7 @@ import json
 from typing import List
 
 from ..sampler import SamplerSettings
+from ..utils import ceil_div
 from .fields import Parsed, RequestError, bool_field, int_field, num_field
 from .prompts import chat_prompt, completion_prompt
 
@@ -239,7 +240,7 @@ def parse(body: dict, chat: bool, model, tokenizer, max_tokens_limit: int) -> Pa
     if chat:
         chat_prompt(body, p, model, tokenizer)
     else:
-        completion_prompt(body, p, tokenizer)
+        completion_prompt(body, p, tokenizer, model)
     _check_ids(p.prompt, model)
     _check_context(p, model)
     return p
@@ -256,7 +257,7 @@ def _check_ids(ids: List[int], model):
 def _check_context(p: Parsed, model):
     args = model.args
     C = args.canvas_length
-    total = len(p.prompt) + -(-p.settings.max_tokens // C) * C
+    total = len(p.prompt) + ceil_div(p.settings.max_tokens, C) * C
     if total > args.max_position_embeddings:
         raise RequestError(
             f"prompt ({len(p.prompt)} tokens) plus {total - len(p.prompt)} "

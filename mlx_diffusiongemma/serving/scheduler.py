@@ -1,25 +1,32 @@
 """Continuous batching at canvas granularity. One thread owns the model (MLX streams belong to
 the thread that made them). Between canvases it admits queued requests (their prompts are
-encoded, reusing the prompt store), drops rows whose client left, and runs the next canvas for
-every row that shares its sampler settings; rows leave as soon as they finish.
+encoded, reusing the prompt store) and hands each choice to the canvas generator as a row of
+its own (one-row prompt cache, its own key): with a seed, a row's tokens are those of its
+request served alone. The generator runs the next canvas for every row that shares its sampler
+settings (groups whose settings differ take turns), drops rows whose client left at the next
+denoising step, and lets rows leave as soon as they finish.
 
-Each row keeps its own one-row prompt cache and random key, drawn as `stream_generate` draws
-them, and the decoder sees each row at its own positions (CanvasKV of several caches): with a
-seed, a row's tokens are those of its request served alone. Rows whose settings differ (steps,
-temperatures, ...) cannot share a denoising step; their groups take turns, a canvas each."""
+On several ranks (a sharded model) only rank 0 has clients: each turn of its loop is a plan
+(the jobs to start, the rows to drop) that every rank runs, and what its clients decide on the
+way (a cancellation, a stop string) reaches the others before anything depends on it
+(`ranks.RankLink`). The other ranks run `follow()` instead of a thread."""
 
 import queue
 import secrets
 import threading
-from collections import deque
-from dataclasses import dataclass, fields
-from typing import Callable, List, Optional
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from ..generation import Draft, cut_at_eos, denoise_canvas, eos_ids_for, init_canvas
-from ..sampler import SamplerSettings
+from ..denoise import Draft, Pins
+from ..generation import eos_ids_for
+from ..generator import CanvasGenerator, CanvasResponse, cut_at_eos
+from ..sampler import SamplerSettings, random_key
 from .prompt_store import PromptStore
+from .ranks import follower_job, job_spec
 
 
 class QueueFull(Exception):
@@ -39,13 +46,14 @@ class Job:
         n: int = 1,
         seed: Optional[int] = None,
         drafts: bool = False,
-        run_alone: Optional[Callable] = None,
         images: Optional[list] = None,
+        pins: Optional[Pins] = None,
+        gap: Optional[tuple] = None,
     ):
         self.prompt, self.settings, self.n, self.seed = prompt, settings, n, seed
         self.drafts = drafts
         self.images = images or []  # image sources for a model that reads them (model.encode)
-        self.run_alone = run_alone  # a job the batch cannot take (infilling): run(job) in turn
+        self.pins, self.gap = pins, gap  # infilling: the pinned canvas, the gap's (start, length)
         self.cancelled = threading.Event()
 
     def on_start(self, cached_tokens: int): ...
@@ -64,22 +72,14 @@ class Job:
 class _Row:
     job: Job
     index: int  # choice index within its job
-    cache: object  # this row's one-row PromptCache
-    key: mx.array
+    cache: object  # this row's one-row PromptCache (the generator encodes into it)
     tokens: List[int]
-    canvas: int = 0
-    done: bool = False
-
-
-def _group_key(settings: SamplerSettings) -> tuple:
-    return tuple(getattr(settings, f.name) for f in fields(settings) if f.name != "max_tokens")
+    ended: bool = False  # by its client: gone, or a stop string (it leaves at the next turn)
 
 
 def row_key(seed: Optional[int], index: int) -> mx.array:
     """Choice `index` of a request with `seed` draws as a request with seed + index would."""
-    if seed is None:
-        return mx.random.key(secrets.randbits(63))
-    return mx.random.key((seed + index) % 2**63)
+    return random_key(None if seed is None else (seed + index) % 2**63)
 
 
 class Scheduler:
@@ -91,14 +91,17 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_step_size: int = 2048,
+        link=None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.store = store if store is not None else PromptStore(0)
         self.max_batch, self.prefill_step_size = max_batch, prefill_step_size
-        self.eos = eos_ids_for(model, tokenizer)
+        self.link = link  # ranks.RankLink on several ranks
         self.queue: "queue.Queue[Job]" = queue.Queue(maxsize=max_queue)
-        self.groups: dict = {}  # settings key -> rows
-        self.turns: deque = deque()  # group keys, in turn order
+        sync = None if link is None else link.agree
+        eos = eos_ids_for(model, tokenizer)
+        self.generator = CanvasGenerator(model, eos, prefill_step_size, step_sync=sync)
+        self.rows: Dict[int, _Row] = {}  # by the generator's uid
         self.waiting: Optional[Job] = None  # admitted next, once its rows fit
         self.stats = {
             "canvases": 0,
@@ -108,8 +111,10 @@ class Scheduler:
             "prompt_tokens_cached": 0,
         }
         self.running = True
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
-        self.thread.start()
+        self.thread = None
+        if link is None or link.leader:
+            self.thread = threading.Thread(target=self._loop, daemon=True, name="scheduler")
+            self.thread.start()
 
     # ---- other threads ---------------------------------------------------------------------
     def submit(self, job: Job):
@@ -123,60 +128,109 @@ class Scheduler:
 
     def stop(self):
         self.running = False
+        if self.thread is None:
+            return
         self.thread.join(timeout=30)
+        # join() returns before the OS thread has run its C++ thread-local destructors: MLX's
+        # per-thread compile cache takes the GIL to free what it holds, and once the interpreter
+        # is finalizing that aborts the process ("terminate called without an active
+        # exception"). On Linux, wait until the thread is gone.
+        task = Path(f"/proc/self/task/{self.thread.native_id}")
+        deadline = time.monotonic() + 10
+        while task.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     @property
     def active_rows(self) -> int:
-        return sum(len(rows) for rows in self.groups.values())
+        return len(self.rows)
 
     @property
     def queued(self) -> int:
         return self.queue.qsize() + (self.waiting is not None)
 
-    # ---- the scheduler thread ---------------------------------------------------------------
+    # ---- the scheduler thread (rank 0), and the other ranks ---------------------------------
     def _loop(self):
+        try:
+            self._lead()
+        except Exception as e:  # on several ranks: another rank is gone, so is this server
+            if self.link is None:
+                raise
+            from ..distributed import fail
+
+            fail(f"rank 0: the other ranks cannot go on with this one ({type(e).__name__}: {e})")
+
+    def _lead(self):
         # The thread runs on the default stream: a stream made here would be torn down with the
         # process while its worker still runs (the interpreter aborts at exit).
         while self.running:
-            self._admit(block=not self.groups)
-            if not self.turns:
-                continue
-            key = self.turns[0]
-            self.turns.rotate(-1)
-            rows = [r for r in self.groups[key] if not r.job.cancelled.is_set()]
-            if rows:
-                try:
-                    self._canvas(rows)
-                except Exception as e:  # this group's requests fail; the server goes on
-                    for job in {id(r.job): r.job for r in rows}.values():
-                        job.on_error(f"internal error: {type(e).__name__}: {e}")
-                    rows = []
-            rows = [r for r in rows if not r.done and not r.job.cancelled.is_set()]
-            if rows:
-                self.groups[key] = rows
-            else:
-                del self.groups[key]
-                self.turns.remove(key)
+            start = self._admit(block=not self.rows)
+            drop = [u for u, r in self.rows.items() if r.ended or r.job.cancelled.is_set()]
+            if self.link is not None:
+                for job in start:  # the other ranks draw what rank 0 draws
+                    job.seed = secrets.randbits(62) if job.seed is None else job.seed
+                self.link.share({"start": [job_spec(j) for j in start], "drop": drop})
+            self._turn(start, drop)
+        if self.link is not None:
+            self.link.share(None)  # the other ranks' `follow` returns
 
-    def _admit(self, block: bool):
+    def follow(self):
+        """The loop of a rank other than 0: rank 0's turns, until it stops."""
+        while True:
+            plan = self.link.share()
+            if plan is None:
+                return
+            self._turn([follower_job(s) for s in plan["start"]], plan["drop"])
+
+    def _turn(self, start: List[Job], drop: List[int]):
+        """Starts jobs, drops rows, runs a canvas and hands it out: the same on every rank."""
+        for job in start:
+            self._guard(job, lambda: self._start(job))
+        self._drop(drop)
+        if not self.rows:
+            return
+        uids = self.generator.upcoming()
+        try:
+            responses = self.generator.next()
+        except Exception as e:  # this group's requests fail; the server goes on
+            for job in {id(self.rows[u].job): self.rows[u].job for u in uids}.values():
+                job.on_error(f"internal error: {type(e).__name__}: {e}")
+            self._drop(uids)
+            return
+        self.stats["canvases"] += 1
+        self.stats["canvas_rows"] += len(uids)
+        ended = self._report(responses)
+        if self.link is not None:
+            ended = set(self.link.share({"ended": sorted(ended)})["ended"])
+        for r in responses:
+            self._settle(r, r.uid in ended)
+        self._drop([u for u in uids if u in self.rows and u not in self.generator.uids])
+
+    def _drop(self, uids):
+        if uids:
+            self.generator.remove(uids)
+            for u in uids:
+                self.rows.pop(u, None)
+
+    def _admit(self, block: bool) -> List[Job]:
+        """The queued jobs whose rows fit the batch now, in order."""
+        start, rows = [], self.active_rows
         while self.running:
             job = self.waiting
             if job is None:
                 try:
                     job = self.queue.get(timeout=0.2) if block else self.queue.get_nowait()
                 except queue.Empty:
-                    return
+                    break
             self.waiting = None
             if job.cancelled.is_set():
                 continue
-            if job.run_alone is not None:
-                self._guard(job, lambda: job.run_alone(job))
-                continue
-            if self.active_rows + job.n > self.max_batch:
+            if rows + job.n > self.max_batch:
                 self.waiting = job  # joins at a later canvas boundary
-                return
-            self._guard(job, lambda: self._start(job))
+                break
+            start.append(job)
+            rows += job.n
             block = False
+        return start
 
     def _guard(self, job, fn):
         try:
@@ -186,8 +240,9 @@ class Scheduler:
 
     def _start(self, job: Job):
         """Encodes the prompt (after its longest kept prefix) and adds the job's rows."""
-        # Equal tokens with other images are another prompt: such prompts are not kept.
-        store = self.store if not job.images else PromptStore(0)
+        # Equal tokens with other images are another prompt, and an infilling prompt is read
+        # with its canvas's suffix: such prompts are not kept.
+        store = self.store if not (job.images or job.pins) else PromptStore(0)
         cache, cached = store.fetch(job.prompt)
         if cache is None:
             cache = self.model.make_cache()
@@ -206,69 +261,60 @@ class Scheduler:
         self.stats["prompt_tokens_encoded"] += len(new)
         self.stats["prompt_tokens_cached"] += cached
         job.on_start(cached)
-        key = _group_key(job.settings)
-        if key not in self.groups:
-            self.groups[key] = []
-            self.turns.append(key)
-        self.groups[key] += [
-            _Row(job, i, cache.copy(), row_key(job.seed, i), []) for i in range(job.n)
-        ]
-
-    def _canvas(self, rows: List[_Row]):
-        """One canvas for rows sharing their settings: denoise, hand out, commit."""
-        model, settings = self.model, rows[0].job.settings
-        C, V = model.args.canvas_length, model.args.vocab_size
-        starts, run_keys = [], []
-        for r in rows:  # as block_generate splits a single request's key
-            r.key, k_init, k_run = mx.random.split(r.key, 3)
-            starts.append(init_canvas(k_init, 1, C, V))
-            run_keys.append(k_run)
-
-        def on_step(steps, argmax, accepted, entropy, alive):
-            for pos, j in enumerate(alive):
-                r = rows[j]
-                if r.job.drafts and not r.job.cancelled.is_set():
-                    r.job.on_draft(
-                        r.index,
-                        Draft(
-                            r.canvas,
-                            steps,
-                            argmax[pos].tolist(),
-                            accepted[pos].tolist(),
-                            entropy[pos].mean().item(),
-                        ),
-                    )
-            return {j for j in alive if rows[j].job.cancelled.is_set()}
-
-        committed, _ = denoise_canvas(
-            model, [r.cache for r in rows], mx.concatenate(starts), settings, run_keys, on_step
-        )
-        self.stats["canvases"] += 1
-        self.stats["canvas_rows"] += len(rows)
-        for r, toks in zip(rows, committed.tolist()):
-            if r.job.cancelled.is_set():
-                continue
-            r.canvas += 1
-            limit = r.job.settings.max_tokens - len(r.tokens)
-            tokens, hit = cut_at_eos(toks, self.eos, limit)
-            r.tokens += tokens
-            finish = (
-                "stop"
-                if hit is not None
-                else ("length" if len(r.tokens) >= r.job.settings.max_tokens else None)
+        for i in range(job.n):
+            row = _Row(job, i, cache.copy(), [])
+            cancelled = job.cancelled.is_set
+            on_draft = (lambda d, _i=i: job.on_draft(_i, d)) if job.drafts else None
+            (uid,) = self.generator.insert(
+                row.cache,
+                job.settings,
+                row_key(job.seed, i),
+                pins=job.pins,
+                on_draft=[on_draft],
+                cancelled=[cancelled],
             )
-            cut = r.job.on_tokens(r.index, tokens, finish)
-            if cut:  # a stop string: what the client saw is cut short
-                finish = "stop"
-            if finish is None:
-                model.encode(mx.array([toks], dtype=mx.int32), r.cache, step=self.prefill_step_size)
+            self.rows[uid] = row
+
+    def _tokens(self, row: _Row, r: CanvasResponse):
+        """What the row's client gets of this canvas: its tokens and finish reason."""
+        if row.job.gap is None:
+            return r.tokens, r.finish_reason
+        start, n = row.job.gap  # infilling: the gap's tokens, cut at its first EOS
+        return cut_at_eos(r.committed[start : start + n], self.generator.eos)[0], "stop"
+
+    def _report(self, responses: List[CanvasResponse]) -> set:
+        """Each row's canvas to its job (rank 0's clients); the uids of rows their client
+        ended: gone, or cut by a stop string."""
+        ended = set()
+        for r in responses:
+            row = self.rows[r.uid]
+            if row.job.cancelled.is_set():
+                ended.add(r.uid)
                 continue
-            r.done = True
-            r.job.on_done(r.index, finish)
-            if self.store.max_entries > 0 and not cut and not r.job.images:  # kept for turn 2
-                reply = tokens + ([] if hit is None else [hit])
-                if reply:
-                    model.encode(
-                        mx.array([reply], dtype=mx.int32), r.cache, step=self.prefill_step_size
-                    )
-                self.store.insert(r.job.prompt + r.tokens + reply[len(tokens) :], r.cache)
+            tokens, finish = self._tokens(row, r)
+            if row.job.on_tokens(row.index, tokens, finish):  # a stop string cut the text
+                ended.add(r.uid)
+                finish = "stop"
+            if finish is not None:
+                row.job.on_done(row.index, finish)
+        return ended
+
+    def _settle(self, r: CanvasResponse, ended: bool):
+        """A row's canvas kept (the same on every rank): a finished reply joins the prompt
+        store for the conversation's next turn; a row its client ended leaves."""
+        row = self.rows[r.uid]
+        tokens, finish = self._tokens(row, r)
+        row.tokens += tokens
+        if ended:
+            self._drop([r.uid])
+            return
+        if finish is None:
+            return
+        self._drop([r.uid])
+        if self.store.max_entries > 0 and not (row.job.images or row.job.pins):
+            reply = r.tokens + ([] if r.stop_token is None else [r.stop_token])  # for turn 2
+            if reply:
+                self.model.encode(
+                    mx.array([reply], dtype=mx.int32), row.cache, step=self.prefill_step_size
+                )
+            self.store.insert(row.job.prompt + row.tokens + reply[len(r.tokens) :], row.cache)

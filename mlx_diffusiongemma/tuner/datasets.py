@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import List, Tuple
 
+from ..utils import ceil_div
+
 Example = Tuple[List[int], List[int]]  # (prompt ids, response ids)
 
 
@@ -104,7 +106,7 @@ def tokenize(path: Path, tokenizer, canvas_length: int, max_seq_length: int) -> 
             raise DataError(
                 f"{path}:{n}: the example has an empty {'prompt' if not prompt else 'response'}"
             )
-        length = len(prompt) + -(-len(response) // canvas_length) * canvas_length
+        length = len(prompt) + ceil_div(len(response), canvas_length) * canvas_length
         if length > max_seq_length:
             raise DataError(
                 f"{path}:{n}: {length} tokens (prompt + whole canvases) is over "

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..backends import one_stream
+from ..utils import ceil_div
 
 
 class Batch(NamedTuple):
@@ -37,7 +38,7 @@ class Batch(NamedTuple):
 
 
 def canvas_count(response_len: int, canvas_length: int) -> int:
-    return max(1, -(-response_len // canvas_length))
+    return max(1, ceil_div(response_len, canvas_length))
 
 
 def pack(
@@ -58,7 +59,7 @@ def pack(
         n = canvas_count(len(r), canvas_length) * canvas_length
         rows.append(list(p) + list(r) + [fill_token] * (n - len(r)))
     longest = max(len(r) for r in rows)
-    L = -(-longest // pad_to) * pad_to
+    L = ceil_div(longest, pad_to) * pad_to
     tokens = np.zeros((len(rows), L), dtype=np.int32)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
@@ -243,6 +244,11 @@ def embed(model, ids: mx.array) -> mx.array:
     return mx.where((ids == pad)[..., None], mx.stop_gradient(h), h)
 
 
+# The two loops below run the model's own `Layer`s, not `Model.encode` / `Model.decode_hidden`:
+# training needs gradients through every K/V, and the inference path writes them where autodiff
+# cannot follow (the prompt cache trims sliding layers chunk by chunk; CanvasKV writes each
+# step's canvas K/V into its buffer in place). Here the encoder reads whole rows at once and
+# the decoder concatenates, with per-example masks standing in for the trimming.
 def encode(model, tokens: mx.array):
     """The encoder over whole right-padded rows in one causal pass: the final-normed hidden
     states (B, L, D) and every layer's (keys, values) (B, H, L, d), with gradients."""

@@ -1,11 +1,13 @@
 """Training on mlx-lm's `train`: DiffusionGemma's loss and batches plugged into its loop.
 
-mlx-lm's loop compiles the step, accumulates gradients, evaluates and reports. What it is given
-here: `loss` (the diffusion objective, returning mlx-lm's (loss, tokens) pair), and
-`iterate_batches`, which draws each batch's noise from the seed (so a run is reproducible and a
-resumed run continues the same stream) and, between steps, writes the numbered checkpoints. The
-checkpoints are written here, atomically, with the optimizer state beside them, instead of by
-mlx-lm's loop (whose saves are plain writes); its own saves are pointed at a scratch file.
+mlx-lm's loop compiles the step, accumulates gradients, averages them across `mx.distributed`
+ranks, evaluates and reports. What it is given here: `loss` (the diffusion objective, returning
+mlx-lm's (loss, weight) pair), and `iterate_batches`, which draws each batch's noise from the seed
+(so a run is reproducible and a resumed run continues the same stream; on several ranks each
+takes its rows of the batch and its noise, so the ranks together compute one process's step)
+and, between steps, writes the numbered checkpoints. The checkpoints are written here, atomically,
+with the optimizer state beside them, instead of by mlx-lm's loop (whose saves are plain writes);
+its own saves are pointed at a scratch file. On several ranks rank 0 alone writes.
 """
 
 import json
@@ -64,36 +66,61 @@ def make_batch(examples, noise, args: DiffusionArgs) -> Batch:
 
 
 def make_loss(args: DiffusionArgs, parts: Optional[dict] = None):
-    """mlx-lm's loss signature: (model, *batch) -> (loss, tokens). `parts`, when given, is a
-    dict that is part of the compiled step's state (the optimizer's): the step's diffusion and
-    AR losses are written there, so the report can show them without another forward."""
+    """mlx-lm's loss signature: (model, *batch) -> (loss, weight). The weight is the batch's
+    token count, or what `Batches` passes after the Batch fields: the whole batch's count over
+    the ranks, so that mlx-lm's evaluate (sum of loss x weight over ranks and batches, over the
+    sum of weights) gives one process's figure. `parts`, when given, is a dict that is part of
+    the compiled step's state (the optimizer's): the step's diffusion and AR losses are written
+    there, so the report can show them without another forward."""
 
     def loss(model, *batch):
-        batch = Batch(*batch)
-        total, diffusion, ar = batch_loss(model, batch, args.encoder_loss_weight)
+        fields = Batch(*batch[: len(Batch._fields)])
+        total, diffusion, ar = batch_loss(model, fields, args.encoder_loss_weight)
         if parts is not None:
             parts["loss_parts"] = mx.stack([diffusion, ar])
-        return total, batch.seq_len.sum()
+        weight = batch[len(Batch._fields)] if len(batch) > len(Batch._fields) else None
+        return total, fields.seq_len.sum() if weight is None else weight
 
     return loss
+
+
+def rows_of_rank(batch: Batch, group) -> tuple:
+    """This rank's rows of a whole batch (the batch split in `group.size()` equal runs of rows,
+    padding and noise unchanged), and the weight `make_loss` returns for them."""
+    n = 1 if group is None else group.size()
+    tokens = batch.seq_len.sum()
+    if n == 1:
+        return (*batch, tokens)
+    B = batch.tokens.shape[0]
+    if B % n:
+        raise ValueError(f"a batch of {B} examples does not split evenly over {n} ranks")
+    lo = group.rank() * (B // n)
+    return (*(x[lo : lo + B // n] for x in batch), tokens.astype(mx.float32) / n)
 
 
 class Batches:
     """`iterate_batches` for mlx-lm's train and evaluate. Examples are grouped by length (as
     mlx-lm does) and the groups shuffled each epoch; batch i of a run always gets the same
     examples and noise for a seed. Validation batches get fixed noise, so evaluations compare.
-    In the training loop, `on_step(i)` runs once step i is done (before batch i + 1)."""
+    With a `comm_group` of several ranks every rank draws the whole batch and its noise, and
+    keeps its rows. In the training loop, `on_step(i)` runs once step i is done (before batch
+    i + 1); `heartbeat()`, when set, each time a batch is asked for after the first."""
 
-    def __init__(self, args: DiffusionArgs, start_step: int = 0, on_step=None):
+    def __init__(self, args: DiffusionArgs, start_step: int = 0, on_step=None, heartbeat=None):
         self.args = args
         self.start_step = start_step
         self.on_step = on_step
+        self.heartbeat = heartbeat
 
     def __call__(
         self, dataset, batch_size, max_seq_length=None, loop=False, seed=None, comm_group=None
     ):
-        if comm_group is not None and comm_group.size() > 1:
-            raise ValueError("distributed training is not supported")
+        for i, batch in enumerate(self.whole(dataset, batch_size, loop)):
+            if i and self.heartbeat is not None:
+                self.heartbeat()
+            yield rows_of_rank(batch, comm_group)
+
+    def whole(self, dataset, batch_size, loop):
         if len(dataset) < batch_size:
             raise ValueError(
                 f"the split has {len(dataset)} examples, fewer than --batch-size {batch_size}"
@@ -129,12 +156,6 @@ def atomic_save(path: Path, arrays: dict, metadata: Optional[dict] = None):
     os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def optimizer_file(adapter_file: Path) -> Path:
     """Where the optimizer state of an adapter file is kept."""
     return adapter_file.with_name(adapter_file.name.replace("adapters", "optimizer"))
@@ -142,11 +163,13 @@ def optimizer_file(adapter_file: Path) -> Path:
 
 class Checkpoints:
     """adapters.safetensors (latest) and NNNNNNN_adapters.safetensors, each with its
-    optimizer state (NNNNNNN_optimizer.safetensors) for resuming."""
+    optimizer state (NNNNNNN_optimizer.safetensors) for resuming. Written by rank 0 alone
+    (`write`); every rank holds the same weights."""
 
-    def __init__(self, model, optimizer, adapter_path: Path, every: int):
+    def __init__(self, model, optimizer, adapter_path: Path, every: int, write: bool = True):
         self.model, self.optimizer = model, optimizer
         self.path, self.every = adapter_path, every
+        self.write = write
 
     def save(self, step: int, numbered: bool = True):
         weights = dict(tree_flatten(self.model.trainable_parameters()))
@@ -155,7 +178,7 @@ class Checkpoints:
         names = ["adapters.safetensors"] + (
             [f"{step:07d}_adapters.safetensors"] if numbered else []
         )
-        for name in names:
+        for name in names if self.write else ():
             atomic_save(self.path / name, weights, meta)
             atomic_save(optimizer_file(self.path / name), state, meta)
         return self.path / names[-1]
@@ -187,14 +210,17 @@ def resume(model, optimizer, adapter_file: str) -> int:
 
 class Report(TrainingCallback):
     """One line per report: total, diffusion and AR loss, learning rate, it/s, tokens/s, peak
-    memory; one per validation."""
+    memory; one per validation. On several ranks every rank reports (the diffusion and AR
+    losses are averaged over the ranks there), and only rank 0's lines are seen: the other
+    ranks' stdout is closed (data_parallel.connect) and `log` is None on them."""
 
-    def __init__(self, parts: dict, start_step: int, log=None):
+    def __init__(self, parts: dict, start_step: int, log=None, group=None):
         self.parts, self.start = parts, start_step
         self.sums = np.zeros(2)
         self.count = 0
         self.done = start_step
         self.log = log
+        self.group = group
 
     def collect(self, step: int):
         """Adds the diffusion/AR losses of step `step` (once)."""
@@ -212,7 +238,12 @@ class Report(TrainingCallback):
     def on_train_loss_report(self, info):
         step = self.start + info["iteration"]
         self.collect(step)
-        diffusion, ar = self.sums / max(self.count, 1)
+        sums = self.sums
+        if self.group is not None and self.group.size() > 1:
+            local = mx.array(sums, dtype=mx.float32)
+            total = mx.distributed.all_sum(local, group=self.group, stream=mx.cpu)
+            sums = np.array(total).astype(np.float64) / self.group.size()
+        diffusion, ar = sums / max(self.count, 1)
         it_s = info["iterations_per_second"]
         tok_s = info["tokens_per_second"]
         record = dict(
@@ -254,12 +285,17 @@ def train(
     adapter_path: Path,
     start_step: int = 0,
     log=None,
+    heartbeat=None,
 ):
-    """Runs mlx-lm's loop from `start_step` to `train_args.iters` (the run's total)."""
+    """Runs mlx-lm's loop from `start_step` to `train_args.iters` (the run's total), on every
+    rank of `mx.distributed` (one process: a group of one); `heartbeat()` after each step and
+    each validation batch but the first of each loop."""
+    group = mx.distributed.init()
+    lead = group.rank() == 0
     parts = optimizer.state
-    checkpoints = Checkpoints(model, optimizer, adapter_path, train_args.steps_per_save)
-    batches = Batches(diffusion, start_step, on_step=None)
-    report = Report(parts, start_step, log)
+    checkpoints = Checkpoints(model, optimizer, adapter_path, train_args.steps_per_save, lead)
+    batches = Batches(diffusion, start_step, on_step=None, heartbeat=heartbeat)
+    report = Report(parts, start_step, log if lead else None, group)
 
     def on_step(step):
         report.collect(step)
@@ -296,19 +332,23 @@ def train(
         )
     finally:
         undo()
-    scratch.unlink(missing_ok=True)
+    if lead:
+        scratch.unlink(missing_ok=True)
     last = train_args.iters
     report.collect(last)
     return checkpoints.save(last, numbered=last % train_args.steps_per_save == 0)
 
 
-def evaluate_loss(model, dataset, batch_size: int, num_batches: int, diffusion: DiffusionArgs):
-    """The mean loss over `num_batches` batches (-1: all) with fixed noise, by mlx-lm's evaluate."""
+def evaluate_loss(
+    model, dataset, batch_size: int, num_batches: int, diffusion: DiffusionArgs, heartbeat=None
+):
+    """The mean loss over `num_batches` batches (-1: all) with fixed noise, by mlx-lm's evaluate
+    (on several ranks, each batch split over them)."""
     return evaluate(
         model,
         dataset,
         batch_size,
         num_batches,
         loss=make_loss(diffusion),
-        iterate_batches=Batches(diffusion),
+        iterate_batches=Batches(diffusion, heartbeat=heartbeat),
     )

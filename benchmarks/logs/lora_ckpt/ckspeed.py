@@ -1,16 +1,20 @@
 """The checkpointed LoRA step at the mid shape with mlx-lm's `grad_checkpoint` in place of ours
-(tuner/checkpoint.py), to compare the two: `benchmark lora --part speed --grad-checkpoint`
-with the trainer's checkpoint swapped. From the repo root:
+(tuner/checkpoint.py), to compare the two: `python -m benchmarks.harness lora --part speed
+--grad-checkpoint` with the trainer's checkpoint swapped. From the repo root:
 
     python benchmarks/logs/lora_ckpt/ckspeed.py {ordered,mlx-lm} [benchmark flags, e.g. --json F]
 """
 
 import sys
+from pathlib import Path
 
 import mlx_lm.tuner.trainer
 
 import mlx_diffusiongemma.tuner.trainer
-from mlx_diffusiongemma.bench.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks.harness
+from benchmarks.harness.__main__ import CHILDREN, SECTIONS  # noqa: E402
+from benchmarks.harness.cli import main  # noqa: E402
 
 
 def mlx_lm_checkpoint(layer):
@@ -33,6 +37,5 @@ if __name__ == "__main__":
         mlx_diffusiongemma.tuner.trainer.grad_checkpoint = mlx_lm_checkpoint
     argv = ["lora", "--part", "speed", "--grad-checkpoint", "--repeat", "4"]
     argv += flags[len(argv) :] if flags[: len(argv)] == argv else flags  # re-executed: as given
-    main(
-        argv, entry=[sys.executable, __file__, variant]
-    )  # re-executed with OpenBLAS: the same variant
+    # re-executed with OpenBLAS: the same variant
+    main(SECTIONS, CHILDREN, [sys.executable, __file__, variant], argv=argv)

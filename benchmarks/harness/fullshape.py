@@ -1,28 +1,27 @@
-"""Sections at the full model's width: weights (analytic bytes per recipe), build (the 30-layer
-model, mixed 4-bit), fullwidth (activation peak, step time and sampler share at reduced depth,
-extrapolated to 30 layers) and gpu (full-shape speed on a GPU)."""
+"""Sections at the full model's width: build (the 30-layer model, mixed 4-bit, measured),
+fullwidth (activation peak, step time and sampler share at reduced depth, extrapolated to 30
+layers) and gpu-step (one full-shape denoising step on a GPU, in parts). The weights' analytic
+bytes and whole generation on a GPU are the package's: `python -m mlx_diffusiongemma.benchmark
+weights` / `gpu`."""
 
 import statistics
 import time
 
-from .common import GB, GiB, gpu_available, mem_available, random_prompt, rss_bytes, say, timeit
-from .models import (
-    RECIPES,
-    all_recipe_bytes,
-    build_random_float,
+from mlx_diffusiongemma.bench.common import GB, GiB, gpu_name, random_prompt, say
+from mlx_diffusiongemma.bench.models import (
     build_random_quantized,
     default_quant,
-    layer_counts,
     make_args,
     param_bytes,
     recipe_bytes,
 )
-from .shapes import FULL_CANVAS, FULL_TEXT, SHAPES, TARGETS, VLLM_H100
+from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, FULL_TEXT, SHAPES, TARGETS, VLLM_H100
+
+from .common import build_random_float, layer_counts, mem_available, rss_bytes, timeit
 from .step import (
     by_kind,
     canvas_kv_layers,
     decoder_cache,
-    fixed_steps,
     kv_bytes,
     loop_decode,
     per_layer_times,
@@ -34,49 +33,6 @@ from .step import (
 
 
 # ---------------------------------------------------------------------------------------------
-# section: weights (analytic)
-# ---------------------------------------------------------------------------------------------
-def section_weights(opts, rep):
-    rep.header(
-        "weights: resident text-model weight bytes, full shape (analytic, nothing allocated)"
-    )
-    args = make_args(FULL_TEXT)
-    results = all_recipe_bytes(args)
-    cats_order = [
-        "experts",
-        "embeddings",
-        "attention",
-        "dense MLP",
-        "router",
-        "self-conditioning MLP",
-        "norms, scales",
-    ]
-    say(f"  {'recipe':<84} {'bytes':>15} {'GB':>7} {'GiB':>7}")
-    figures = {}
-    for label, (total, cats) in results.items():
-        say(f"  {label:<84} {total:>15,} {total / GB:>7.2f} {total / GiB:>7.2f}")
-        figures[label] = {"bytes": total, "by_category": cats}
-    mixed_label = RECIPES[0][0]
-    total, cats = results[mixed_label]
-    say(
-        "  mixed 4-bit by part: "
-        + ", ".join(f"{c} {cats.get(c, 0) / GB:.3f} GB" for c in cats_order)
-    )
-    t = TARGETS["resident_4bit_gb"]
-    say(
-        f"  target <= {t:.0f} GB resident at 4 bits: mixed {total / GB:.2f} GB "
-        f"({'met' if total / GB <= t else 'missed'} by {abs(t - total / GB):.2f} GB); "
-        f"uniform 4-bit {results[RECIPES[1][0]][0] / GB:.2f} GB"
-    )
-    say(
-        "  (scales and biases counted in bf16, group 64, affine; the vision tower, which this port does "
-        "not load, is not included)"
-    )
-    rep.save("weights", {"recipes": figures})
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
 # section: build (full shape, mixed 4-bit, random weights)
 # ---------------------------------------------------------------------------------------------
 def section_build(opts, rep):
@@ -85,7 +41,7 @@ def section_build(opts, rep):
     rep.header("build: full-shape model, random weights directly quantized (mixed 4-bit)")
     args = make_args(FULL_TEXT, layers=opts.layers)
     default = default_quant(4)
-    expected, _ = recipe_bytes(args, ("mixed", default))
+    expected, _ = recipe_bytes(args, "mixed", 4)
     avail = mem_available()
     if avail is not None and avail < expected + 2 * GiB and not opts.force:
         say(
@@ -232,8 +188,8 @@ def section_fullwidth(opts, rep):
     )
     say(
         f"  sampler at vocab {args.vocab_size}, canvas {FULL_CANVAS}: {samp['total'] * 1e3:.0f} ms in all = "
-        f"denoise_sample {samp['denoise_sample'] * 1e3:.0f} ms + self-conditioning softmax "
-        f"{samp['sc_softmax'] * 1e3:.0f} ms + probs @ embedding {samp['sc_matmul'] * 1e3:.0f} ms (parts timed apart)"
+        f"denoise_sample (softcap, self-conditioning probabilities) {samp['denoise_sample'] * 1e3:.0f} ms "
+        f"+ probs @ embedding {samp['sc_matmul'] * 1e3:.0f} ms (parts timed apart)"
     )
     if "denoise_sample_bf16_probs" in samp:
         b = samp["denoise_sample_bf16_probs"]
@@ -252,7 +208,7 @@ def section_fullwidth(opts, rep):
     )
 
     # memory extrapolation to 30 layers, bf16 activations and K/V, mixed 4-bit weights
-    W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
+    W30 = recipe_bytes(full, "mixed", 4)[0]
     f_kv = 2 / dtype.size  # K/V in bf16 on the real model
     kv30 = (
         f_kv * (S30 * statistics.mean(kv_s) + F30 * statistics.mean(kv_f))
@@ -262,12 +218,8 @@ def section_fullwidth(opts, rep):
     pinned30 = (
         f_kv * pinned * S30 / Ls if Ls else 0.0
     )  # the extra is the sliding layers' (full layers are not trimmed)
-    copy_layers = canvas_kv_layers(dcache, args.num_hidden_layers)
-    if copy_layers is not None:
-        cs, cf = by_kind(copy_layers, args)
-        copy30 = f_kv * (S30 * (statistics.mean(cs) if cs else 0) + F30 * statistics.mean(cf))
-    else:
-        copy30 = f_kv * copy * (30 / args.num_hidden_layers)
+    cs, cf = by_kind(canvas_kv_layers(dcache), args)
+    copy30 = f_kv * (S30 * (statistics.mean(cs) if cs else 0) + F30 * statistics.mean(cf))
     tr = max(tr_enc, tr_dec, tr_samp)
     peak30 = W30 + kv30 + pinned30 + copy30 + tr
     peak30_enc = W30 + kv30 + pinned30 + tr_enc
@@ -323,44 +275,36 @@ def section_fullwidth(opts, rep):
 
 
 # ---------------------------------------------------------------------------------------------
-# section: gpu (full shape)
+# section: gpu-step (full shape, one denoising step in parts)
 # ---------------------------------------------------------------------------------------------
-def section_gpu(opts, rep):
+def section_gpu_step(opts, rep):
     import mlx.core as mx
 
-    from .. import backends
+    from mlx_diffusiongemma import backends
 
-    if not gpu_available() and not opts.allow_cpu:
-        rep.header("gpu: full-shape speed on a GPU")
+    if gpu_name() is None and not opts.allow_cpu:
+        rep.header("gpu-step: one full-shape denoising step on a GPU, in parts")
         say(
-            "  skipped: no GPU (MLX reports neither CUDA nor Metal). On an NVIDIA machine with mlx[cuda] "
-            "this measures prefill tok/s, decoder step latency and decode tok/s at 16 fixed steps for "
-            "the full 30-layer model in the mixed 4-bit recipe; `--allow-cpu --shape tiny` runs the same "
-            "code here on a small model (a dry run)."
+            "  skipped: no GPU (MLX reports neither CUDA nor Metal); --allow-cpu --shape tiny: a dry run"
         )
         return None
-    if gpu_available():
+    if gpu_name() is not None:
         mx.set_default_device(mx.gpu)
-        backends.select()
+    backends.select()
     overrides = {"vocab_size": opts.vocab} if opts.vocab else {}
     args = make_args(SHAPES[opts.shape], layers=opts.layers, **overrides)
     rep.header(
-        f"gpu: {opts.shape} shape, {args.num_hidden_layers} layers, vocab {args.vocab_size}, mixed 4-bit, "
-        f"{opts.prompt}-token prompt, {opts.steps} fixed steps"
+        f"gpu-step: {opts.shape} shape, {args.num_hidden_layers} layers, vocab {args.vocab_size}, "
+        f"mixed 4-bit, {opts.prompt}-token prompt"
     )
-    default = default_quant(4)
     t = time.perf_counter()
-    model = build_random_quantized(args, default, "mixed", verbose=False)
+    model = build_random_quantized(args, default_quant(4), "mixed", verbose=False)
     W = param_bytes(model)
     say(f"  weights {W / GB:.3f} GB, built in {time.perf_counter() - t:.0f} s")
     V, C = args.vocab_size, args.canvas_length
-    ids = random_prompt(opts.prompt, V, opts.seed)
-    prompt = mx.array([ids], dtype=mx.int32)
-    # warm-up: kernels for the prefill chunk shapes, the decoder and the sampler
-    warm = model.make_cache()
-    model.encode(prompt[:, : min(opts.chunk, opts.prompt)], warm, step=opts.chunk)
-    del warm
-    mx.reset_peak_memory()
+    prompt = mx.array([random_prompt(opts.prompt, V, opts.seed)], dtype=mx.int32)
+    # warm-up: kernels for the prefill chunk shapes
+    model.encode(prompt[:, : min(opts.chunk, opts.prompt)], model.make_cache(), step=opts.chunk)
     cache = model.make_cache()
     t = time.perf_counter()
     model.encode(prompt, cache, step=opts.chunk)
@@ -379,13 +323,6 @@ def section_gpu(opts, rep):
 
     t_step = timeit(full_step, opts.repeat, warmup=2)
     samp = time_sampler(model, logits, opts.repeat)
-    del dcache, logits, soft
-    # whole generation at fixed steps, through the public API
-    fixed_steps(model, ids[:256], C, 2, seed=1)
-    t = time.perf_counter()
-    r = fixed_steps(model, ids, opts.max_tokens, opts.steps, seed=0)
-    total = time.perf_counter() - t
-    canvas_ms = 1e3 * (r.generation_tokens / r.generation_tps) / (r.canvas + 1)
     say(
         f"  prefill: {opts.prompt} tokens in {t_prefill * 1e3:.0f} ms = {opts.prompt / t_prefill:.0f} tok/s"
     )
@@ -394,17 +331,9 @@ def section_gpu(opts, rep):
         f"self-conditioning {t_step * 1e3:.1f} ms (sampler {samp['denoise_sample'] * 1e3:.1f} ms, "
         f"self-conditioning {samp['sc_total'] * 1e3:.1f} ms: {samp['total'] / t_step:.1%} of the step)"
     )
-    say(
-        f"  generation: {r.generation_tokens} tokens, {r.decoder_forwards} decoder forwards, "
-        f"{r.generation_tps:.1f} tok/s, {canvas_ms:.1f} ms per {C}-token canvas, prompt {r.prompt_tps:.0f} tok/s, "
-        f"peak {r.peak_memory:.2f} GB ({total:.1f} s in all)"
-    )
-    say(
-        f"  vLLM H100 FP8 (bs 1, 16 steps, 4096 in): {VLLM_H100['canvas_ms']} ms per canvas "
-        f"({VLLM_H100['step_ms']} ms/step), {VLLM_H100['tok_s']:.0f} tok/s"
-    )
+    say(f"  vLLM H100 FP8 (bs 1, 16 steps, 4096 in): {VLLM_H100['step_ms']} ms/step")
     rep.save(
-        "gpu",
+        "gpu-step",
         dict(
             layers=args.num_hidden_layers,
             vocab=V,
@@ -414,10 +343,5 @@ def section_gpu(opts, rep):
             decode_step_s=t_dec,
             full_step_s=t_step,
             sampler=samp,
-            generation_tps=r.generation_tps,
-            tokens=r.generation_tokens,
-            forwards=r.decoder_forwards,
-            canvas_ms=canvas_ms,
-            peak_gb=r.peak_memory,
         ),
     )

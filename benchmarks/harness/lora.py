@@ -1,4 +1,4 @@
-"""Section lora: memory and speed of one LoRA training step (issue 11, item 6).
+"""Section lora: memory and speed of one LoRA training step.
 
 Memory: the peak of one training step (value_and_grad of the diffusion loss and an Adam update,
 compiled as mlx-lm's trainer compiles it; LoRA rank 8 on every linear, experts included, as
@@ -47,9 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import GB, ROOT, GiB, mem_available, random_prompt, say
-from .models import default_quant, layer_counts, make_args, param_bytes, recipe_bytes
-from .shapes import FULL_CANVAS, SHAPES
+from mlx_diffusiongemma.bench.common import GB, ROOT, GiB, random_prompt, say
+from mlx_diffusiongemma.bench.models import make_args, param_bytes, recipe_bytes
+from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, SHAPES
+
+from .common import build_random_float, build_shared_float, layer_counts, mem_available
 
 LORA_PARAMETERS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 TARGET_GB = 24.0  # a 32 GB Mac trains
@@ -78,7 +80,7 @@ def example_batch(prompt_len, canvas, vocab, batch=1, seed=0):
     trainer draws it."""
     import numpy as np
 
-    from ..tuner.trainer import DiffusionArgs, draw_noise, make_batch
+    from mlx_diffusiongemma.tuner.trainer import DiffusionArgs, draw_noise, make_batch
 
     diff = DiffusionArgs(canvas_length=canvas, fill_token=1, vocab_size=vocab)
     examples = [
@@ -103,18 +105,16 @@ def measure_step(case):
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from ..backends.cpu_memory import keep_freed_memory
-    from ..tuner.adapters import prepare
-    from ..tuner.checkpoint import grad_checkpoint
-    from ..tuner.trainer import make_loss
-    from .models import build_random_float, build_shared_float
+    from mlx_diffusiongemma.backends.cpu_memory import keep_freed_memory
+    from mlx_diffusiongemma.tuner.adapters import prepare
+    from mlx_diffusiongemma.tuner.checkpoint import grad_checkpoint
+    from mlx_diffusiongemma.tuner.trainer import make_loss
 
-    # run_case starts this in a child of the same package, so cpu_memory.py is always there
     keep_freed_memory()
     # What a Mac runs: the default backend (mlx-lm's row layout for the experts, mx.fast
     # attention), none of the CPU's routes. The CPU's expert tiles pad rows and keep tile-sized
     # temporaries that no Mac allocates (measured: ~2x the step's per-layer memory).
-    from .. import backends
+    from mlx_diffusiongemma import backends
 
     backends.select(mx.gpu)  # this process only measures (run_case runs it alone)
     text = SHAPES[case["shape"]]
@@ -173,7 +173,7 @@ def measure_step(case):
 
 def run_case(case, timeout=3600):
     """measure_step in a child process (the OpenBLAS preload is inherited)."""
-    cmd = [sys.executable, "-m", "mlx_diffusiongemma.bench.lora", json.dumps(case)]
+    cmd = [sys.executable, "-m", "benchmarks.harness.lora", json.dumps(case)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise SystemExit(
@@ -189,8 +189,8 @@ def lora_layout(args):
     """(adapter bytes, adapter parameters) of `prepare(model, "lora", -1, rank 8)` at `args`."""
     from mlx.utils import tree_flatten
 
-    from ..model import Model
-    from ..tuner.adapters import prepare
+    from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.tuner.adapters import prepare
 
     model = Model(args)
     prepare(model, "lora", -1, dict(LORA_PARAMETERS))
@@ -281,7 +281,7 @@ def memory_part(opts, rep):
             )
     S30 = sum(full.is_sliding(i) for i in range(full.num_hidden_layers))
     F30 = full.num_hidden_layers - S30
-    W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
+    W30 = recipe_bytes(full, "mixed", 4)[0]
     A30, n30 = lora_layout(full)
     O30 = 2 * A30  # Adam: first and second moments, float32 like the adapters
     figures = dict(
@@ -345,7 +345,7 @@ def depth_part(opts, rep):
     shape = opts.shape
     full = make_args(SHAPES[shape], canvas_length=canvas_for(shape))
     V, prompt = full.vocab_size, opts.prompt
-    W30 = recipe_bytes(full, ("mixed", default_quant(4)))[0]
+    W30 = recipe_bytes(full, "mixed", 4)[0]
     S30, F30 = layer_counts(full)
     say(
         f"  depth: {shape} shape, all {full.num_hidden_layers} layers ({S30} sliding + {F30} full), "
@@ -397,9 +397,8 @@ def speed_part(opts, rep):
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import TrainingArgs
 
-    from ..tuner.adapters import prepare
-    from ..tuner.trainer import DiffusionArgs, train
-    from .models import build_random_float
+    from mlx_diffusiongemma.tuner.adapters import prepare
+    from mlx_diffusiongemma.tuner.trainer import DiffusionArgs, train
 
     shape = "tiny" if opts.shape == "tiny" else "mid"
     args = make_args(SHAPES[shape], canvas_length=canvas_for(shape))

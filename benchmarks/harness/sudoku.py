@@ -1,4 +1,4 @@
-"""`benchmark sudoku`: the trained demo on held-out generated puzzles.
+"""Section sudoku: the trained demo on held-out generated puzzles.
 
 Exact solves (every cell), cell accuracy, givens kept, denoising steps per canvas and tokens/s
 with the checkpoint's own sampler, by number of givens; then the same with the givens pinned in
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .common import say
+from mlx_diffusiongemma.bench.common import say
 
 
 def held_out(n, givens, count, seed, exclude):
     """`count` puzzles with `givens` givens, none of them in `exclude` (a set of grids)."""
-    from ..examples.sudoku_puzzles import make_puzzle
+    from mlx_diffusiongemma.examples.sudoku_puzzles import make_puzzle
 
     rng = random.Random(f"bench-{seed}-{n}-{givens}")
     out = []
@@ -41,9 +41,9 @@ def training_puzzles(path):
 
 
 def solve(model, tokenizer, task, puzzle, seed, pinned):
-    from ..examples.sudoku_puzzles import to_text
-    from ..examples.task import answer
-    from ..generation import Pins, stream_generate
+    from mlx_diffusiongemma.examples.sudoku_puzzles import to_text
+    from mlx_diffusiongemma.examples.task import answer
+    from mlx_diffusiongemma.generation import Pins, stream_generate
 
     pins = None
     if pinned:
@@ -92,9 +92,9 @@ def evaluate(model, tokenizer, task, puzzles, seed, pinned):
 
 
 def section_sudoku(opts, rep):
-    from ..cli import DEMO_MODEL
-    from ..examples.task import read_task
-    from ..loader import load
+    from mlx_diffusiongemma.cli import DEMO_MODEL
+    from mlx_diffusiongemma.examples.task import read_task
+    from mlx_diffusiongemma.loader import load
 
     rep.header("sudoku")
     path = opts.path or DEMO_MODEL

@@ -1,38 +1,28 @@
-"""Arguments and dispatch of `python -m mlx_diffusiongemma.benchmark SECTION` (and of the
-project's harness, benchmarks/harness/, which shares them)."""
+"""Arguments and dispatch of `python -m benchmarks.harness SECTION`."""
 
 import argparse
 import os
 import sys
 import time
 
-from . import __doc__ as DOC
-from .common import ENTRY, CpuMeter, Report, maybe_reexec_with_openblas, say, wait_idle
-from .fullshape import section_build, section_fullwidth, section_gpu, section_weights
-from .lora import section_lora
-from .shapes import SHAPES
-from .sudoku import section_sudoku
+from mlx_diffusiongemma.bench.common import Report, maybe_reexec_with_openblas, say
+from mlx_diffusiongemma.bench.shapes import SHAPES
 
-SECTIONS = {
-    "weights": section_weights,
-    "build": section_build,
-    "fullwidth": section_fullwidth,
-    "gpu": section_gpu,
-    "lora": section_lora,
-    "sudoku": section_sudoku,
-}
-# the project's own harness (benchmarks/harness/, in a checkout)
-HARNESS_SECTIONS = ("peers", "profile", "graph", "serve", "vision")
+from .common import CpuMeter, wait_idle
+
+# the package's own sections: `python -m mlx_diffusiongemma.benchmark SECTION`
+PACKAGE_SECTIONS = ("weights", "gpu")
 
 
-def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", doc=DOC):
-    sections = SECTIONS if sections is None else sections
-    if argv and argv[0] in HARNESS_SECTIONS and argv[0] not in sections:
+def parse(argv, sections, doc=""):
+    if argv and argv[0] in PACKAGE_SECTIONS:
         raise SystemExit(
-            f"error: {argv[0]} is a section of the project's measuring harness: from a "
-            f"checkout's root, python -m benchmarks.harness {' '.join(argv)}"
+            f"error: {argv[0]} is a section of the package's benchmark: "
+            f"python -m mlx_diffusiongemma.benchmark {' '.join(argv)}"
         )
-    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.harness", description=doc.split("\n\n")[0]
+    )
     p.add_argument("section", choices=list(sections))
     p.add_argument("--json", help="append each section's figures to this file as JSON lines")
     p.add_argument(
@@ -41,13 +31,16 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
         help="where the mid-size checkpoint is written (default /tmp/dg-bench)",
     )
     p.add_argument(
-        "--layers", type=int, default=None, help="decoder layers (fullwidth: 2; build, gpu: 30)"
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (fullwidth: 2; build, graph, gpu-step: 30)",
     )
     p.add_argument(
         "--prompt",
         type=int,
         default=None,
-        help="prompt tokens (fullwidth, gpu: 4096; peers, profile: 512)",
+        help="prompt tokens (fullwidth, gpu-step, graph: 4096; peers, profile, lora: 512)",
     )
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (encode step)")
     p.add_argument(
@@ -57,7 +50,7 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
         help="fullwidth weights (bfloat16 on a CPU: expert weights are cast to float32 per call, which inflates the transients)",
     )
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
-    p.add_argument("--max-tokens", type=int, default=512, help="new tokens (peers, gpu)")
+    p.add_argument("--max-tokens", type=int, default=512, help="new tokens (peers)")
     p.add_argument("--ar-tokens", type=int, default=256, help="autoregressive tokens (peers)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions")
     p.add_argument("--seed", type=int, default=0)
@@ -71,15 +64,15 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
         "--vocab",
         type=int,
         default=None,
-        help="gpu: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies",
+        help="gpu-step: vocabulary override (testing on a CPU); lora: the larger of the two measured vocabularies",
     )
     p.add_argument(
         "--shape",
         choices=sorted(SHAPES),
         default="full",
-        help="gpu: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)",
+        help="gpu-step: model shape (tiny: CPU dry run); lora: width of the memory measurement (tiny: also the speed shape)",
     )
-    p.add_argument("--allow-cpu", action="store_true", help="gpu: run on the CPU anyway")
+    p.add_argument("--allow-cpu", action="store_true", help="gpu-step: run on the CPU anyway")
     p.add_argument("--force", action="store_true", help="build: ignore the free-memory check")
     p.add_argument("--path", help="sudoku: the checkpoint (default: the bundled demo)")
     p.add_argument(
@@ -149,10 +142,9 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
     defaults = {
         "fullwidth": (2, 4096),
         "build": (30, None),
-        "gpu": (30, 4096),
+        "gpu-step": (30, 4096),
         "peers": (None, 512),
         "profile": (None, 512),
-        "weights": (None, None),
         "_reference": (None, 512),
         "graph": (30, 4096),
         "serve": (None, 32),
@@ -162,7 +154,7 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
         "_vision_reference": (None, None),
     }
     dl, dp = defaults[o.section]
-    if o.section == "gpu" and o.shape != "full":
+    if o.section == "gpu-step" and o.shape != "full":
         dl = SHAPES[o.shape]["num_hidden_layers"]
     o.layers = o.layers if o.layers is not None else dl
     o.prompt = o.prompt if o.prompt is not None else dp
@@ -177,33 +169,21 @@ def parse(argv, sections=None, prog="python -m mlx_diffusiongemma.benchmark", do
     return o
 
 
-def main(
-    argv=None,
-    sections=None,
-    children=None,
-    prog="python -m mlx_diffusiongemma.benchmark",
-    entry=ENTRY,
-    doc=DOC,
-):
-    """Runs one section. `sections` (default: the package's) map names to functions of (opts,
-    report); `children` map names to functions of (opts) that a section runs in a child process
-    (the transformers reference), without the OpenBLAS re-exec, the idle wait or the report."""
+def main(sections, children, entry, doc="", argv=None):
+    """Runs one section. `sections` map names to functions of (opts, report); `children` map
+    names to functions of (opts) that a section runs in a child process (the transformers
+    reference), without the OpenBLAS re-exec, the idle wait or the report."""
+    from mlx_diffusiongemma.backends.cpu_memory import keep_freed_memory
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    children = children or {}
     if not argv or argv[0] not in children:
         maybe_reexec_with_openblas(argv, entry)
-    sections = SECTIONS if sections is None else sections
-    opts = parse(argv, {**sections, **children}, prog, doc)
+    opts = parse(argv, {**sections, **children}, doc)
     if opts.section in children:
         return children[opts.section](opts)
-    try:  # as load_model does: the MLX peers in this process share it
-        from ..backends.cpu_memory import keep_freed_memory
-
-        keep_freed_memory()
-    except ImportError:
-        pass
+    keep_freed_memory()  # as load_model does: the MLX peers in this process share it
     rep = Report(opts.json)
-    if opts.wait_idle and opts.section not in ("weights", "graph", "sudoku"):
+    if opts.wait_idle and opts.section not in ("graph", "sudoku"):
         wait_idle(opts.wait_idle)
     meter = CpuMeter()
     t = time.perf_counter()

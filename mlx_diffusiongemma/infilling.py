@@ -8,7 +8,9 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .checks import check_int
-from .generation import Pins, cut_at_eos, eos_ids_for, stream_generate
+from .denoise import Pins
+from .generation import eos_ids_for, stream_generate
+from .generator import cut_at_eos
 from .model import Model
 
 GAP_RE = re.compile(r"<\|gap(?::(\d+))?\|>")
@@ -75,6 +77,22 @@ def layout(segments: Sequence[Union[str, Gap, Sequence[int]]], tokenizer, canvas
     return prefix, plan
 
 
+def canvas_pins(plan, canvas_length: int):
+    """The canvas of a `layout` plan: its pins (the text after each gap held in place, one
+    row) and each gap's (start, length)."""
+    mask, tokens = [False] * canvas_length, [0] * canvas_length
+    pos, gaps = 0, []
+    for kind, v in plan:
+        if kind == "gap":
+            gaps.append((pos, v))
+            pos += v
+        else:
+            mask[pos : pos + len(v)] = [True] * len(v)
+            tokens[pos : pos + len(v)] = v
+            pos += len(v)
+    return Pins(mx.array([mask]), mx.array([tokens], dtype=mx.int32)), gaps
+
+
 def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwargs) -> InfillResult:
     """Fills every gap of `text_or_segments`: a string with `<|gap|>` / `<|gap:N|>` markers, or
     a list alternating text (str or ids) and `Gap` objects. Keyword arguments go to
@@ -88,18 +106,7 @@ def infill(model: Model, tokenizer, text_or_segments, eos_token_ids=None, **kwar
     )
     C = model.args.canvas_length
     prefix, plan = layout(segments, tokenizer, C)
-    mask = [False] * C
-    tokens = [0] * C
-    pos, gaps = 0, []
-    for kind, v in plan:
-        if kind == "gap":
-            gaps.append((pos, v))
-            pos += v
-        else:
-            mask[pos : pos + len(v)] = [True] * len(v)
-            tokens[pos : pos + len(v)] = v
-            pos += len(v)
-    pins = Pins(mx.array([mask]), mx.array([tokens], dtype=mx.int32))
+    pins, gaps = canvas_pins(plan, C)
     if kwargs.get("max_tokens") is None:
         kwargs["max_tokens"] = C
     if kwargs["max_tokens"] > C:

@@ -1,0 +1,114 @@
+"""The server on two ring ranks (`mlx.launch -n 2 -- python -m mlx_diffusiongemma.server`): the
+model split across them, rank 0 serving HTTP and the other following its scheduler. Concurrent
+requests (a completion, an infilling, a chat with n=2, a stop string) get what one process
+answers; a rank that dies ends the other with one line."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = str(Path(__file__).parent / "server_ranks_client.py")
+LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+pytestmark = pytest.mark.skipif(
+    not (mx.distributed.is_available("ring") and os.path.exists(LAUNCH)),
+    reason="MLX's ring backend (mlx.launch) is not available",
+)
+ENV = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    HF_HUB_OFFLINE="1",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(ranks: int, model, port: int):
+    cmd = [sys.executable, "-m", "mlx_diffusiongemma.server", "--model", str(model)]
+    cmd += ["--port", str(port)]
+    if ranks > 1:
+        cmd = [LAUNCH, "-n", str(ranks), "--backend", "ring", "--", *cmd]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def answers(port: int) -> str:
+    p = subprocess.run(
+        [sys.executable, CLIENT, str(port)], env=ENV, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+def stop(proc):
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()
+
+
+def test_two_ranks_answer_as_one_process(text_demo):
+    one = serve(1, text_demo, port := free_port())
+    try:
+        want = answers(port)
+    finally:
+        stop(one)
+    two = serve(2, text_demo, port := free_port())
+    try:
+        got = answers(port)
+    finally:
+        out, _ = stop(two)
+    assert got == want
+    assert out == b""  # the ranks print nothing on stdout (rank 0's line is on stderr)
+
+
+def rank_pids(launcher_pid: int):
+    """The server ranks under a launcher (its children that run the server)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    return [int(p) for p, pp, a in rows if int(pp) == launcher_pid and "server" in a]
+
+
+def test_a_rank_that_dies_ends_the_other_with_one_line(text_demo):
+    two = serve(2, text_demo, port := free_port())
+    try:
+        answers(port)  # both ranks up and serving
+        victims = rank_pids(two.pid)
+        assert len(victims) == 2
+        os.kill(max(victims), signal.SIGKILL)  # the rank started last: rank 1
+        tic = time.monotonic()
+        survivor = min(victims)
+        while time.monotonic() - tic < 60 and os.path.exists(f"/proc/{survivor}"):
+            try:  # a request makes rank 0 reach the other rank; its idle turns do too
+                subprocess.run(
+                    ["curl", "-s", "-m", "2", f"http://127.0.0.1:{port}/health"],
+                    capture_output=True,
+                )
+            except FileNotFoundError:
+                pass
+            time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{survivor}"), "rank 0 still running after 60 s"
+    finally:
+        _, err = stop(two)
+    lines = [line for line in err.decode().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "rank" in lines[0], err.decode()[-2000:]

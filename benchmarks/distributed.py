@@ -90,8 +90,8 @@ def run(mode: str, path: str, out: str, steps: int):
     import mlx.core as mx
 
     from mlx_diffusiongemma.bench.shapes import NO_STOP
-    from mlx_diffusiongemma.distributed import init_group
     from mlx_diffusiongemma.denoise import denoise_canvas
+    from mlx_diffusiongemma.distributed import init_group
     from mlx_diffusiongemma.generator import init_canvas
     from mlx_diffusiongemma.loader import load_model
     from mlx_diffusiongemma.sampler import SamplerSettings

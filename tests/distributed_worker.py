@@ -6,8 +6,8 @@
 
 `checks` loads each PATH split over the launched ranks (MODE tensor or pipeline) and writes to
 OUT.<rank>.npz what KIND says: `gen`, the tokens of seeded near-greedy generations (stream over
-three canvases, batch, infill, an image prompt) and of an unseeded one; `logits`, the logits on
-both backends' routes. `die`: rank 1 is killed while rank 0 waits on it inside the CLI's error handling. `stall`:
+three canvases, batch, infill, an image prompt, the default backend's compiled step) and of an
+unseeded one; `logits`, the logits on both backends' routes. `die`: rank 1 is killed while rank 0 waits on it inside the CLI's error handling. `stall`:
 rank 1 stops (SIGSTOP) while rank 0 waits on it, with the watchdog on.
 """
 
@@ -62,6 +62,9 @@ def generations(model) -> dict:
     out["unseeded"] = sum(
         (r.tokens for r in stream_generate(model, None, prompt, max_tokens=C)), []
     )
+    with backends.using(backends.DEFAULT):  # Metal's and CUDA's route: the compiled step
+        stream = stream_generate(model, None, prompt, max_tokens=2 * C, seed=5, **NEAR_GREEDY)
+        out["default_backend"] = sum((r.tokens for r in stream), [])
     return {k: np.array(v) for k, v in out.items()}
 
 

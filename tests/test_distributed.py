@@ -148,8 +148,8 @@ def compare(ranks, jobs, exact: bool):
 def test_two_ranks(tmp_path, tiny, sharp, splittable):
     """Tensor parallel: logits within 1e-5 on both backends' expert routes (float32; the 4-bit
     layout, its widths split 3 + 2 groups); seeded near-greedy stream (3 canvases), batch,
-    infill and image generations token-equal to one process. Pipelined (layers 4 + 2):
-    generations and logits equal."""
+    infill, image and compiled-step (default backend) generations token-equal to one process.
+    Pipelined (layers 4 + 2): generations and logits equal."""
     tensor = [
         f"tensor:gen:{sharp}",
         f"tensor:logits:{tiny[0]}",  # 2 KV heads split; 1 on full attention, replicated

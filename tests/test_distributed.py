@@ -75,10 +75,13 @@ def sharp(checkpoint_factory):
     return checkpoint_factory("sharp0", seed=0, sharpen=20.0)[0]
 
 
-def launch(n: int, *args, timeout=600):
-    """`mlx.launch -n N --backend ring -- python ARGS`: its stdout and stderr."""
-    cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, *map(str, args)]
-    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def launch(n: int, *args, timeout=600, stdin=None):
+    """`mlx.launch -n N --backend ring -- python ARGS` (`n` 1: python ARGS alone): its stdout and
+    stderr. mlx.launch sends its stdin to every rank."""
+    cmd = [sys.executable, *map(str, args)]
+    if n > 1:
+        cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--"] + cmd
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, input=stdin)
     return p.stdout, p.stderr
 
 
@@ -194,6 +197,16 @@ def test_generate_command_on_two_ranks_prints_what_one_process_prints(cli_refere
     out, err = launch(2, "-m", "mlx_diffusiongemma.generate", *argv, *flags, timeout=300)
     assert out == want, err[-2000:]  # rank 0's output alone: the other rank prints nothing
     assert "Traceback" not in err and "error" not in err
+
+
+def test_chat_on_two_ranks_answers_what_one_process_answers(text_demo):
+    """Every rank reads the turns (mlx.launch sends its stdin to each); rank 0 alone prints."""
+    argv = ["-m", "mlx_diffusiongemma.chat", "--model", text_demo, "--seed", "1"]
+    argv += ["--max-tokens", "16", "--steps", "4"]
+    turns = "hello\nwhat next\nq\n"
+    want, _ = launch(1, *argv, stdin=turns, timeout=300)
+    out, err = launch(2, *argv, stdin=turns, timeout=300)
+    assert out == want and want.count(">> ") == 3, err[-2000:]
 
 
 # ---- faults ------------------------------------------------------------------------------------

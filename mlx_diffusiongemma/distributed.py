@@ -61,6 +61,7 @@ TOKENIZER_FILES = (
 )
 
 _spanning = None  # the group this process's model spans, for `shared_seed`
+_launched_group = None  # init_group's, once made
 
 
 class DistributedError(ValueError):
@@ -116,9 +117,12 @@ _stderr_fd = 2
 
 def init_group():
     """The group this process was launched in (size 1 when it was not), with a watchdog on the
-    other ranks; a peer that cannot be reached ends it with one line."""
+    other ranks; a peer that cannot be reached ends it with one line. Made once per process."""
+    global _launched_group
     if not launched():
         return mx.distributed.init()
+    if _launched_group is not None:
+        return _launched_group
     with deadline(
         CONNECT_TIMEOUT, f"could not connect to the other ranks in {CONNECT_TIMEOUT:.0f} s"
     ):
@@ -128,6 +132,7 @@ def init_group():
             raise DistributedError(f"could not connect to the other ranks: {e}") from None
         if group.size() > 1 and PEER_TIMEOUT > 0:
             Watchdog(group, PEER_TIMEOUT)
+    _launched_group = group
     return group
 
 

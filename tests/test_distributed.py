@@ -350,3 +350,38 @@ def _flat(module):
     from mlx.utils import tree_flatten
 
     return tree_flatten(module.parameters())
+
+
+def test_hub_pipeline_stage_downloads_only_its_files(text_demo, tmp_path, no_spanning, monkeypatch):
+    """`sharded_load` of a hub id, pipelined: the config, index and tokenizer first, then only
+    the weight files holding this rank's layers (or no layer), as mlx-lm's sharded_load."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from mlx_diffusiongemma.convert import main as convert
+
+    repo = tmp_path / "repo"
+    assert (
+        convert(
+            ["--hf-path", str(text_demo), "--mlx-path", str(repo), "--max-shard-size", "200000"]
+        )
+        == 0
+    )
+    cache = tmp_path / "cache"
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        cache.mkdir(exist_ok=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, cache / f.name)
+                fetched.append(f.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model, _ = distributed.sharded_load("org/diffusiongemma", pipeline_group=FakeGroup(2, 1))
+    mine = weight_file_names(repo, range(0, 3))  # rank 1 of 2: the first three layers
+    weights = {f for f in fetched if f.endswith(".safetensors")}
+    assert weights == set(mine) and weights < set(weight_file_names(repo))
+    assert model.model.decoder.layers[3:] == [] and None not in model.model.decoder.layers[:3]

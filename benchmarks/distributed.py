@@ -1,15 +1,17 @@
 """Several processes as one model, measured (benchmarks/RESULTS.md, "Several Macs").
 
-Mid shape on this CPU, float32, MLX's ring backend over loopback: one process (both cores) against
-two ranks tensor parallel and two ranks pipelined (one core each), run in turn (`--rounds`
-times), each a fresh start of the same random checkpoint: the denoising step time (one canvas, every step run), the bytes the
-collectives move per step (counted: `mx.distributed`'s functions wrapped while the steps' graphs
-are built; each built step is evaluated), and the peak memory of every rank. Then the full shape
-on paper: the weights a rank keeps at 4 bits for 2 and 4 ranks (the real `Model.shard` /
-`Model.pipeline` applied to a lazy full-shape model: nothing is materialised), its prompt cache,
-and the communication per step from the per-step formula the mid-shape count confirms.
+Mid shape on this CPU, float32, MLX's ring backend over loopback: one process (both cores)
+against two ranks tensor parallel and two ranks pipelined (one core each), run in turn
+(`--rounds` times), each a fresh start of the same random checkpoint: the denoising step time
+(one canvas, every step run), the bytes the collectives move per step (counted:
+`mx.distributed`'s functions wrapped while the steps' graphs are built; each built step is
+evaluated), and the peak memory of every rank. Then the full shape on paper: the weights a
+rank keeps at 4 bits for 2 and 4 ranks (the real `Model.shard` / `Model.pipeline` applied to a
+lazy full-shape model: nothing is materialised), its prompt cache, the communication per step
+from the formula the mid-shape count confirms, and the step time expected on two M-series Macs
+(an estimate from FLOPs, published bandwidths and an assumed share of the GPU's peak).
 
-    python benchmarks/distributed.py [--steps 6] [--rounds 2] [--out benchmarks/logs/distributed]
+    python benchmarks/distributed.py [--steps 8] [--rounds 2] [--out benchmarks/logs/distributed]
     python benchmarks/distributed.py --plot benchmarks/logs/distributed/results.json
 
 The plot needs matplotlib, which the package does not.
@@ -477,7 +479,7 @@ def plot(results: Path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/logs/distributed")
     p.add_argument("--checkpoint", type=Path, default=None, help="reuse this mid checkpoint")

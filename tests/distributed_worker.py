@@ -7,8 +7,9 @@
 `checks` loads each PATH split over the launched ranks (MODE tensor or pipeline) and writes to
 OUT.<rank>.npz what KIND says: `gen`, the tokens of seeded near-greedy generations (stream over
 three canvases, batch, infill, an image prompt, the default backend's compiled step) and of an
-unseeded one; `logits`, the logits on both backends' routes. `die`: rank 1 is killed while rank 0 waits on it inside the CLI's error handling. `stall`:
-rank 1 stops (SIGSTOP) while rank 0 waits on it, with the watchdog on.
+unseeded one; `logits`, the logits on both backends' routes. `die`: rank 1 is killed while rank
+0 waits on it inside the CLI's error handling. `stall`: rank 1 stops (SIGSTOP) while rank 0 waits
+on it, with the watchdog on.
 """
 
 import os

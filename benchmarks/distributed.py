@@ -9,7 +9,7 @@ evaluated), and the peak memory of every rank. Then the full shape on paper: the
 rank keeps at 4 bits for 2 and 4 ranks (the real `Model.shard` / `Model.pipeline` applied to a
 lazy full-shape model: nothing is materialised), its prompt cache, the communication per step
 from the formula the mid-shape count confirms, and the step time expected on two M-series Macs
-(an estimate from FLOPs, published bandwidths and an assumed share of the GPU's peak).
+(an estimate from the FLOPs and an assumed share of the GPU's peak).
 
     python benchmarks/distributed.py [--steps 8] [--rounds 2] [--out benchmarks/logs/distributed]
     python benchmarks/distributed.py --plot benchmarks/logs/distributed/results.json

@@ -396,9 +396,11 @@ def check_same_checkpoint(group, path, names, settings: str):
 # ---- watchdog and output -------------------------------------------------------------------------
 class Watchdog:
     """Heartbeats between the ranks (UDP, every HEARTBEAT_EVERY s, on the addresses the launcher
-    gave them): a rank that hears nothing from another for `timeout` s ends with one line. MLX's
-    collectives wait forever for a peer that stopped answering (a frozen process, a machine or
-    link gone without closing its sockets). A rank that exits says goodbye."""
+    gave them). MLX's collectives can wait forever on a peer: one that stopped answering (a
+    frozen process, a machine or link gone without closing its sockets), and at times one whose
+    process died (measured: the ring backend raised within a second in some runs, waited in
+    others). A rank ends with one line when another's heartbeats stop for `timeout` s, or at
+    once when its port refuses them (its process is gone). A rank that exits says goodbye."""
 
     def __init__(self, group, timeout: float):
         self.rank, self.timeout = group.rank(), timeout
@@ -412,38 +414,55 @@ class Watchdog:
         if any(ip < 0 for ip, _ in table):  # an address unknown to some rank: no watchdog
             self.sock.close()
             return
-        self.peers = {
-            r: (socket.inet_ntoa(ip.to_bytes(4, "big")), port)
-            for r, (ip, port) in enumerate(table)
-            if r != self.rank
-        }
-        self.heard = {r: time.monotonic() for r in self.peers}
+        self.out = {}  # a connected socket per peer: its refusals are reported on the next send
+        for r, (ip, port) in enumerate(table):
+            if r != self.rank:
+                self.out[r] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.out[r].connect((socket.inet_ntoa(ip.to_bytes(4, "big")), port))
+        self.heard = {r: time.monotonic() for r in self.out}
         threading.Thread(target=self.run, daemon=True).start()
         atexit.register(self.say, b"bye")
 
-    def say(self, word: bytes):
-        for address in self.peers.values():
+    def say(self, word: bytes) -> list:
+        """Sends `word` to every peer; the peers whose port refused it."""
+        refused = []
+        for r, sock in self.out.items():
             try:
-                self.sock.sendto(word + b" %d" % self.rank, address)
+                sock.send(word + b" %d" % self.rank)
+            except ConnectionRefusedError:
+                refused.append(r)
             except OSError:
                 pass
+        return refused
+
+    def hear(self, timeout: Optional[float]):
+        """Reads what came in (waiting up to `timeout`; None: only what is there)."""
+        self.sock.settimeout(timeout if timeout else 0.0)
+        while True:
+            try:
+                word, rank = self.sock.recvfrom(64)[0].split()
+            except (OSError, ValueError):  # nothing (more) yet, or a stray datagram
+                return
+            if word == b"bye":
+                self.heard.pop(int(rank), None)
+            elif int(rank) in self.heard:
+                self.heard[int(rank)] = time.monotonic()
+            if timeout:
+                return
 
     def run(self):
-        self.sock.settimeout(HEARTBEAT_EVERY / 4)
         beat = 0.0
         while True:
             now = time.monotonic()
             if now >= beat:
-                self.say(b"alive")
+                refused = self.say(b"alive")
                 beat = now + HEARTBEAT_EVERY
-            try:
-                word, rank = self.sock.recvfrom(64)[0].split()
-                if word == b"bye":
-                    self.heard.pop(int(rank), None)
-                elif int(rank) in self.heard:
-                    self.heard[int(rank)] = time.monotonic()
-            except (OSError, ValueError):  # a timeout, or a stray datagram
-                pass
+                if refused:
+                    self.hear(None)  # a goodbye sent before its port closed
+                for rank in refused:
+                    if rank in self.heard:
+                        fail(f"rank {rank} is gone (its process ended)")
+            self.hear(HEARTBEAT_EVERY / 4)
             for rank, seen in list(self.heard.items()):
                 if time.monotonic() - seen > self.timeout:
                     fail(

@@ -198,8 +198,8 @@ def one_line_errors(interrupted: str = "interrupted"):
     SIGTERM with `interrupted` and status 130; a closed stdout (`| head`) quietly. Meant for a
     command's main: after an interrupt the handlers stay, so a further signal exits at once.
     A rank of a launched run says which one it is: mlx.launch ends every rank when one fails."""
-    if "MLX_RANK" in os.environ:
-        interrupted = f"rank {os.environ['MLX_RANK']}: {interrupted} (or ended by mlx.launch)"
+    if "MLX_RANK" in os.environ and interrupted == "interrupted":
+        interrupted = f"rank {os.environ['MLX_RANK']}: interrupted (or ended by mlx.launch)"
     main_thread = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
     previous = {s: signal.getsignal(s) for s in signals}

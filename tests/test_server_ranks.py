@@ -4,7 +4,6 @@ requests (a completion, an infilling, a chat with n=2, a stop string) get what o
 answers; a rank that dies ends the other with one line."""
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,21 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
+from test_distributed import ENV, LAUNCH, ROOT, pytestmark  # noqa: F401 (the skip)
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT = str(Path(__file__).parent / "server_ranks_client.py")
-LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
-pytestmark = pytest.mark.skipif(
-    not (mx.distributed.is_available("ring") and os.path.exists(LAUNCH)),
-    reason="MLX's ring backend (mlx.launch) is not available",
-)
-ENV = dict(
-    os.environ,
-    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    HF_HUB_OFFLINE="1",
-)
 
 
 def free_port() -> int:

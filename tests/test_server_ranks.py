@@ -69,22 +69,28 @@ def test_two_ranks_answer_as_one_process(text_demo):
     assert out == b""  # the ranks print nothing on stdout (rank 0's line is on stderr)
 
 
-def rank_pids(launcher_pid: int):
-    """The server ranks under a launcher (its children that run the server)."""
+def rank_pids(launcher_pid: int) -> dict:
+    """The server ranks under a launcher: {rank: pid} (MLX_RANK in each child's environment)."""
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     rows = [line.split(None, 2) for line in out.splitlines()[1:]]
-    return [int(p) for p, pp, a in rows if int(pp) == launcher_pid and "server" in a]
+    ranks = {}
+    for pid, ppid, args in rows:
+        if int(ppid) == launcher_pid and "server" in args:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next(e for e in env if e.startswith(b"MLX_RANK="))
+            ranks[int(rank.split(b"=")[1])] = int(pid)
+    return ranks
 
 
 def test_a_rank_that_dies_ends_the_other_with_one_line(text_demo):
     two = serve(2, text_demo, port := free_port())
     try:
         answers(port)  # both ranks up and serving
-        victims = rank_pids(two.pid)
-        assert len(victims) == 2
-        os.kill(max(victims), signal.SIGKILL)  # the rank started last: rank 1
+        pids = rank_pids(two.pid)
+        assert sorted(pids) == [0, 1]
+        os.kill(pids[1], signal.SIGKILL)
         tic = time.monotonic()
-        survivor = min(victims)
+        survivor = pids[0]
         while time.monotonic() - tic < 60 and os.path.exists(f"/proc/{survivor}"):
             try:  # a request makes rank 0 reach the other rank; its idle turns do too
                 subprocess.run(

@@ -241,6 +241,13 @@ def main(argv=None):
         file=sys.stderr,
         flush=True,
     )
+    if link is not None:  # a signal (mlx.launch ending every rank once one has) is one line
+        with one_line_errors():
+            try:
+                server.run(sockets=[sock])
+            finally:
+                state.scheduler.stop()
+        return
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

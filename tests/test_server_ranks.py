@@ -92,16 +92,11 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(text_demo):
         tic = time.monotonic()
         survivor = pids[0]
         while time.monotonic() - tic < 60 and os.path.exists(f"/proc/{survivor}"):
-            try:  # a request makes rank 0 reach the other rank; its idle turns do too
-                subprocess.run(
-                    ["curl", "-s", "-m", "2", f"http://127.0.0.1:{port}/health"],
-                    capture_output=True,
-                )
-            except FileNotFoundError:
-                pass
-            time.sleep(0.5)
+            time.sleep(0.2)  # rank 0's idle turns reach the other rank every 0.2 s
         assert not os.path.exists(f"/proc/{survivor}"), "rank 0 still running after 60 s"
     finally:
         _, err = stop(two)
-    lines = [line for line in err.decode().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "rank" in lines[0], err.decode()[-2000:]
+    # rank 0 says it lost the other rank, or (when mlx.launch ended it first) that it was ended
+    err = err.decode()
+    lines = [line for line in err.splitlines() if line.startswith(("error:", "rank 0:"))]
+    assert len(lines) == 1 and "rank" in lines[0], err[-2000:]

@@ -211,6 +211,10 @@ def one_line_errors(interrupted: str = "interrupted"):
     except KeyboardInterrupt:
         _signals.pending = True
         _signals.announce()
+        # Python's shutdown puts its own handlers back to the default, which would let a second
+        # Ctrl-C arriving then end the process by the signal (status -2): ignored from here.
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
         sys.exit(INTERRUPTED)
     except BrokenPipeError:
         # Python would report the failed flush of stdout at exit: point it at /dev/null.

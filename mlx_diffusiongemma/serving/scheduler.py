@@ -203,7 +203,8 @@ class Scheduler:
             ended = set(self.link.share({"ended": sorted(ended)})["ended"])
         for r in responses:
             self._settle(r, r.uid in ended)
-        self._drop([u for u in uids if u in self.rows and u not in self.generator.uids])
+        live = set(self.generator.uids)  # rows cancelled mid-canvas got no response
+        self._drop([u for u in uids if u in self.rows and u not in live])
 
     def _drop(self, uids):
         if uids:

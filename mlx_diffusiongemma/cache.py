@@ -217,9 +217,10 @@ class CanvasKV:
         if self.keys[layer] is None:
             return k, v
         P = self.prefix_len[layer]
-        # New handles on the buffers, written in place: a snapshot keeps the arrays before the
+        # New handles on the buffers (`[...]`: no operation; mx.array(buffer) would add a copy
+        # to every step's graph), written in place: a snapshot keeps the arrays before the
         # write (the write itself still reuses the buffer once nothing else holds it).
-        keys, values = mx.array(self.keys[layer]), mx.array(self.values[layer])
+        keys, values = self.keys[layer][...], self.values[layer][...]
         keys[:, :, P:, :] = k
         values[:, :, P:, :] = v
         self.keys[layer], self.values[layer] = keys, values

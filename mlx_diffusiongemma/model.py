@@ -139,12 +139,12 @@ class Router(nn.Module):
 
 
 def sort_by_expert(x, idx):
-    """The (token, expert) rows of x ordered by expert, as mlx-lm's switch layers order them:
-    (rows, their expert ids, the order that undoes the sort)."""
+    """The (token, expert) rows of x (N, 1, D) ordered by expert, as mlx-lm's switch layers
+    order them: (rows, their expert ids, the order that undoes the sort)."""
     k = idx.shape[-1]
     idx = idx.flatten()
     order = mx.argsort(idx)
-    return x.flatten(0, -3)[order // k], idx[order], mx.argsort(order)
+    return x[order // k], idx[order], mx.argsort(order)
 
 
 class Experts(nn.Module):
@@ -164,7 +164,9 @@ class Experts(nn.Module):
         idx = idx.reshape(-1, idx.shape[-1])
         weights = weights.reshape(idx.shape)
         y = experts(self, x, idx)  # (N, k, D), in the backend's row layout (backends/)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).reshape(shape)
+        # (keepdims and one reshape: every view is an operation the host creates per step)
+        weights = weights.reshape(*idx.shape, 1).astype(y.dtype)
+        return (y * weights).sum(axis=-2, keepdims=True).reshape(shape)
 
     def activation(self, h):
         """gate|up halves -> the down projection's input; rows along the first axis."""
@@ -172,18 +174,16 @@ class Experts(nn.Module):
 
     def sorted_rows(self, x, idx):
         """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively."""
-        x = mx.expand_dims(x, (-2, -3))
         # Sorting rows by expert makes the gathered matmul read each expert's weights once.
         do_sort = idx.size >= 64
-        inv = None
-        sidx = idx
-        if do_sort:
-            x, sidx, inv = sort_by_expert(x, idx)
-        h = self.activation(switch_matmul(self.gate_up_proj, x, sidx, do_sort))
-        y = switch_matmul(self.down_proj, h, sidx, do_sort)
-        if do_sort:
-            y = mx.unflatten(y[inv], 0, idx.shape)  # back to (token, expert) order
-        return y.squeeze(-2)  # (N, k, D)
+        if not do_sort:  # (N, 1, 1, D): each token against its k experts -> (N, k, 1, D)
+            x = mx.expand_dims(x, (-2, -3))
+            h = self.activation(switch_matmul(self.gate_up_proj, x, idx, False))
+            return switch_matmul(self.down_proj, h, idx, False).squeeze(-2)
+        x, sidx, inv = sort_by_expert(x.reshape(x.shape[0], 1, x.shape[-1]), idx)
+        h = self.activation(switch_matmul(self.gate_up_proj, x, sidx, True))
+        y = switch_matmul(self.down_proj, h, sidx, True)  # (N * k, 1, D), sorted
+        return y[inv].reshape(*idx.shape, y.shape[-1])  # back to (token, expert) order
 
 
 class Layer(nn.Module):

@@ -1,7 +1,7 @@
 """The denoising step as one compiled graph: the decoder forward against the canvas's prefix
 K/V, the sampler, the stop test and the next step's self-conditioning embedding, traced once
-(`mx.compile`) with the model's weights, the K/V buffers and the step's randomness as inputs,
-then replayed at every step. Building the step in Python takes as long as a GPU takes to run
+(`mx.compile`) with the K/V buffers and the step's randomness as inputs and the model's
+weights as constants of the trace, then replayed at every step. Building the step in Python takes as long as a GPU takes to run
 it; replaying a traced graph takes a fraction of that.
 
 A traced graph is reused while its inputs keep their shapes. Within a canvas they do; across
@@ -20,14 +20,14 @@ from functools import partial
 from typing import Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .cache import CanvasKV
 from .sampler import SamplerSettings, draw_noise, sample_canvas, split_keys, stop_update
 
 ENV = "MLX_DIFFUSIONGEMMA_COMPILE"
 _forced: Optional[bool] = None  # compile_steps(...) in effect, else None
-_graphs: dict = {}  # id(model) -> {(backend, parameter names): compiled step}
+_graphs: dict = {}  # id(model) -> {backend: (the weights it was traced with, compiled step)}
 _traces = 0  # times a step graph was traced in this process
 
 
@@ -57,18 +57,26 @@ def traces() -> int:
     return _traces
 
 
-def step_graph(model, backend, names: tuple):
-    """The compiled step of `model` with parameters `names` on `backend`, made once: mx.compile
-    keeps its traced graphs per function, so the function lives as long as the model."""
+def step_graph(model, backend, weights: list):
+    """The compiled step of `model` on `backend`, traced with `weights` (the model's parameters,
+    in `tree_flatten` order) as constants: a replay then passes ~1,300 fewer inputs. It is made
+    again when the model's parameters are no longer those arrays (adapters loaded, a fuse, a
+    shard): a traced graph would otherwise keep computing with the old ones. mx.compile keeps
+    its traced graphs per function, so the function lives as long as the model (or its
+    weights)."""
     per_model = _graphs.get(id(model))
     if per_model is None:
         per_model = _graphs[id(model)] = {}
         weakref.finalize(model, _graphs.pop, id(model), None)
-    fn = per_model.get((backend, names))
-    if fn is None:
-        fn = mx.compile(partial(_traced_step, weakref.ref(model), names))
-        per_model[(backend, names)] = fn
-    return fn
+    traced = per_model.get(backend)
+    if traced is None or len(traced[0]) != len(weights) or any(
+        a is not b for a, b in zip(traced[0], weights)
+    ):
+        # Evaluated first: a lazy weight would be traced as the graph that computes it, and
+        # that graph replayed at every step.
+        mx.eval(weights)
+        traced = per_model[backend] = (weights, mx.compile(partial(_traced_step, weakref.ref(model))))
+    return traced[1]
 
 
 def key_graph(model, batch: int, per_row: bool, canvas_len: int):
@@ -88,21 +96,8 @@ def advance_key(key, batch: int, canvas_len: int, vocab: int):
     return key, *draw_noise(sub, batch, canvas_len, vocab)
 
 
-@contextmanager
-def _weights_swapped(model, names, weights):
-    """The model computes with `weights` (the tracer inputs) in place of its own while tracing."""
-    own = [v for _, v in tree_flatten(model.parameters())]
-    model.update(tree_unflatten(list(zip(names, weights))))
-    try:
-        yield
-    finally:
-        model.update(tree_unflatten(list(zip(names, own))))
-
-
 def _traced_step(
     model_ref,
-    names,
-    weights,
     keys,
     values,
     masks,
@@ -124,22 +119,21 @@ def _traced_step(
     global _traces
     _traces += 1
     model = model_ref()
-    with _weights_swapped(model, names, weights):
-        kv = CanvasKV.of_arrays(keys, values, masks, offset, canvas.shape[1])
-        logits = model.decode(canvas, kv, soft_embeds=soft, softcap=False)
-        canvas, argmax, entropy, accepted, probs = sample_canvas(
-            logits,
-            temp,
-            bound,
-            u,
-            noise,
-            pin_mask,
-            pin_tokens,
-            model.embed_dtype,
-            softcap=model.args.final_logit_softcapping,
-        )
-        finished, history = stop_update(history, argmax, entropy, confidence)
-        soft = model.soft_embeddings_from_probs(probs)  # the next step's self-conditioning
+    kv = CanvasKV.of_arrays(keys, values, masks, offset, canvas.shape[1])
+    logits = model.decode(canvas, kv, soft_embeds=soft, softcap=False)
+    canvas, argmax, entropy, accepted, probs = sample_canvas(
+        logits,
+        temp,
+        bound,
+        u,
+        noise,
+        pin_mask,
+        pin_tokens,
+        model.embed_dtype,
+        softcap=model.args.final_logit_softcapping,
+    )
+    finished, history = stop_update(history, argmax, entropy, confidence)
+    soft = model.soft_embeddings_from_probs(probs)  # the next step's self-conditioning
     return (canvas, argmax, entropy, accepted, finished, history, soft), kv.keys, kv.values
 
 
@@ -149,10 +143,9 @@ class CompiledStep:
     uncompiled step writes them in place."""
 
     def __init__(self, model, kv: CanvasKV, settings: SamplerSettings, backend):
-        flat = tree_flatten(model.parameters())
-        self.fn = step_graph(model, backend, tuple(k for k, _ in flat))
+        weights = [v for _, v in tree_flatten(model.parameters())]
+        self.fn = step_graph(model, backend, weights)
         self.model = model
-        self.weights = [v for _, v in flat]
         self.kv = kv
         self.bound = mx.array(settings.entropy_bound, dtype=mx.float32)
         self.confidence = mx.array(settings.confidence_threshold, dtype=mx.float32)
@@ -184,7 +177,6 @@ class CompiledStep:
         canvas, soft, u, noise, pin_mask, pin_tokens = inputs
         kv = self.kv
         out, kv.keys, kv.values = self.fn(
-            self.weights,
             kv.keys,
             kv.values,
             kv.masks,

@@ -4,8 +4,9 @@ traced graph replayed, step.py) and not (built op by op), in the same run.
 On Metal and CUDA a step is a few milliseconds of device time, so the host's cost of issuing it
 is of the same order; the loop issues step t+1 while the device runs step t
 (denoise.denoise_canvas). This times the calls that loop makes per step (`CanvasSteps`, what
-`denoise_canvas` builds its steps with) on the full 30-layer model in the mixed 4-bit recipe, its
-weights never evaluated (nothing is computed, so it runs anywhere), through the Metal/CUDA code
+`denoise_canvas` builds its steps with) on the full 30-layer model in the mixed 4-bit recipe of a
+bfloat16 checkpoint, its weights zeros held as broadcast views (nothing at full shape is computed
+or stored, so it runs anywhere), through the Metal/CUDA code
 path (the default backend, backends/). Then: the traces and the first (tracing) step of a
 generation of 8 canvases, the host cost of the encoder's passes (the commit of a canvas, the
 prompt), and the bundled demo solved through the Python API on this machine, compiled or not."""
@@ -24,16 +25,26 @@ CANVASES = 8  # a generation of this many canvases is traced through
 BLOCKS = 5  # blocks of steps timed per path, alternated
 
 
-def full_model(prompt: int):
-    """The full-shape model (float weights lazy, never evaluated) and a prompt cache holding
-    `prompt` positions of K/V (zeros: values do not matter)."""
+def full_model(prompt: int, layers=None):
+    """The full-shape model in the mixed 4-bit recipe of a bfloat16 checkpoint and a prompt
+    cache holding `prompt` positions of K/V. Values do not matter: every weight is zeros,
+    evaluated as a broadcast view (no memory), as a loaded checkpoint's weights are evaluated
+    arrays; the K/V are zeros."""
     import mlx.core as mx
+    from mlx.utils import tree_map
 
     from mlx_diffusiongemma.model import Model
 
-    args = make_args(FULL_TEXT)
+    args = make_args(FULL_TEXT, layers=layers)
     model = Model(args)
     quantize_structure(model, default_quant(), "mixed")
+
+    def zeros(w):
+        dtype = mx.bfloat16 if mx.issubdtype(w.dtype, mx.floating) else w.dtype
+        return mx.broadcast_to(mx.zeros((), dtype=dtype), w.shape)
+
+    model.update(tree_map(zeros, model.parameters()))
+    mx.eval(model.parameters())
     cache = model.make_cache()
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
@@ -126,8 +137,7 @@ class CanvasRun:
         return dt
 
     def nodes(self, model) -> int:
-        """Operations in one step's graph (what the host creates per step; the lazy random
-        weights' own graphs left out)."""
+        """Operations in one step's graph (what the host creates per step)."""
         from mlx.utils import tree_flatten
 
         self.steps.kv.restore(self.clean)

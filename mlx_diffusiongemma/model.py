@@ -159,31 +159,31 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(self.inter, args.hidden_size, args.num_experts, bias=False)
 
     def __call__(self, x, idx, weights):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        idx = idx.reshape(-1, idx.shape[-1])
-        weights = weights.reshape(idx.shape)
+        """x (..., D), each token's experts idx (..., k) and their weights (..., k)."""
         y = experts(self, x, idx)  # (N, k, D), in the backend's row layout (backends/)
-        # (keepdims and one reshape: every view is an operation the host creates per step)
-        weights = weights.reshape(*idx.shape, 1).astype(y.dtype)
-        return (y * weights).sum(axis=-2, keepdims=True).reshape(shape)
+        # Each view is one reshape (and the sum keeps its axis): every operation here is one
+        # the host creates per layer per denoising step.
+        weights = weights.reshape(*y.shape[:2], 1).astype(y.dtype)
+        return (y * weights).sum(axis=-2, keepdims=True).reshape(x.shape)
 
     def activation(self, h):
         """gate|up halves -> the down projection's input; rows along the first axis."""
         return gelu_glu(h[..., : self.inter], h[..., self.inter :], axis=0)
 
     def sorted_rows(self, x, idx):
-        """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively."""
+        """mlx-lm's layout: one row per (token, expert); Metal and CUDA gather these natively.
+        x (..., D), idx (..., k) -> (N, k, D)."""
+        k, D = idx.shape[-1], x.shape[-1]
         # Sorting rows by expert makes the gathered matmul read each expert's weights once.
         do_sort = idx.size >= 64
         if not do_sort:  # (N, 1, 1, D): each token against its k experts -> (N, k, 1, D)
-            x = mx.expand_dims(x, (-2, -3))
+            x, idx = x.reshape(-1, 1, 1, D), idx.reshape(-1, k)
             h = self.activation(switch_matmul(self.gate_up_proj, x, idx, False))
             return switch_matmul(self.down_proj, h, idx, False).squeeze(-2)
-        x, sidx, inv = sort_by_expert(x.reshape(x.shape[0], 1, x.shape[-1]), idx)
+        x, sidx, inv = sort_by_expert(x.reshape(-1, 1, D), idx)
         h = self.activation(switch_matmul(self.gate_up_proj, x, sidx, True))
         y = switch_matmul(self.down_proj, h, sidx, True)  # (N * k, 1, D), sorted
-        return y[inv].reshape(*idx.shape, y.shape[-1])  # back to (token, expert) order
+        return y[inv].reshape(-1, k, y.shape[-1])  # back to (token, expert) order
 
 
 class Layer(nn.Module):

@@ -117,6 +117,6 @@ def switch_matmul(linear, x, idx, sorted_indices: bool):
 
 
 def experts(module, x, idx):
-    """An `Experts` module's outputs for each token's k experts: x (N, D), idx (N, k) ->
-    (N, k, D), in the row layout the backend runs fastest."""
+    """An `Experts` module's outputs for each token's k experts: x (..., D), idx (..., k) ->
+    (N, k, D) with N the tokens, in the row layout the backend runs fastest."""
     return _selected.experts(module, x, idx)

@@ -73,8 +73,8 @@ class CpuBackend(Backend):
         if not tile:
             return module.sorted_rows(x, idx)
         return tiled_experts(
-            x,
-            idx,
+            x.reshape(-1, x.shape[-1]),
+            idx.reshape(-1, idx.shape[-1]),
             lambda h, e: self.switch_matmul(module.gate_up_proj, h, e, True),
             lambda h, e: self.switch_matmul(module.down_proj, h, e, True),
             module.activation,

@@ -82,7 +82,7 @@ class Backend:
         return linear(x, idx, sorted_indices=sorted_indices)
 
     def experts(self, module, x, idx):
-        """Each token's k experts, x (N, D), idx (N, k) -> (N, k, D): mlx-lm's layout, one row
+        """Each token's k experts, x (..., D), idx (..., k) -> (N, k, D): mlx-lm's layout, one row
         per (token, expert) sorted by expert (`Experts.sorted_rows`)."""
         return module.sorted_rows(x, idx)
 

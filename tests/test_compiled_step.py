@@ -54,6 +54,26 @@ def test_single_prompt_tokens_equal(model, default_backend):
     assert compiled == plain and len(plain) == 5 and traces >= 1
 
 
+def test_new_weights_are_traced_again(tiny):
+    """A compiled step holds the weights it was traced with as constants. Once the model's
+    parameters are other arrays (adapters loaded, a fuse, a shard; here lazily computed ones) the
+    next generation traces again, evaluates them first, and computes with them."""
+    from mlx.utils import tree_map
+
+    model = load_model(tiny[0], dtype=mx.float32)  # (selects the CPU backend: used after)
+    run = lambda: tokens_of(  # noqa: E731
+        stream_generate(model, None, list(range(3, 30)), max_tokens=40, seed=2, eos_token_ids=[])
+    )
+    with backends.using(backends.DEFAULT):
+        first, first_compiled, first_traces = both(run)
+        model.update(tree_map(lambda w: w * 1.5, model.parameters()))  # lazy: not evaluated
+        plain, compiled, traces = both(run)
+        again = both(run)[2]
+    assert first_compiled == first and first_traces >= 1
+    assert compiled == plain != first and traces >= 1
+    assert again == 0  # the same arrays again: the traced step is replayed
+
+
 @pytest.mark.parametrize("t_max, confidence", [(0.05, 0.5), (0.01, 0.05)])
 def test_single_prompt_with_stops_and_drafts_equal(model, default_backend, t_max, confidence):
     """Canvases that stop early at different steps (the stop test inside the graph, here with no

@@ -165,12 +165,16 @@ def test_graph(tmp_path):
         r"^== graph: host time to issue one denoising step at full shape, compiled and not, ",
         r"^  a generation of 8 canvases from a 4096-token prompt, compiled: 2 traces ",
         r"^  one step \(30 layers, mixed 4-bit, .*fastest of 20: compiled [\d.]+ ms, uncompiled ",
+        r"^  per operation: replayed [\d.]+ us, .* one operation each\): compiled [\d.]+ ms ",
         r"^  the bundled demo, 8 Sudokus through stream_generate .* compiled output equal to "
         r"uncompiled: True",
     )
     g = json_lines(tmp_path / "g.jsonl")["graph"]
     assert g["layers"] == 30 and len(g["times_s"]) == 20 and g["build_s"] > 0
     assert g["build_uncompiled_s"] > 0 and g["traces_per_generation"] == 2
+    one = g["fast_ops_as_one"]  # the GPU host's graph: fewer operations, both paths
+    assert one["nodes_per_step"] < g["nodes_per_step"] and one["build_s"] > 0
+    assert one["nodes_per_step_uncompiled"] < g["nodes_per_step_uncompiled"]
 
 
 def test_serve():

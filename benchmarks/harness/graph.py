@@ -254,6 +254,42 @@ def demo_speed(puzzles: int, rounds: int):
     return best, same, texts["cpu"] == texts["default compiled"]
 
 
+def paths_timed(model, cache, settings, blocks: int, per_block: int):
+    """Host seconds per step of the compiled and the uncompiled path ({True: [...], False:
+    [...]}, each sorted) and the operations each creates per step. In alternating blocks, so
+    that a busy machine weighs on both alike; not step by step: one path's garbage (freed
+    nodes, malloc's state) slows the other's next step, which a generation, running one of
+    them, never sees."""
+    runs = {True: CanvasRun(model, cache, settings, True)}
+    runs[False] = CanvasRun(model, cache, settings, False)
+    times = {True: [], False: []}
+    for _ in range(blocks):
+        for compiled, run in runs.items():
+            times[compiled] += [run.next_step_s() for _ in range(per_block)]
+    nodes = {k: run.nodes(model) for k, run in runs.items()}
+    return {k: sorted(v) for k, v in times.items()}, nodes
+
+
+@contextmanager
+def fast_ops_as_one():
+    """mx.fast's rms_norm, rope and attention as one operation each, as Metal and CUDA build
+    them (a softmax of the same shape stands in). On a CPU each is its fallback's several
+    operations, made when the graph is built: ~1,800 of a full step's. Within this block the
+    graphs are shaped as a GPU host's (nothing is computed, so the stand-in's values do not
+    matter); mx.dequantize (the embedding's ~20) stays decomposed."""
+    import mlx.core as mx
+
+    fast = mx.fast
+    saved = fast.rms_norm, fast.rope, fast.scaled_dot_product_attention
+    fast.rms_norm = lambda x, weight, eps: mx.softmax(x, axis=-1)
+    fast.rope = lambda x, dims, **kw: mx.softmax(x, axis=-1)
+    fast.scaled_dot_product_attention = lambda q, k, v, **kw: mx.softmax(q, axis=-1)
+    try:
+        yield
+    finally:
+        fast.rms_norm, fast.rope, fast.scaled_dot_product_attention = saved
+
+
 def section_graph(opts, rep):
     from mlx_diffusiongemma.backends import DEFAULT, using
     from mlx_diffusiongemma.sampler import SamplerSettings
@@ -276,19 +312,13 @@ def section_graph(opts, rep):
             f"a canvas's setup (padded K/V copied, weights listed) "
             f"{statistics.median(g['canvas_setup_s'] for g in gen) * 1e3:.1f} ms"
         )
-        runs = {True: CanvasRun(model, cache, settings, True)}
-        runs[False] = CanvasRun(model, cache, settings, False)
-        times = {True: [], False: []}
-        # In alternating blocks, so that a busy machine weighs on both alike; not step by step:
-        # one path's garbage (freed nodes, malloc's state) slows the other's next step, which
-        # a generation, running one of them, never sees.
-        for _ in range(BLOCKS):
-            for compiled, run in runs.items():
-                times[compiled] += [run.next_step_s() for _ in range(opts.repeat * 2)]
-        nodes = {k: run.nodes(model) for k, run in runs.items()}
-        del runs
+        times, nodes = paths_timed(model, cache, settings, BLOCKS, opts.repeat * 2)
         commit_s, prompt_s = encoder_passes(model, cache, opts.prompt, opts.repeat)
-    compiled, uncompiled = sorted(times[True]), sorted(times[False])
+        with fast_ops_as_one():  # a fresh model: its step is traced with the stand-ins
+            one, one_cache = full_model(opts.prompt)
+            one_times, one_nodes = paths_timed(one, one_cache, settings, BLOCKS, opts.repeat * 2)
+            del one, one_cache
+    compiled, uncompiled = times[True], times[False]
     # The fastest of many (timeit's convention): the others were slowed by other processes.
     build_s, build_un = compiled[0], uncompiled[0]
     med, med_un = statistics.median(compiled), statistics.median(uncompiled)
@@ -303,6 +333,13 @@ def section_graph(opts, rep):
         f"  operations the host creates per step: compiled {nodes[True]} (replayed), uncompiled "
         f"{nodes[False]} (built op by op); on this CPU mx.fast's rms_norm, rope and attention "
         f"are several operations each, on Metal and CUDA one"
+    )
+    one_c, one_u = one_times[True][0], one_times[False][0]
+    say(
+        f"  per operation: replayed {build_s / nodes[True] * 1e6:.2f} us, built from Python "
+        f"{build_un / nodes[False] * 1e6:.2f} us. Shaped as a GPU host builds it (mx.fast's ops "
+        f"one operation each): compiled {one_c * 1e3:.2f} ms ({one_nodes[True]} operations), "
+        f"uncompiled {one_u * 1e3:.2f} ms ({one_nodes[False]}): {one_c / one_u:.2f}x"
     )
     say(
         f"  encoder, uncompiled: commit of a canvas built in {commit_s * 1e3:.1f} ms (once per "
@@ -340,5 +377,17 @@ def section_graph(opts, rep):
             "demo_tok_s": {k: v[0] for k, v in demo.items()},
             "demo_step_s": {k: v[1] for k, v in demo.items()},
             "demo_same_tokens": same,
+            "replay_s_per_op": build_s / nodes[True],
+            "python_build_s_per_op": build_un / nodes[False],
+            # mx.fast's ops as one operation each (fast_ops_as_one): a Metal/CUDA host's graph
+            "fast_ops_as_one": {
+                "build_s": one_c,
+                "build_uncompiled_s": one_u,
+                "ratio": one_c / one_u,
+                "build_median_s": statistics.median(one_times[True]),
+                "build_uncompiled_median_s": statistics.median(one_times[False]),
+                "nodes_per_step": one_nodes[True],
+                "nodes_per_step_uncompiled": one_nodes[False],
+            },
         },
     )

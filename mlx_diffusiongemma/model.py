@@ -144,7 +144,8 @@ def sort_by_expert(x, idx):
     k = idx.shape[-1]
     idx = idx.flatten()
     order = mx.argsort(idx)
-    return x[order // k], idx[order], mx.argsort(order)
+    # (take_along_axis: one operation; idx[order] is a gather and a squeeze)
+    return x[order // k], mx.take_along_axis(idx, order, axis=0), mx.argsort(order)
 
 
 class Experts(nn.Module):

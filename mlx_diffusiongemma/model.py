@@ -14,6 +14,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.pipeline import PipelineMixin
 from mlx_lm.models.switch_layers import SwitchLinear
 
@@ -559,6 +560,14 @@ class Model(nn.Module):
     def embed_dtype(self):
         """The embedding's compute dtype: the self-conditioning probabilities' dtype."""
         return compute_dtype(self.model.decoder.embed_tokens)
+
+    def decoding_parameters(self) -> list:
+        """The arrays a denoising step reads: the decoder's and the LM head's (not the encoder's
+        layer scalars or the vision tower)."""
+        params = [self.model.decoder.parameters()]
+        if not self.args.tie_word_embeddings:
+            params.append(self.lm_head.parameters())
+        return [v for _, v in tree_flatten(params)]
 
     def decode_hidden(self, canvas: mx.array, cache, soft_embeds=None) -> mx.array:
         """Bidirectional pass of the canvas over the cached prefix; the cache is not written.

@@ -21,14 +21,13 @@ from functools import partial
 from typing import Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .cache import CanvasKV
 from .sampler import SamplerSettings, draw_noise, sample_canvas, split_keys, stop_update
 
 ENV = "MLX_DIFFUSIONGEMMA_COMPILE"
 _forced: Optional[bool] = None  # compile_steps(...) in effect, else None
-_graphs: dict = {}  # id(model) -> {backend: (the weights it was traced with, compiled step)}
+_graphs: dict = {}  # id(model) -> {backend: (weights traced with, training, compiled step)}
 _traces = 0  # times a step graph was traced in this process
 
 
@@ -58,29 +57,32 @@ def traces() -> int:
     return _traces
 
 
-def step_graph(model, backend, weights: list):
-    """The compiled step of `model` on `backend`, traced with `weights` (the model's parameters,
-    in `tree_flatten` order) as constants: a replay then passes ~1,300 fewer inputs. It is made
-    again when the model's parameters are no longer those arrays (adapters loaded, a fuse, a
-    shard): a traced graph would otherwise keep computing with the old ones. mx.compile keeps
-    its traced graphs per function, so the function lives as long as the model (or its
-    weights)."""
+def step_graph(model, backend):
+    """The compiled step of `model` on `backend`, traced with the arrays the step reads
+    (`Model.decoding_parameters`) as constants: a replay passes ~1,300 fewer inputs. It is made
+    again when they are no longer those arrays (adapters loaded, a fuse, a shard: parameters are
+    replaced, never written in place) or the model's training flag changed (LoRA dropout): a
+    traced graph would otherwise keep computing with the old ones. mx.compile keeps its traced
+    graphs per function, so the function lives as long as the model and these arrays."""
     per_model = _graphs.get(id(model))
     if per_model is None:
         per_model = _graphs[id(model)] = {}
         weakref.finalize(model, _graphs.pop, id(model), None)
+    weights = model.decoding_parameters()
     traced = per_model.get(backend)
     if (
         traced is None
+        or traced[1] != model.training
         or len(traced[0]) != len(weights)
         or any(a is not b for a, b in zip(traced[0], weights))
     ):
+        per_model.pop(backend, None)  # the old trace and the arrays it holds go first
         # Evaluated first: a lazy weight would be traced as the graph that computes it, and
         # that graph replayed at every step.
         mx.eval(weights)
         fn = mx.compile(partial(_traced_step, weakref.ref(model)))
-        traced = per_model[backend] = (weights, fn)
-    return traced[1]
+        traced = per_model[backend] = (weights, model.training, fn)
+    return traced[2]
 
 
 def key_graph(model, batch: int, per_row: bool, canvas_len: int):
@@ -147,8 +149,7 @@ class CompiledStep:
     uncompiled step writes them in place."""
 
     def __init__(self, model, kv: CanvasKV, settings: SamplerSettings, backend):
-        weights = [v for _, v in tree_flatten(model.parameters())]
-        self.fn = step_graph(model, backend, weights)
+        self.fn = step_graph(model, backend)
         self.model = model
         self.kv = kv
         self.bound = mx.array(settings.entropy_bound, dtype=mx.float32)

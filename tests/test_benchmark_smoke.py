@@ -172,9 +172,9 @@ def test_graph(tmp_path):
     g = json_lines(tmp_path / "g.jsonl")["graph"]
     assert g["layers"] == 30 and len(g["times_s"]) == 20 and g["build_s"] > 0
     assert g["build_uncompiled_s"] > 0 and g["traces_per_generation"] == 2
-    one = g["fast_ops_as_one"]  # the GPU host's graph: fewer operations, both paths
-    assert one["nodes_per_step"] < g["nodes_per_step"] and one["build_s"] > 0
-    assert one["nodes_per_step_uncompiled"] < g["nodes_per_step_uncompiled"]
+    one = g["fast_ops_as_one"]  # a GPU host's graph: fewer operations on a CPU, as many on a GPU
+    assert one["nodes_per_step"] <= g["nodes_per_step"] and one["build_s"] > 0
+    assert one["nodes_per_step_uncompiled"] <= g["nodes_per_step_uncompiled"]
 
 
 def test_serve():

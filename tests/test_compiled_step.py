@@ -69,9 +69,13 @@ def test_new_weights_are_traced_again(tiny):
         model.update(tree_map(lambda w: w * 1.5, model.parameters()))  # lazy: not evaluated
         plain, compiled, traces = both(run)
         again = both(run)[2]
+        model.train()  # (LoRA dropout would be traced in)
+        training = both(run)[2]
+        model.eval()
     assert first_compiled == first and first_traces >= 1
     assert compiled == plain != first and traces >= 1
     assert again == 0  # the same arrays again: the traced step is replayed
+    assert training >= 1
 
 
 @pytest.mark.parametrize("t_max, confidence", [(0.05, 0.5), (0.01, 0.05)])

@@ -22,7 +22,8 @@ from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 from mlx_lm.utils import save_config
 
 from .cli import one_line_errors
-from .watchdog import FIRST_STEP_FACTOR, SLOWEST_FACTOR, launched
+from .distributed import launched
+from .watchdog import FIRST_STEP_FACTOR, SLOWEST_FACTOR
 
 DEFAULTS = dict(
     CONFIG_DEFAULTS,

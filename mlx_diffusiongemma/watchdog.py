@@ -25,13 +25,6 @@ DEFAULT_TIMEOUT = 60.0  # seconds the other ranks may be silent, at least
 SLOWEST_FACTOR = 3  # ... or this many times the slowest unit of work seen so far
 FIRST_STEP_FACTOR = 5  # the first unit (a compile) may take this many times the timeout
 RING_NOISE = b"[ring] "
-LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE")
-
-
-def launched() -> bool:
-    """Whether this process was started as a rank of a distributed run (by mlx.launch, or by
-    hand with its environment)."""
-    return any(k in os.environ for k in LAUNCH_ENV)
 
 
 def timeout_setting() -> float:

@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..watchdog import Watchdog, launched, timeout_setting
+from ..distributed import launched
+from ..watchdog import Watchdog, timeout_setting
 
 # an error of a backend's own (`[ring] connection to a peer was lost`, ...)
 BACKEND_ERROR = re.compile(r"^\[(ring|jaccl|mpi|nccl)\]")

@@ -12,11 +12,12 @@ keeps the MLX wheel's slower CPU BLAS)."""
 import sys
 import time
 
-from .bench.common import GB, GiB, Report, gpu_name, maybe_reexec_with_openblas, say
+from .bench.common import GB, GiB, Report, maybe_reexec_with_openblas, say
 from .bench.models import (
     RECIPES,
     build_random_quantized,
     default_quant,
+    gpu_section_args,
     make_args,
     param_bytes,
     recipe_bytes,
@@ -150,22 +151,10 @@ def section_weights(args, rep):
 
 
 def section_gpu(args, rep):
-    import mlx.core as mx
-
-    from . import backends
-
-    if gpu_name() is None and not args.allow_cpu:
-        rep.header("gpu: full-shape speed on a GPU")
-        say(
-            "  skipped: no GPU (MLX reports neither CUDA nor Metal). `--allow-cpu --shape tiny` "
-            "runs the same code on this CPU on a small model (a dry run)."
-        )
+    title = "gpu: full-shape speed on a GPU"
+    model_args = gpu_section_args(rep, title, args.shape, args.layers, args.vocab, args.allow_cpu)
+    if model_args is None:
         return None
-    if gpu_name() is not None:
-        mx.set_default_device(mx.gpu)
-    backends.select()
-    vocab = {"vocab_size": args.vocab} if args.vocab else {}
-    model_args = make_args(SHAPES[args.shape], layers=args.layers, **vocab)
     rep.header(
         f"gpu: {args.shape} shape, {model_args.num_hidden_layers} layers, vocab "
         f"{model_args.vocab_size}, mixed 4-bit, random weights"

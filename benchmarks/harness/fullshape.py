@@ -7,15 +7,16 @@ weights` / `gpu`."""
 import statistics
 import time
 
-from mlx_diffusiongemma.bench.common import GB, GiB, gpu_name, random_prompt, say
+from mlx_diffusiongemma.bench.common import GB, GiB, random_prompt, say
 from mlx_diffusiongemma.bench.models import (
     build_random_quantized,
     default_quant,
+    gpu_section_args,
     make_args,
     param_bytes,
     recipe_bytes,
 )
-from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, FULL_TEXT, SHAPES, TARGETS, VLLM_H100
+from mlx_diffusiongemma.bench.shapes import FULL_CANVAS, FULL_TEXT, TARGETS, VLLM_H100
 
 from .common import build_random_float, layer_counts, mem_available, rss_bytes, timeit
 from .step import (
@@ -280,19 +281,10 @@ def section_fullwidth(opts, rep):
 def section_gpu_step(opts, rep):
     import mlx.core as mx
 
-    from mlx_diffusiongemma import backends
-
-    if gpu_name() is None and not opts.allow_cpu:
-        rep.header("gpu-step: one full-shape denoising step on a GPU, in parts")
-        say(
-            "  skipped: no GPU (MLX reports neither CUDA nor Metal); --allow-cpu --shape tiny: a dry run"
-        )
+    title = "gpu-step: one full-shape denoising step on a GPU, in parts"
+    args = gpu_section_args(rep, title, opts.shape, opts.layers, opts.vocab, opts.allow_cpu)
+    if args is None:
         return None
-    if gpu_name() is not None:
-        mx.set_default_device(mx.gpu)
-    backends.select()
-    overrides = {"vocab_size": opts.vocab} if opts.vocab else {}
-    args = make_args(SHAPES[opts.shape], layers=opts.layers, **overrides)
     rep.header(
         f"gpu-step: {opts.shape} shape, {args.num_hidden_layers} layers, vocab {args.vocab_size}, "
         f"mixed 4-bit, {opts.prompt}-token prompt"

@@ -153,3 +153,27 @@ def param_bytes(model):
     from mlx.utils import tree_flatten
 
     return sum({id(v): v.nbytes for _, v in tree_flatten(model.parameters())}.values())
+
+
+def gpu_section_args(rep, title: str, shape: str, layers, vocab, allow_cpu: bool):
+    """The `gpu` sections' start: the GPU made MLX's default device and the backend selected,
+    and the model args at `shape` (`layers`, `vocab` overriding it when given). None, with the
+    header `title` and a line saying why, when MLX sees no GPU and `allow_cpu` is off (then
+    `--allow-cpu --shape tiny` runs the same code as a dry run on the CPU)."""
+    import mlx.core as mx
+
+    from .. import backends
+    from .common import gpu_name
+    from .shapes import SHAPES
+
+    if gpu_name() is None and not allow_cpu:
+        rep.header(title)
+        say(
+            "  skipped: no GPU (MLX reports neither CUDA nor Metal). `--allow-cpu --shape tiny` "
+            "runs the same code on this CPU on a small model (a dry run)."
+        )
+        return None
+    if gpu_name() is not None:
+        mx.set_default_device(mx.gpu)
+    backends.select()
+    return make_args(SHAPES[shape], layers=layers, **({"vocab_size": vocab} if vocab else {}))

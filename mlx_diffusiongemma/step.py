@@ -156,6 +156,7 @@ class CompiledStep:
         self.confidence = mx.array(settings.confidence_threshold, dtype=mx.float32)
         self.hidden = (model.args.hidden_size, model.embed_dtype)
         self.fill = {}  # real rows -> the gather index that pads them to the buffers' rows
+        self.blank = {}  # rows -> (no pins: mask, tokens; no stability history), made once
 
     def __call__(self, canvas, soft, history, key, temp, pin_mask=None, pin_tokens=None):
         """One step of the rows still going, `canvas` (B, C), drawing its randomness from `key`
@@ -167,11 +168,18 @@ class CompiledStep:
         key, u, noise = key_graph(self.model, B, isinstance(key, list), C)(key)
         if soft is None:
             soft = mx.zeros((B, C, self.hidden[0]), dtype=self.hidden[1])
-        if history is None:
-            history = mx.zeros((0, B, C), dtype=mx.int32)
-        if pin_mask is None:
-            pin_mask = mx.zeros((B, C), dtype=mx.bool_)
-            pin_tokens = mx.zeros((B, C), dtype=mx.int32)
+        if history is None or pin_mask is None:
+            blank = self.blank.get(B)
+            if blank is None:
+                blank = self.blank[B] = (
+                    mx.zeros((B, C), dtype=mx.bool_),
+                    mx.zeros((B, C), dtype=mx.int32),
+                    mx.zeros((0, B, C), dtype=mx.int32),
+                )
+            if pin_mask is None:
+                pin_mask, pin_tokens = blank[:2]
+            if history is None:
+                history = blank[2]
         inputs = [canvas, soft, u, noise, pin_mask, pin_tokens]
         if B < rows:  # rows left for a bucket that is not full: copies of row 0 fill it
             idx = self.fill.get(B)

@@ -136,17 +136,14 @@ class CanvasRun:
         del nxt  # outside the timing: the loop frees evaluated graphs
         return dt
 
-    def nodes(self, model) -> int:
+    def nodes(self) -> int:
         """Operations in one step's graph (what the host creates per step)."""
-        from mlx.utils import tree_flatten
-
         self.steps.kv.restore(self.clean)
         nxt = self.steps.build_next_step(self.step, self.N - 1)
         outs = [nxt.canvas, nxt.argmax, nxt.finished]
         outs += [nxt.soft if nxt.soft is not None else nxt.probs]
         outs += [a for a in self.steps.kv.keys + self.steps.kv.values if a is not None]
-        weights = [w for _, w in tree_flatten(model.parameters())]
-        return len(graph_nodes(outs) - graph_nodes(weights))
+        return len(graph_nodes(outs))  # (the weights are evaluated: leaves, not operations)
 
 
 def graph_nodes(arrays) -> set:
@@ -266,7 +263,7 @@ def paths_timed(model, cache, settings, blocks: int, per_block: int):
     for _ in range(blocks):
         for compiled, run in runs.items():
             times[compiled] += [run.next_step_s() for _ in range(per_block)]
-    nodes = {k: run.nodes(model) for k, run in runs.items()}
+    nodes = {k: run.nodes() for k, run in runs.items()}
     return {k: sorted(v) for k, v in times.items()}, nodes
 
 

@@ -1,4 +1,4 @@
-"""Seeded tokens of every caller, to compare two checkouts: python dump_tokens.py CKPT TEXTDEMO OUT."""
+"""Seeded tokens of every caller, to compare two checkouts: CKPT TEXT_DEMO OUT.json."""
 
 import json
 import sys
@@ -12,8 +12,8 @@ from mlx_diffusiongemma.serving.scheduler import Job, Scheduler
 
 try:
     from mlx_diffusiongemma.infilling import Gap, infill
-except ImportError:
-    from mlx_diffusiongemma.infilling import Gap, infill
+except ImportError:  # a checkout from before the module's rename (8b69d6e and earlier)
+    from mlx_diffusiongemma.infill import Gap, infill
 from mlx_diffusiongemma.chat import ChatSession
 
 ckpt, demo, out = sys.argv[1:4]

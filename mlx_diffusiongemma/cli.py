@@ -137,6 +137,9 @@ def user_errors():
     return errors
 
 
+# what a launcher (mlx.launch, mpirun) sets in each rank's environment
+RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
 # MLX's distributed backends raise RuntimeErrors named after them when a peer's connection closes.
 BACKEND_PREFIXES = ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
 LOST_PEER = "lost the connection to another rank (it exited, or its machine or link is down)"
@@ -144,6 +147,31 @@ LOST_PEER = "lost the connection to another rank (it exited, or its machine or l
 
 def lost_peer(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and str(e).startswith(BACKEND_PREFIXES)
+
+
+# Taken by whoever writes a rank's final `error:` line: its main thread and its watchdog
+# thread can both see a peer go, and the rank still ends with one line.
+_last_words = threading.Lock()
+
+
+def say_error(message: str, fd=None, last: bool = True) -> bool:
+    """Writes `error: message` on stderr (or `fd`) unless the process's last error line was
+    written already; whether it did. `last`: this is that line (else other errors may follow,
+    as in a process that runs a command's main more than once)."""
+    if not _last_words.acquire(blocking=False):
+        return False
+    line = f"error: {message}\n"
+    try:
+        if fd is None:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        else:
+            os.write(fd, line.encode())
+    except (OSError, ValueError):  # nobody reads it any more
+        pass
+    if not last:
+        _last_words.release()
+    return True
 
 
 def error_line(e: BaseException) -> str:
@@ -198,6 +226,8 @@ def one_line_errors(interrupted: str = "interrupted"):
     SIGTERM with `interrupted` and status 130; a closed stdout (`| head`) quietly. Meant for a
     command's main: after an interrupt the handlers stay, so a further signal exits at once.
     A rank of a launched run says which one it is: mlx.launch ends every rank when one fails."""
+    # a rank of a launched run (mlx.launch, mpirun): its error is its last words
+    rank = any(v in os.environ for v in RANK_VARIABLES)
     if "MLX_RANK" in os.environ and interrupted == "interrupted":
         interrupted = f"rank {os.environ['MLX_RANK']}: interrupted (or ended by mlx.launch)"
     main_thread = threading.current_thread() is threading.main_thread()
@@ -221,12 +251,12 @@ def one_line_errors(interrupted: str = "interrupted"):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except user_errors() as e:
-        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+        say_error(error_line(e), last=rank)
         sys.exit(1)
     except RuntimeError as e:
         if not lost_peer(e):
             raise
-        print(f"error: {LOST_PEER}", file=sys.stderr, flush=True)
+        say_error(LOST_PEER, last=rank)
         sys.exit(1)
     finally:
         if not _signals.pending:

@@ -45,11 +45,12 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.pipeline import PipelineMixin
 
+from .cli import RANK_VARIABLES, say_error
+
 CONNECT_TIMEOUT = float(os.environ.get("MLX_DG_CONNECT_TIMEOUT", 45))
 PEER_TIMEOUT = float(os.environ.get("MLX_DG_PEER_TIMEOUT", 30))  # 0: no watchdog
 HEARTBEAT_EVERY = 1.0
 # Where a launcher (mlx.launch, mpirun) says which rank this process is.
-RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 LAYER_KEY = re.compile(r"model\.(?:decoder|encoder\.language_model)\.layers\.(\d+)\.")
 SAMPLE_BLOCKS, BLOCK_BYTES = 64, 4096
 TOKENIZER_FILES = (
@@ -103,12 +104,14 @@ def deadline(seconds: float, message: str):
 
 
 def fail(message: str):
-    """One line on stderr and exit status 1, from any thread (a watchdog's)."""
+    """One line on stderr and exit status 1, from any thread (a watchdog's). The line is left
+    out when the process has written its final error already (its main thread saw the peer
+    go too, and is on its way out: this ends it, should that way hang)."""
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    os.write(_stderr_fd, f"error: {message}\n".encode())
+    say_error(message, _stderr_fd)
     os._exit(1)
 
 

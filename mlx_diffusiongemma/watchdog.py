@@ -8,7 +8,9 @@ The rank tells it by when it must hear from it again (`expect`, or `beat` once p
 every rank does in step); when that time passes, the child writes `error: <message>` on stderr
 and kills the rank. The rank's stderr runs through the child, which drops the ring backend's
 per-socket complaints ("[ring] ..." lines, which precede the error the rank reports itself)
-unless MLX_RING_VERBOSE is set.
+unless MLX_RING_VERBOSE is set, and lets one `error: ` line out, whoever writes it first: a rank
+that reports a lost peer just as its deadline passes (the peer was ended by its own watchdog)
+still ends with one line.
 
 The child runs this file as a script: its imports are the standard library's alone.
 """
@@ -25,6 +27,7 @@ DEFAULT_TIMEOUT = 60.0  # seconds the other ranks may be silent, at least
 SLOWEST_FACTOR = 3  # ... or this many times the slowest unit of work seen so far
 FIRST_STEP_FACTOR = 5  # the first unit (a compile) may take this many times the timeout
 RING_NOISE = b"[ring] "
+ERROR = b"error: "
 
 
 def timeout_setting() -> float:
@@ -102,19 +105,22 @@ class Watchdog:
         self.child.wait()
 
 
-def _forward(buf: bytes, verbose: bool, out: int = 2) -> bytes:
-    """Writes the whole lines of `buf` to `out` (dropping the ring's) and a partial last line
-    unless it may yet become one of the ring's; returns what is held back."""
+def _forward(buf: bytes, verbose: bool, said: bool, out: int = 2):
+    """Writes the whole lines of `buf` to `out` (dropping the ring's, and an `error: ` line once
+    one was `said`) and a partial last line unless it may yet become one of the ring's; returns
+    what is held back and whether an error line has been said."""
     while buf:
         nl = buf.find(b"\n")
         line = buf if nl < 0 else buf[: nl + 1]
         noise = not verbose and line.startswith(RING_NOISE)
         if nl < 0 and not verbose and RING_NOISE.startswith(line[: len(RING_NOISE)]):
-            return buf  # too short to tell, or a ring line not yet ended
+            return buf, said  # too short to tell, or a ring line not yet ended
+        if line.startswith(ERROR):
+            noise, said = noise or said, True
         if not noise:
             _write(out, line)
         buf = buf[len(line) :]
-    return buf
+    return buf, said
 
 
 def _write(fd: int, data: bytes):
@@ -128,7 +134,7 @@ def _child(parent: int, err_fd: int):
     for s in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C is the rank's; its end ends this
         signal.signal(s, signal.SIG_IGN)
     verbose = bool(os.environ.get("MLX_RING_VERBOSE"))
-    deadline, message = None, ""
+    deadline, message, said = None, "", False
     control, held = b"", b""
     fds = [0, err_fd]
     while err_fd in fds:
@@ -136,8 +142,9 @@ def _child(parent: int, err_fd: int):
         ready, _, _ = select.select(fds, [], [], wait)
         if not ready:
             if deadline is not None and time.monotonic() >= deadline:
-                _write(2, f"error: {message}\n".encode())
-                deadline = None
+                if not said:  # else the rank is ending on an error of its own already
+                    _write(2, ERROR + message.encode() + b"\n")
+                deadline, said = None, True
                 try:
                     os.kill(parent, signal.SIGKILL)
                 except ProcessLookupError:
@@ -151,7 +158,7 @@ def _child(parent: int, err_fd: int):
                     deadline = None  # the rank stopped the watch (or is gone)
                 continue
             if fd == err_fd:
-                held = _forward(held + data, verbose)
+                held, said = _forward(held + data, verbose, said)
                 continue
             control += data
             *lines, control = control.split(b"\n")

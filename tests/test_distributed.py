@@ -23,6 +23,7 @@ import pytest
 from make_checkpoints import write_checkpoint
 
 from mlx_diffusiongemma import distributed
+from mlx_diffusiongemma.cli import LOST_PEER
 from mlx_diffusiongemma.config import ModelArgs
 from mlx_diffusiongemma.loader import load_model, weight_file_names
 from mlx_diffusiongemma.model import Model
@@ -258,6 +259,25 @@ def test_faults_end_every_rank_with_one_line(text_demo, tmp_path):
                 if p.poll() is None:
                     p.send_signal(signal.SIGKILL)
                 p.wait()
+
+
+# a rank whose main thread reports the lost peer and whose watchdog fires while it exits
+BOTH_SEE_IT = """import atexit, threading, time
+from mlx_diffusiongemma import distributed
+from mlx_diffusiongemma.cli import one_line_errors
+atexit.register(time.sleep, 60)  # a way out that hangs (the ring backend's, at times)
+threading.Timer(0.5, distributed.fail, ["rank 1 is gone (its process ended)"]).start()
+with one_line_errors():
+    raise RuntimeError("[ring] connection to a peer was lost")
+"""
+
+
+def test_rank_whose_threads_both_see_a_peer_go_says_one_line():
+    env = {**os.environ, "MLX_RANK": "0"}
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", BOTH_SEE_IT], env=env, capture_output=True)
+    assert time.monotonic() - t < 30 and p.returncode == 1, p
+    assert p.stderr.decode().splitlines() == [f"error: {LOST_PEER}"]
 
 
 # ---- in one process ------------------------------------------------------------------------------

@@ -256,6 +256,36 @@ def test_stopped_rank_ends_every_rank_with_one_line(task_model, data, tmp_path):
     print(f"  rank 0: {ranks.out(0, 'stderr').strip()}; rank 1: {ranks.out(1, 'stderr').strip()}")
 
 
+# a rank that reports an error of its own, then hangs on its way out past its deadline
+SLOW_EXIT = """import os, sys, time
+from mlx_diffusiongemma.watchdog import Watchdog
+w = Watchdog(60)
+w.expect(float(sys.argv[1]), "no answer from the other ranks")
+time.sleep(float(sys.argv[2]))
+print("[ring] noise", file=sys.stderr, flush=True)
+print("error: rank 0: lost the connection to another rank", file=sys.stderr, flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize(
+    "error_after, line",
+    [
+        (0.2, "error: rank 0: lost the connection to another rank"),  # the rank's own, then hang
+        (3.0, "error: no answer from the other ranks"),  # the deadline's, before the rank says one
+    ],
+)
+def test_watchdog_lets_one_error_line_out(error_after, line):
+    """The race CI met: the peer's watchdog ended it, this rank reported the lost connection and
+    was still exiting when its own deadline passed. One line either way, and the rank ends."""
+    argv = [sys.executable, "-c", SLOW_EXIT, "1.0", str(error_after)]
+    t = time.time()
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    took = time.time() - t
+    assert p.returncode == -signal.SIGKILL and took < 20, (p.returncode, took)
+    assert p.stderr.splitlines() == [line], p.stderr
+
+
 def test_rank_alone_gives_up_with_one_line(tmp_path):
     """A peer that never comes: MLX's init would wait forever."""
     ranks = Ranks(tmp_path, ["--model", "x", "--train"], MLX_DIFFUSIONGEMMA_DIST_TIMEOUT="2")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,11 +115,13 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, text_demo):
         (["--model", str(tmp_path)], "no config.json"),
         (["--max-tokens", "100000"], "exceeds the model's context"),
     ]
-    for args, msg in cases:
-        r = run("generate.py", "--model", str(text_demo), *args)
-        assert r.returncode != 0, args
-        assert "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
-        assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    # four at a time: each spends most of its time importing, and CI has two cores
+    with ThreadPoolExecutor(4) as pool:
+        runs = pool.map(lambda a: run("generate.py", "--model", str(text_demo), *a[0]), cases)
+        for r, (args, msg) in zip(runs, cases):
+            assert r.returncode != 0, args
+            assert "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
+            assert r.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_visualize_draws_live_in_a_terminal_and_degrades_without_one(text_demo):

@@ -78,7 +78,7 @@ def load_for_cli(model_arg, dtype=None, adapter_path=None, pipeline=False, pipel
     """`load` of --model, or of the demo checkpoint with a one-line notice of what it is. When
     launched on several ranks, split across them (`sharded_load`: tensor parallel, or the
     layers with `pipeline`), and only rank 0 writes to stdout."""
-    from .distributed import init_group, launched, rank_zero_output, sharded_load
+    from .distributed import init_group, rank_zero_output, sharded_load
     from .loader import load
 
     group = init_group() if launched() else None
@@ -137,8 +137,18 @@ def user_errors():
     return errors
 
 
-# what a launcher (mlx.launch, mpirun) sets in each rank's environment
+# Where a launcher (mlx.launch, mpirun) says which rank this process is.
 RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one rank of several (`mlx.launch -n 1` gives
+    its one rank an empty ring hostfile)."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.path.isfile(hostfile) and not Path(hostfile).read_text().strip():
+        return False
+    return any(v in os.environ for v in RANK_VARIABLES)
+
 
 # MLX's distributed backends raise RuntimeErrors named after them when a peer's connection closes.
 BACKEND_PREFIXES = ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
@@ -226,8 +236,7 @@ def one_line_errors(interrupted: str = "interrupted"):
     SIGTERM with `interrupted` and status 130; a closed stdout (`| head`) quietly. Meant for a
     command's main: after an interrupt the handlers stay, so a further signal exits at once.
     A rank of a launched run says which one it is: mlx.launch ends every rank when one fails."""
-    # a rank of a launched run (mlx.launch, mpirun): its error is its last words
-    rank = any(v in os.environ for v in RANK_VARIABLES)
+    rank = launched()  # a rank's error is its last words (a watchdog may be about to speak)
     if "MLX_RANK" in os.environ and interrupted == "interrupted":
         interrupted = f"rank {os.environ['MLX_RANK']}: interrupted (or ended by mlx.launch)"
     main_thread = threading.current_thread() is threading.main_thread()

@@ -45,12 +45,11 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.pipeline import PipelineMixin
 
-from .cli import RANK_VARIABLES, say_error
+from .cli import launched, say_error
 
 CONNECT_TIMEOUT = float(os.environ.get("MLX_DG_CONNECT_TIMEOUT", 45))
 PEER_TIMEOUT = float(os.environ.get("MLX_DG_PEER_TIMEOUT", 30))  # 0: no watchdog
 HEARTBEAT_EVERY = 1.0
-# Where a launcher (mlx.launch, mpirun) says which rank this process is.
 LAYER_KEY = re.compile(r"model\.(?:decoder|encoder\.language_model)\.layers\.(\d+)\.")
 SAMPLE_BLOCKS, BLOCK_BYTES = 64, 4096
 TOKENIZER_FILES = (
@@ -71,15 +70,6 @@ class DistributedError(ValueError):
 
 
 # ---- groups ------------------------------------------------------------------------------------
-def launched() -> bool:
-    """Whether a launcher started this process as one rank of several (`mlx.launch -n 1` gives
-    its one rank an empty ring hostfile)."""
-    hostfile = os.environ.get("MLX_HOSTFILE")
-    if hostfile and os.path.isfile(hostfile) and not Path(hostfile).read_text().strip():
-        return False
-    return any(v in os.environ for v in RANK_VARIABLES)
-
-
 # A process that waits for its parent to close its stdin, and kills it with `error: ...` after
 # the given seconds if it has not.
 DEADLINE = """import os, select, signal, sys

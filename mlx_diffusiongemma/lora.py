@@ -21,8 +21,7 @@ from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 from mlx_lm.utils import save_config
 
-from .cli import one_line_errors
-from .distributed import launched
+from .cli import launched, lost_peer, one_line_errors
 from .watchdog import FIRST_STEP_FACTOR, SLOWEST_FACTOR
 
 DEFAULTS = dict(
@@ -188,7 +187,7 @@ def run(a):
     try:
         train_and_test(a, group, watchdog)
     except RuntimeError as e:
-        if not data_parallel.lost_peer(e):
+        if not lost_peer(e):
             raise
         raise ConnectionError(
             f"rank {group.rank()}: lost the connection to another rank ({e})"

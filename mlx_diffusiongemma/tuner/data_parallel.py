@@ -2,25 +2,22 @@
 mlx_diffusiongemma.lora ...`), the way mlx-lm's trainer does it: every rank holds the whole model
 and reads the whole dataset, takes its rows of each batch (`Batches`), and the compiled step
 averages the gradients (mlx-lm's `average_gradients`). What is here: joining the ranks under a
-watchdog, rank 0 alone on stdout, a check that every rank trains the same thing, and one line
-for a lost peer.
+watchdog, rank 0 alone on stdout, and a check that every rank trains the same thing (a lost
+peer is one line: `lora.run`).
 """
 
 import hashlib
 import json
 import os
-import re
 import sys
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..distributed import launched
+from ..cli import launched
 from ..watchdog import Watchdog, timeout_setting
 
-# an error of a backend's own (`[ring] connection to a peer was lost`, ...)
-BACKEND_ERROR = re.compile(r"^\[(ring|jaccl|mpi|nccl)\]")
 SAMPLE = 256  # elements of each parameter that its digest reads
 
 
@@ -45,10 +42,6 @@ def connect():
         sys.stdout.flush()
         sys.stdout = open(os.devnull, "w")
     return group, watchdog
-
-
-def lost_peer(e: BaseException) -> bool:
-    return isinstance(e, RuntimeError) and bool(BACKEND_ERROR.match(str(e)))
 
 
 def digest(obj) -> bytes:

@@ -9,6 +9,7 @@ model is split across the ranks: rank 0 serves HTTP, the others follow its sched
 (serving/ranks.py)."""
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -81,7 +82,7 @@ def api_key_setting(args, environ=os.environ):
 
 def ranks_link():
     """The link to the other ranks when launched on several (`mlx.launch`), else None."""
-    from .distributed import launched
+    from .cli import launched
 
     if not launched():
         return None
@@ -241,19 +242,13 @@ def main(argv=None):
         file=sys.stderr,
         flush=True,
     )
-    if link is not None:  # a signal (mlx.launch ending every rank once one has) is one line
-        with one_line_errors():
-            try:
-                server.run(sockets=[sock])
-            finally:
-                state.scheduler.stop()
-        return
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        state.scheduler.stop()
+    # Ctrl-C ends a lone server quietly; a rank's signal (mlx.launch ending every rank once one
+    # has) is one line, as the other launched commands say it
+    with one_line_errors() if link is not None else contextlib.suppress(KeyboardInterrupt):
+        try:
+            server.run(sockets=[sock])
+        finally:
+            state.scheduler.stop()
 
 
 if __name__ == "__main__":
